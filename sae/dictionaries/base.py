@@ -1,0 +1,91 @@
+"""The interface every dictionary (and every later decomposition) shares, and the variant registry."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+VARIANTS: dict[str, type["Dictionary"]] = {}
+
+
+def register(cls: type["Dictionary"]) -> type["Dictionary"]:
+    """Class decorator: make a variant buildable by its ``variant`` name (``sae=<name>`` in the config)."""
+    VARIANTS[cls.variant] = cls
+    return cls
+
+
+class Dictionary(nn.Module):
+    """A sparse dictionary over ``d_in``-dimensional activations with ``n_features`` unit-norm atoms.
+
+    ``encode``/``decode`` work in the model's own units on ``[..., d_in]`` tensors; inside, activations are
+    divided by the scalar ``scale`` (set by ``init_from_data`` so that held-in activations have unit mean squared
+    distance from their mean). Training works on normalised activations through ``loss``.
+    """
+
+    variant: ClassVar[str] = ""
+
+    def __init__(self, d_in: int, n_features: int):
+        super().__init__()
+        self.d_in, self.n_features = d_in, n_features
+        self.b_dec = nn.Parameter(torch.zeros(d_in))
+        self.register_buffer("scale", torch.ones(()))
+
+    # --- what a variant defines -------------------------------------------------------------------------
+    def encode_normalised(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decoder_weight(self) -> torch.Tensor:
+        """``[n_features, d_in]`` atoms of unit norm."""
+        raise NotImplementedError
+
+    def sparsity_loss(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes.new_zeros(())
+
+    def hparams(self) -> dict:
+        """Constructor arguments beyond ``d_in`` and ``n_features``, as saved in ``sae.json``."""
+        return {}
+
+    # --- shared -----------------------------------------------------------------------------------------
+    def decode_normalised(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes @ self.decoder_weight() + self.b_dec
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Codes ``[..., n_features]`` for activations ``[..., d_in]`` in the model's units."""
+        return self.encode_normalised(x / self.scale)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Reconstruction ``[..., d_in]`` in the model's units."""
+        return self.decode_normalised(codes) * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    def loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Training loss on normalised activations ``x`` ``[batch, d_in]``.
+
+        ``mse`` = mean over the batch of the squared L2 error summed over dimensions; ``sparsity`` is the
+        variant's penalty (``l1_coeff`` times the batch mean of the codes' L1 norm for ReLU variants);
+        ``loss`` = ``mse`` + ``sparsity``.
+        """
+        codes = self.encode_normalised(x)
+        x_hat = self.decode_normalised(codes)
+        mse = (x_hat - x).pow(2).sum(-1).mean()
+        sparsity = self.sparsity_loss(codes)
+        return {"loss": mse + sparsity, "mse": mse, "sparsity": sparsity, "codes": codes, "x_hat": x_hat}
+
+    @torch.no_grad()
+    def init_from_data(self, x: torch.Tensor) -> None:
+        """Set ``scale`` and ``b_dec`` from a sample ``[n, d_in]`` of raw activations."""
+        mean = x.mean(0)
+        self.scale.copy_((x - mean).pow(2).sum(-1).mean().sqrt().clamp_min(1e-8))
+        self.b_dec.copy_(mean / self.scale)
+
+
+def unit_rows(w: torch.Tensor) -> torch.Tensor:
+    return w / w.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+
+
+def random_atoms(n_features: int, d_in: int) -> torch.Tensor:
+    return unit_rows(torch.randn(n_features, d_in))

@@ -1,0 +1,51 @@
+"""ReLU dictionaries with an L1 penalty: ``relu`` (untied encoder) and ``relu_tied`` (the paper's default)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sae.dictionaries.base import Dictionary, random_atoms, register, unit_rows
+
+
+@register
+class ReLUDictionary(Dictionary):
+    """codes = ReLU(W_enc (x - b_dec) + b_enc); x_hat = W_dec^T codes + b_dec, with unit-norm rows of W_dec."""
+
+    variant = "relu"
+
+    def __init__(self, d_in: int, n_features: int, l1_coeff: float = 1e-3):
+        super().__init__(d_in, n_features)
+        self.l1_coeff = l1_coeff
+        self.W_dec = nn.Parameter(random_atoms(n_features, d_in))
+        self.W_enc = nn.Parameter(self.W_dec.detach().clone())
+        self.b_enc = nn.Parameter(torch.zeros(n_features))
+
+    def encoder_weight(self) -> torch.Tensor:
+        return self.W_enc
+
+    def encode_normalised(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu((x - self.b_dec) @ self.encoder_weight().T + self.b_enc)
+
+    def decoder_weight(self) -> torch.Tensor:
+        return unit_rows(self.W_dec)
+
+    def sparsity_loss(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.l1_coeff * codes.abs().sum(-1).mean()
+
+    def hparams(self) -> dict:
+        return {"l1_coeff": self.l1_coeff}
+
+
+@register
+class TiedReLUDictionary(ReLUDictionary):
+    """The paper's autoencoder: the encoder is the transpose of the (unit-norm) decoder."""
+
+    variant = "relu_tied"
+
+    def __init__(self, d_in: int, n_features: int, l1_coeff: float = 1e-3):
+        super().__init__(d_in, n_features, l1_coeff)
+        del self.W_enc
+
+    def encoder_weight(self) -> torch.Tensor:
+        return self.decoder_weight()

@@ -1,0 +1,64 @@
+"""Loading the frozen language model and its tokenizer, from the hub or a local directory."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+from sae.errors import ConfigError
+
+OFFLINE_COMMAND = (
+    "python train.py model.name_or_path=../shared/fixtures/neox-owt-14m "
+    "data=text_files data.path=../shared/fixtures/text/openwebtext-1k.jsonl"
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _unreachable(name_or_path: str, err: Exception) -> ConfigError:
+    if os.path.sep in name_or_path and not os.path.exists(name_or_path):
+        return ConfigError(f"model directory '{name_or_path}' does not exist; pass an existing directory or a hub id")
+    return ConfigError(
+        f"cannot load model '{name_or_path}' ({type(err).__name__}): the hub is unreachable or the id is wrong. "
+        f"Offline, use a local model, e.g. {OFFLINE_COMMAND}"
+    )
+
+
+def load_config(name_or_path: str) -> PretrainedConfig:
+    """The model's config (cheap: no weights), for validating hooks before any heavy work."""
+    try:
+        return AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        raise _unreachable(name_or_path, err) from None
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ConfigError(f"unknown model.dtype '{name}'; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_model(name_or_path: str, dtype: str = "float32", device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The causal LM in eval mode with gradients off."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype))
+    except (OSError, ValueError) as err:
+        raise _unreachable(name_or_path, err) from None
+    model.eval().requires_grad_(False)
+    return model.to(device)
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:
+        raise _unreachable(name_or_path, err) from None
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

@@ -1,0 +1,113 @@
+"""LightningModule: one dictionary trained on one hook's activations with Adam."""
+
+from __future__ import annotations
+
+import time
+
+import pytorch_lightning as pl
+import torch
+
+from sae.dictionaries import build
+from sae.metrics import fvu, l0
+
+
+def lr_factor(step: int, total: int, warmup: int, decay_frac: float) -> float:
+    """Linear warm-up over ``warmup`` steps, constant, then linear decay to 0 over the last ``decay_frac``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    decay_start = total * (1 - decay_frac)
+    if decay_frac > 0 and step >= decay_start:
+        return max(0.0, (total - step) / (total - decay_start))
+    return 1.0
+
+
+class DictionaryModule(pl.LightningModule):
+    """Trains ``dictionary`` (built from ``dictionary_cfg``) on batches ``{hook_name: [batch, d_in]}``."""
+
+    def __init__(
+        self,
+        dictionary_cfg: dict,
+        hook_name: str,
+        total_steps: int,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 100,
+        lr_decay_frac: float = 0.2,
+        sparsity_warmup_frac: float = 0.05,
+        dead_window: int = 500_000,
+        init_tokens: int = 65_536,
+        histogram_every: int = 200,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.dictionary = build(**dictionary_cfg)
+        self.hook_name = hook_name
+        n = self.dictionary.n_features
+        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.long))
+        self.register_buffer("fired_since_histogram", torch.zeros(n, dtype=torch.long))
+        self._last_time = None
+
+    def on_fit_start(self) -> None:
+        if not self.initialised:
+            sample = self.trainer.datamodule.sample(self.hparams.init_tokens)[self.hook_name]
+            self.dictionary.init_from_data(sample.to(self.device))
+            self.initialised.fill_(True)
+
+    def sparsity_weight(self) -> float:
+        ramp = self.hparams.sparsity_warmup_frac * self.hparams.total_steps
+        return min(1.0, (self.global_step + 1) / ramp) if ramp > 0 else 1.0
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x = batch[self.hook_name] / self.dictionary.scale
+        out = self.dictionary.loss(x)
+        loss = out["mse"] + self.sparsity_weight() * out["sparsity"]
+        codes = out["codes"].detach()
+        self._track_firing(codes)
+        metrics = {
+            "train/loss": loss,
+            "train/mse": out["mse"],
+            "train/sparsity": out["sparsity"],
+            "train/fvu": fvu(x, out["x_hat"].detach()),
+            "train/l0": l0(codes),
+            "train/dead_frac": (self.tokens_since_fired >= self.hparams.dead_window).float().mean(),
+            "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"],
+        }
+        self.log_dict(metrics, on_step=True, on_epoch=False)
+        self.log("l0", metrics["train/l0"], prog_bar=True, logger=False)
+        self.log("fvu", metrics["train/fvu"], prog_bar=True, logger=False)
+        self._log_speed(len(x))
+        return loss
+
+    def _track_firing(self, codes: torch.Tensor) -> None:
+        fired = (codes != 0).sum(0)
+        self.tokens_since_fired += len(codes)
+        self.tokens_since_fired[fired > 0] = 0
+        self.fired_since_histogram += fired
+        if (self.global_step + 1) % self.hparams.histogram_every == 0:
+            self._log_density_histogram()
+
+    def _log_density_histogram(self) -> None:
+        tokens = self.hparams.histogram_every * self.trainer.datamodule.batch_size
+        density = self.fired_since_histogram.float().cpu() / tokens
+        self.fired_since_histogram.zero_()
+        logger = self.logger
+        if logger is not None and type(logger).__name__ == "WandbLogger":
+            import wandb
+
+            log10 = torch.log10(density.clamp_min(1e-7)).numpy()
+            logger.experiment.log({"train/log10_feature_density": wandb.Histogram(log10), "trainer/global_step": self.global_step})
+
+    def _log_speed(self, n: int) -> None:
+        now = time.perf_counter()
+        if self._last_time is not None:
+            self.log("acts_per_s", n / max(now - self._last_time, 1e-9), prog_bar=True, on_step=True, on_epoch=False)
+        self._last_time = now
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.Adam(self.dictionary.parameters(), lr=hp.lr, betas=tuple(hp.betas))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: lr_factor(step, hp.total_steps, hp.warmup_steps, hp.lr_decay_frac)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,155 @@
+"""Compose a training run from the Hydra config: validate, build, fit, evaluate on held-out text, save."""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from sae.datamodule import ActivationDataModule
+from sae.dictionaries import VARIANTS
+from sae.errors import ConfigError
+from sae.hooks import HookPoint, check_hook, site_width
+from sae.metrics import heldout_metrics
+from sae.model import load_config
+from sae.module import DictionaryModule
+from sae.saving import save_dictionary, write_json
+
+LOSS_DOC = (
+    "activations are divided by normalisation.scale; mse = batch mean of ||x - x_hat||^2 summed over dimensions "
+    "(normalised units); l1 = batch mean of sum_i |c_i| (codes of unit-norm atoms); loss = mse + l1_coeff * l1 "
+    "(topk: loss = mse)"
+)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """Where a run writes and how it is named and grouped on the logger."""
+
+    dir: Path
+    name: str
+    group: str | None
+
+
+def hydra_run_info() -> RunInfo:
+    """Run directory, name and W&B group from Hydra (multirun jobs share the sweep directory as their group)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir)
+    name = hc.job.override_dirname or out.name
+    if hc.mode == RunMode.MULTIRUN:
+        return RunInfo(out, name, str(Path(hc.sweep.dir)).replace(os.sep, "_"))
+    return RunInfo(out, name, None)
+
+
+def _check(cond: bool, problem: str, problems: list[str]) -> None:
+    if not cond:
+        problems.append(problem)
+
+
+def validate(cfg: DictConfig):
+    """Check the config before any heavy work; every problem found is reported in one ConfigError.
+
+    Returns the LM's config (loaded without weights).
+    """
+    problems: list[str] = []
+    s, t, d = cfg.sae, cfg.train, cfg.data
+    _check(s.variant in VARIANTS, f"unknown sae.variant '{s.variant}' (choose sae={'|'.join(VARIANTS)})", problems)
+    _check(s.ratio > 0, f"sae.ratio={s.ratio} must be > 0 (dictionary size / activation width)", problems)
+    if "l1_coeff" in s:
+        _check(s.l1_coeff >= 0, f"sae.l1_coeff={s.l1_coeff} must be >= 0", problems)
+    if "k" in s:
+        _check(s.k >= 1, f"sae.k={s.k} must be >= 1", problems)
+    _check(t.tokens >= t.batch_size > 0, f"train.tokens ({t.tokens}) must be >= train.batch_size ({t.batch_size}) > 0", problems)
+    _check(t.lr > 0, f"train.lr={t.lr} must be > 0", problems)
+    _check(0 < d.heldout_fraction < 1, f"data.heldout_fraction={d.heldout_fraction} must be in (0, 1)", problems)
+    _check(d.context_length >= 2, f"data.context_length={d.context_length} must be >= 2", problems)
+    _check(d.buffer_size >= 2 * t.batch_size, f"data.buffer_size ({d.buffer_size}) must be >= 2 * train.batch_size", problems)
+    if OmegaConf.is_missing(d, "path"):
+        problems.append("data.path is not set: give a file or glob, e.g. data.path=../shared/fixtures/text/openwebtext-1k.jsonl")
+    if problems:
+        raise ConfigError("; ".join(problems))
+    model_config = load_config(cfg.model.name_or_path)
+    layers = getattr(model_config, "num_hidden_layers", None) or model_config.n_layer
+    check_hook(HookPoint(cfg.hook.layer, cfg.hook.site), layers)
+    d_in = site_width(model_config, cfg.hook.site)
+    if "k" in s:
+        _check(s.k <= round(s.ratio * d_in), f"sae.k={s.k} exceeds the dictionary size {round(s.ratio * d_in)}", problems)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return model_config
+
+
+def make_logger(cfg: DictConfig, run: RunInfo):
+    """A Lightning logger: W&B (online when logged in, else offline, unless ``logger.mode`` says) or CSV."""
+    if cfg.kind == "csv":
+        return pl.loggers.CSVLogger(save_dir=str(run.dir), name="csv", version="")
+    if cfg.kind != "wandb":
+        raise ConfigError(f"unknown logger.kind '{cfg.kind}'; use logger=wandb or logger=csv")
+    mode = cfg.mode
+    if mode == "auto":
+        netrc = Path.home() / ".netrc"
+        logged_in = "WANDB_API_KEY" in os.environ or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+        mode = os.environ.get("WANDB_MODE") or ("online" if logged_in else "offline")
+    return pl.loggers.WandbLogger(
+        project=cfg.project, entity=cfg.entity, group=cfg.group or run.group, name=run.name,
+        save_dir=str(run.dir), mode=mode,
+    )
+
+
+def train(cfg: DictConfig, run: RunInfo) -> dict:
+    """Train one dictionary as configured; write ``sae.safetensors``, ``sae.json`` and ``metrics.json`` to ``run.dir``."""
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    model_config = validate(cfg)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    hook = HookPoint(cfg.hook.layer, cfg.hook.site)
+    d, t = cfg.data, cfg.train
+    datamodule = ActivationDataModule(
+        cfg.model.name_or_path, [hook], d.source, d.path, d.text_column, d.split, d.context_length,
+        d.heldout_fraction, d.lm_batch_size, d.buffer_size, t.batch_size, cfg.model.dtype, cfg.seed,
+    )
+    datamodule.prepare_text()
+    d_in = site_width(model_config, hook.site)
+    hparams = {k: v for k, v in cfg.sae.items() if k not in ("variant", "ratio")}
+    dictionary_cfg = {"variant": cfg.sae.variant, "d_in": d_in, "n_features": round(cfg.sae.ratio * d_in), **hparams}
+    steps = t.tokens // t.batch_size
+    module = DictionaryModule(
+        dictionary_cfg, hook.name, steps, t.lr, tuple(t.betas), t.warmup_steps, t.lr_decay_frac,
+        t.sparsity_warmup_frac, t.dead_window, t.init_tokens,
+    )
+    logger = make_logger(cfg.logger, run)
+    trainer = pl.Trainer(
+        max_steps=steps, accelerator=t.accelerator, devices=t.devices, precision=t.precision,
+        logger=logger, log_every_n_steps=t.log_every_n_steps, default_root_dir=str(run.dir),
+        enable_model_summary=False,
+        callbacks=[ModelCheckpoint(dirpath=str(run.dir / "checkpoints"), every_n_train_steps=t.checkpoint_every_n_steps, save_last=True)],
+    )
+    trainer.fit(module, datamodule=datamodule)
+    n_eval = max(1, math.ceil(d.eval_tokens / d.context_length))
+    metrics = heldout_metrics(datamodule.model, module.dictionary, hook, datamodule.heldout_contexts[:n_eval], datamodule.special_ids)
+    metadata = {
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "hook": {"layer": hook.layer, "site": hook.site},
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "train": {**OmegaConf.to_container(cfg.train, resolve=True), "steps": steps},
+        "loss": LOSS_DOC,
+        "seed": cfg.seed,
+    }
+    save_dictionary(module.dictionary, run.dir, metadata)
+    write_json(run.dir / "metrics.json", metrics)
+    if logger is not None:
+        logger.log_metrics({f"heldout/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
+        logger.finalize("success")
+        if cfg.logger.kind == "wandb":
+            import wandb
+
+            wandb.finish()
+    return metrics
