@@ -18,7 +18,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def _unreachable(name_or_path: str, err: Exception) -> ConfigError:
-    if os.path.sep in name_or_path and not os.path.exists(name_or_path):
+    looks_local = name_or_path.startswith((os.sep, ".", "~")) or name_or_path.count("/") > 1
+    if looks_local and not os.path.exists(name_or_path):
         return ConfigError(f"model directory '{name_or_path}' does not exist; pass an existing directory or a hub id")
     return ConfigError(
         f"cannot load model '{name_or_path}' ({type(err).__name__}): the hub is unreachable or the id is wrong. "

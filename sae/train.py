@@ -133,6 +133,7 @@ def train(cfg: DictConfig, run: RunInfo) -> dict:
         callbacks=[ModelCheckpoint(dirpath=str(run.dir / "checkpoints"), every_n_train_steps=t.checkpoint_every_n_steps, save_last=True)],
     )
     trainer.fit(module, datamodule=datamodule)
+    trainer.save_checkpoint(run.dir / "checkpoints" / "last.ckpt")  # the final state, whatever the schedule
     n_eval = max(1, math.ceil(d.eval_tokens / d.context_length))
     metrics = heldout_metrics(datamodule.model, module.dictionary, hook, datamodule.heldout_contexts[:n_eval], datamodule.special_ids)
     metadata = {

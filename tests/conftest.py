@@ -1,0 +1,90 @@
+"""Shared test fixtures: a tiny GPT-NeoX and tokenizer built in the test, text, and the real ../shared fixtures."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT.parent / "shared" / "fixtures"
+needs_fixtures = pytest.mark.skipif(
+    not FIXTURES.is_dir(), reason=f"{FIXTURES} is absent: the real tokenizer, text and neox-owt-14m are needed"
+)
+
+WORDS = "the a cat dog sat ran on under mat log big small red blue and then it was very quick slow".split()
+
+
+def make_tokenizer(directory: Path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="[UNK]")
+    fast.save_pretrained(directory)
+    return fast
+
+
+def tiny_config(family: str = "gpt_neox", layers: int = 3, vocab: int = len(WORDS) + 2):
+    from transformers import GPT2Config, GPTNeoXConfig, LlamaConfig
+
+    if family == "gpt_neox":
+        return GPTNeoXConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                             intermediate_size=64, max_position_embeddings=128, bos_token_id=0, eos_token_id=0)
+    if family == "gpt2":
+        return GPT2Config(vocab_size=vocab, n_embd=32, n_layer=layers, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0)
+    return LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128, bos_token_id=0, eos_token_id=0)
+
+
+def tiny_model(family: str = "gpt_neox", layers: int = 3, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(tiny_config(family, layers)).eval()
+
+
+def random_text(n_docs: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(20, 80))) for _ in range(n_docs)]
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory) -> Path:
+    """A randomly initialised 3-block GPT-NeoX with a word-level tokenizer, saved as a local model directory."""
+    directory = tmp_path_factory.mktemp("tiny-neox")
+    make_tokenizer(directory)
+    tiny_model().save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_text(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("text") / "docs.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in random_text(60)))
+    return path
+
+
+def run_cli(script: str, *overrides: str, cwd: Path = ROOT, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run an entry point as a user would, returning its completed process (stdout and stderr captured)."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
+    return subprocess.run([sys.executable, str(ROOT / script), *overrides], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def tiny_overrides(lm_dir: Path, text: Path, run_dir: Path, *extra: str) -> list[str]:
+    """A real training config shrunk to seconds: tiny LM, tiny text, few tokens, CSV logging."""
+    return [
+        f"model.name_or_path={lm_dir}", "data=text_files", f"data.path={text}", "data.context_length=32",
+        "data.lm_batch_size=8", "data.buffer_size=1024", "data.eval_tokens=512", "train.tokens=4096",
+        "train.batch_size=128", "train.warmup_steps=2", "train.init_tokens=512", "train.checkpoint_every_n_steps=10",
+        "hook.layer=1", "logger=csv", f"hydra.run.dir={run_dir}", *extra,
+    ]
