@@ -22,6 +22,32 @@ def l0(codes: torch.Tensor) -> torch.Tensor:
     return (codes != 0).float().sum(-1).mean()
 
 
+def best_cosines(reference: torch.Tensor, learned: torch.Tensor) -> torch.Tensor:
+    """For each ``reference`` row, the maximum cosine similarity to any ``learned`` row."""
+    cos = F.normalize(reference.float(), dim=-1) @ F.normalize(learned.float(), dim=-1).T
+    return cos.max(dim=1).values
+
+
+def mmcs(reference: torch.Tensor, learned: torch.Tensor) -> float:
+    """Mean max cosine similarity: how well ``learned`` directions cover the ``reference`` ones (1 = all found)."""
+    return best_cosines(reference, learned).mean().item()
+
+
+def recovered_fraction(reference: torch.Tensor, learned: torch.Tensor, threshold: float = 0.9) -> float:
+    """Fraction of ``reference`` rows matched by a ``learned`` row with cosine similarity above ``threshold``."""
+    return (best_cosines(reference, learned) > threshold).float().mean().item()
+
+
+def dictionary_mmcs(a: Dictionary | str, b: Dictionary | str) -> float:
+    """MMCS of ``a``'s atoms against ``b``'s: the paper's proxy for convergence when no ground truth exists
+    (compare a dictionary with the next larger one). Dictionaries or run directories."""
+    from sae.saving import load
+
+    a, b = (load(x) if not isinstance(x, Dictionary) else x for x in (a, b))
+    with torch.no_grad():
+        return mmcs(a.decoder_weight(), b.decoder_weight())
+
+
 def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy (nats) of ``logits[:, :-1]`` against ``input_ids[:, 1:]``."""
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="sum")

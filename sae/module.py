@@ -22,7 +22,11 @@ def lr_factor(step: int, total: int, warmup: int, decay_frac: float) -> float:
 
 
 class DictionaryModule(pl.LightningModule):
-    """Trains ``dictionary`` (built from ``dictionary_cfg``) on batches ``{hook_name: [batch, d_in]}``."""
+    """Trains ``dictionary`` (built from ``dictionary_cfg``) on batches ``{hook_name: [batch, d_in]}``.
+
+    A feature is dead when it has not fired for ``dead_window`` activations. Every ``resample_every`` steps
+    (0: never) until ``resample_until`` of the run, dead atoms are resampled (``_resample``).
+    """
 
     def __init__(
         self,
@@ -36,6 +40,8 @@ class DictionaryModule(pl.LightningModule):
         sparsity_warmup_frac: float = 0.05,
         dead_window: int = 500_000,
         init_tokens: int = 65_536,
+        resample_every: int = 0,
+        resample_until: float = 0.5,
         histogram_every: int = 200,
     ):
         super().__init__()
@@ -60,17 +66,18 @@ class DictionaryModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x = batch[self.hook_name] / self.dictionary.scale
-        out = self.dictionary.loss(x)
-        loss = out["mse"] + self.sparsity_weight() * out["sparsity"]
+        out = self.dictionary.loss(x, dead=self.dead_mask())
+        loss = out["mse"] + self.sparsity_weight() * out["sparsity"] + out["aux"]
         codes = out["codes"].detach()
         self._track_firing(codes)
         metrics = {
             "train/loss": loss,
             "train/mse": out["mse"],
             "train/sparsity": out["sparsity"],
+            "train/aux": out["aux"],
             "train/fvu": fvu(x, out["x_hat"].detach()),
             "train/l0": l0(codes),
-            "train/dead_frac": (self.tokens_since_fired >= self.hparams.dead_window).float().mean(),
+            "train/dead_frac": self.dead_mask().float().mean(),
             "train/lr": self.trainer.optimizers[0].param_groups[0]["lr"],
         }
         self.log_dict(metrics, on_step=True, on_epoch=False)
@@ -78,6 +85,34 @@ class DictionaryModule(pl.LightningModule):
         self.log("fvu", metrics["train/fvu"], prog_bar=True, logger=False)
         self._log_speed(len(x))
         return loss
+
+    def dead_mask(self) -> torch.Tensor:
+        return self.tokens_since_fired >= self.hparams.dead_window
+
+    def on_train_batch_end(self, outputs, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        hp = self.hparams
+        step = self.global_step  # already advanced past this batch's optimizer step
+        if hp.resample_every and step % hp.resample_every == 0 and step <= hp.resample_until * hp.total_steps:
+            self._resample(batch[self.hook_name] / self.dictionary.scale)
+
+    @torch.no_grad()
+    def _resample(self, x: torch.Tensor) -> None:
+        """Re-seed dead atoms with inputs drawn with probability proportional to their squared loss
+        (Anthropic, "Towards Monosemanticity"); their Adam state is reset."""
+        dead = self.dead_mask().nonzero().squeeze(1)
+        if len(dead) == 0:
+            return
+        residual = x - self.dictionary.decode_normalised(self.dictionary.encode_normalised(x))
+        weights = residual.pow(2).sum(-1).pow(2)
+        picks = torch.multinomial(weights + 1e-12, len(dead), replacement=True)
+        self.dictionary.reinit_atoms_(dead, residual[picks])
+        optimizer = self.trainer.optimizers[0]
+        for param in self.dictionary.atom_parameters():
+            for buf in optimizer.state.get(param, {}).values():
+                if torch.is_tensor(buf) and buf.dim() > 0 and buf.shape[0] == self.dictionary.n_features:
+                    buf[dead] = 0
+        self.tokens_since_fired[dead] = 0
+        self.log("train/resampled", float(len(dead)), on_step=True, on_epoch=False)
 
     def _track_firing(self, codes: torch.Tensor) -> None:
         fired = (codes != 0).sum(0)

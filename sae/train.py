@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from sae.datamodule import ActivationDataModule
-from sae.dictionaries import VARIANTS
+from sae.dictionaries import VARIANTS, Dictionary
 from sae.errors import ConfigError
 from sae.hooks import HookPoint, check_hook, site_width
 from sae.metrics import heldout_metrics
 from sae.model import load_config
 from sae.module import DictionaryModule
 from sae.saving import save_dictionary, write_json
+from sae.toy import TOY_HOOK, GroundTruthMetrics, ToyData, ToyDataModule, toy_metrics
 
 LOSS_DOC = (
     "activations are divided by normalisation.scale; mse = batch mean of ||x - x_hat||^2 summed over dimensions "
@@ -55,10 +58,10 @@ def _check(cond: bool, problem: str, problems: list[str]) -> None:
         problems.append(problem)
 
 
-def validate(cfg: DictConfig):
+def validate(cfg: DictConfig) -> int:
     """Check the config before any heavy work; every problem found is reported in one ConfigError.
 
-    Returns the LM's config (loaded without weights).
+    Returns the width of the activations the dictionary will see (loading only the LM's config, no weights).
     """
     problems: list[str] = []
     s, t, d = cfg.sae, cfg.train, cfg.data
@@ -70,22 +73,77 @@ def validate(cfg: DictConfig):
         _check(s.k >= 1, f"sae.k={s.k} must be >= 1", problems)
     _check(t.tokens >= t.batch_size > 0, f"train.tokens ({t.tokens}) must be >= train.batch_size ({t.batch_size}) > 0", problems)
     _check(t.lr > 0, f"train.lr={t.lr} must be > 0", problems)
-    _check(0 < d.heldout_fraction < 1, f"data.heldout_fraction={d.heldout_fraction} must be in (0, 1)", problems)
-    _check(d.context_length >= 2, f"data.context_length={d.context_length} must be >= 2", problems)
-    _check(d.buffer_size >= 2 * t.batch_size, f"data.buffer_size ({d.buffer_size}) must be >= 2 * train.batch_size", problems)
-    if OmegaConf.is_missing(d, "path"):
-        problems.append("data.path is not set: give a file or glob, e.g. data.path=../shared/fixtures/text/openwebtext-1k.jsonl")
+    if d.source != "toy":
+        _check(0 < d.heldout_fraction < 1, f"data.heldout_fraction={d.heldout_fraction} must be in (0, 1)", problems)
+        _check(d.context_length >= 2, f"data.context_length={d.context_length} must be >= 2", problems)
+        _check(d.buffer_size >= 2 * t.batch_size, f"data.buffer_size ({d.buffer_size}) must be >= 2 * train.batch_size", problems)
+        if OmegaConf.is_missing(d, "path"):
+            problems.append("data.path is not set: give a file or glob, e.g. data.path=../shared/fixtures/text/openwebtext-1k.jsonl")
     if problems:
         raise ConfigError("; ".join(problems))
-    model_config = load_config(cfg.model.name_or_path)
-    layers = getattr(model_config, "num_hidden_layers", None) or model_config.n_layer
-    check_hook(HookPoint(cfg.hook.layer, cfg.hook.site), layers)
-    d_in = site_width(model_config, cfg.hook.site)
+    d_in = d.d if d.source == "toy" else _lm_width(cfg)
     if "k" in s:
         _check(s.k <= round(s.ratio * d_in), f"sae.k={s.k} exceeds the dictionary size {round(s.ratio * d_in)}", problems)
     if problems:
         raise ConfigError("; ".join(problems))
-    return model_config
+    return d_in
+
+
+def variant_hparams(sae_cfg: DictConfig) -> dict:
+    """The ``sae.*`` settings the chosen variant takes. A preset may set hyperparameters of several variants
+    (``experiment=toy`` sets both ``l1_coeff`` and ``k``); each variant uses its own."""
+    accepted = inspect.signature(VARIANTS[sae_cfg.variant].__init__).parameters
+    return {k: v for k, v in sae_cfg.items() if k in accepted and k not in ("d_in", "n_features")}
+
+
+def _lm_width(cfg: DictConfig) -> int:
+    model_config = load_config(cfg.model.name_or_path)
+    layers = getattr(model_config, "num_hidden_layers", None) or model_config.n_layer
+    check_hook(HookPoint(cfg.hook.layer, cfg.hook.site), layers)
+    return site_width(model_config, cfg.hook.site)
+
+
+@dataclass
+class Setup:
+    """What a data source gives training: batches, the key of the dictionary's input in a batch, extra callbacks,
+    the final held-out evaluation, and what to record about the source in ``sae.json``."""
+
+    datamodule: pl.LightningDataModule
+    input_key: str
+    evaluate: Callable[[Dictionary], dict]
+    metadata: dict
+    callbacks: list = field(default_factory=list)
+
+
+def lm_setup(cfg: DictConfig) -> Setup:
+    """Live activations of the configured LM at the configured hook; metrics on held-out text."""
+    hook = HookPoint(cfg.hook.layer, cfg.hook.site)
+    d, t = cfg.data, cfg.train
+    datamodule = ActivationDataModule(
+        cfg.model.name_or_path, [hook], d.source, d.path, d.text_column, d.split, d.context_length,
+        d.heldout_fraction, d.lm_batch_size, d.buffer_size, t.batch_size, cfg.model.dtype, cfg.seed,
+    )
+    datamodule.prepare_text()
+    n_eval = max(1, math.ceil(d.eval_tokens / d.context_length))
+
+    def evaluate(dictionary: Dictionary) -> dict:
+        contexts = datamodule.heldout_contexts[:n_eval]
+        return heldout_metrics(datamodule.model, dictionary, hook, contexts, datamodule.special_ids)
+
+    metadata = {"model": OmegaConf.to_container(cfg.model, resolve=True), "hook": {"layer": hook.layer, "site": hook.site}}
+    return Setup(datamodule, hook.name, evaluate, metadata)
+
+
+def toy_setup(cfg: DictConfig, run: RunInfo) -> Setup:
+    """Toy superposition data; the ground truth is saved as ``ground_truth.safetensors`` and MMCS is tracked."""
+    d = cfg.data
+    toy = ToyData(d.n_features, d.d, d.avg_active, d.decay, d.correlated, d.seed)
+    run.dir.mkdir(parents=True, exist_ok=True)
+    toy.save(run.dir / "ground_truth.safetensors")
+    return Setup(
+        ToyDataModule(toy, cfg.train.batch_size), TOY_HOOK, lambda dictionary: toy_metrics(dictionary, toy, d.eval_tokens),
+        {"model": None, "hook": None, "ground_truth": "ground_truth.safetensors"}, [GroundTruthMetrics(toy.features)],
+    )
 
 
 def make_logger(cfg: DictConfig, run: RunInfo):
@@ -108,37 +166,28 @@ def make_logger(cfg: DictConfig, run: RunInfo):
 def train(cfg: DictConfig, run: RunInfo) -> dict:
     """Train one dictionary as configured; write ``sae.safetensors``, ``sae.json`` and ``metrics.json`` to ``run.dir``."""
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
-    model_config = validate(cfg)
+    d_in = validate(cfg)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    hook = HookPoint(cfg.hook.layer, cfg.hook.site)
-    d, t = cfg.data, cfg.train
-    datamodule = ActivationDataModule(
-        cfg.model.name_or_path, [hook], d.source, d.path, d.text_column, d.split, d.context_length,
-        d.heldout_fraction, d.lm_batch_size, d.buffer_size, t.batch_size, cfg.model.dtype, cfg.seed,
-    )
-    datamodule.prepare_text()
-    d_in = site_width(model_config, hook.site)
-    hparams = {k: v for k, v in cfg.sae.items() if k not in ("variant", "ratio")}
-    dictionary_cfg = {"variant": cfg.sae.variant, "d_in": d_in, "n_features": round(cfg.sae.ratio * d_in), **hparams}
+    setup = toy_setup(cfg, run) if cfg.data.source == "toy" else lm_setup(cfg)
+    t = cfg.train
+    dictionary_cfg = {"variant": cfg.sae.variant, "d_in": d_in, "n_features": round(cfg.sae.ratio * d_in), **variant_hparams(cfg.sae)}
     steps = t.tokens // t.batch_size
     module = DictionaryModule(
-        dictionary_cfg, hook.name, steps, t.lr, tuple(t.betas), t.warmup_steps, t.lr_decay_frac,
-        t.sparsity_warmup_frac, t.dead_window, t.init_tokens,
+        dictionary_cfg, setup.input_key, steps, t.lr, tuple(t.betas), t.warmup_steps, t.lr_decay_frac,
+        t.sparsity_warmup_frac, t.dead_window, t.init_tokens, t.resample_every, t.resample_until,
     )
     logger = make_logger(cfg.logger, run)
+    checkpoints = ModelCheckpoint(dirpath=str(run.dir / "checkpoints"), every_n_train_steps=t.checkpoint_every_n_steps, save_last=True)
     trainer = pl.Trainer(
         max_steps=steps, accelerator=t.accelerator, devices=t.devices, precision=t.precision,
         logger=logger, log_every_n_steps=t.log_every_n_steps, default_root_dir=str(run.dir),
-        enable_model_summary=False,
-        callbacks=[ModelCheckpoint(dirpath=str(run.dir / "checkpoints"), every_n_train_steps=t.checkpoint_every_n_steps, save_last=True)],
+        enable_model_summary=False, callbacks=[checkpoints, *setup.callbacks],
     )
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=setup.datamodule)
     trainer.save_checkpoint(run.dir / "checkpoints" / "last.ckpt")  # the final state, whatever the schedule
-    n_eval = max(1, math.ceil(d.eval_tokens / d.context_length))
-    metrics = heldout_metrics(datamodule.model, module.dictionary, hook, datamodule.heldout_contexts[:n_eval], datamodule.special_ids)
+    metrics = setup.evaluate(module.dictionary)
     metadata = {
-        "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "hook": {"layer": hook.layer, "site": hook.site},
+        **setup.metadata,
         "data": OmegaConf.to_container(cfg.data, resolve=True),
         "train": {**OmegaConf.to_container(cfg.train, resolve=True), "steps": steps},
         "loss": LOSS_DOC,

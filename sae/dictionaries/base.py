@@ -47,6 +47,26 @@ class Dictionary(nn.Module):
         """Constructor arguments beyond ``d_in`` and ``n_features``, as saved in ``sae.json``."""
         return {}
 
+    def atom_parameters(self) -> list[nn.Parameter]:
+        """Parameters with one row per atom (reset together when atoms are resampled)."""
+        return [p for p in (getattr(self, n, None) for n in ("W_dec", "W_enc", "b_enc")) if p is not None]
+
+    @torch.no_grad()
+    def reinit_atoms_(self, idx: torch.Tensor, directions: torch.Tensor) -> None:
+        """Point atoms ``idx`` along ``directions`` (normalised activations) and give them a fresh encoder.
+
+        As in Anthropic's "Towards Monosemanticity": the decoder row becomes the unit direction, an untied
+        encoder row the same direction at 0.2x the mean norm of the live encoder rows, the encoder bias 0.
+        """
+        unit = unit_rows(directions)
+        self.W_dec[idx] = unit
+        if "W_enc" in self._parameters:
+            alive = torch.ones(self.n_features, dtype=torch.bool, device=unit.device)
+            alive[idx] = False
+            norm = self.W_enc[alive].norm(dim=-1).mean() if alive.any() else torch.tensor(1.0)
+            self.W_enc[idx] = unit * 0.2 * norm
+        self.b_enc[idx] = 0.0
+
     # --- shared -----------------------------------------------------------------------------------------
     def decode_normalised(self, codes: torch.Tensor) -> torch.Tensor:
         return codes @ self.decoder_weight() + self.b_dec
@@ -62,18 +82,19 @@ class Dictionary(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
-    def loss(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Training loss on normalised activations ``x`` ``[batch, d_in]``.
 
         ``mse`` = mean over the batch of the squared L2 error summed over dimensions; ``sparsity`` is the
-        variant's penalty (``l1_coeff`` times the batch mean of the codes' L1 norm for ReLU variants);
-        ``loss`` = ``mse`` + ``sparsity``.
+        variant's penalty (``l1_coeff`` times the batch mean of the codes' L1 norm for ReLU variants); ``aux``
+        an auxiliary term that may use the mask of ``dead`` features (AuxK for TopK, else 0);
+        ``loss`` = ``mse`` + ``sparsity`` + ``aux``.
         """
         codes = self.encode_normalised(x)
         x_hat = self.decode_normalised(codes)
         mse = (x_hat - x).pow(2).sum(-1).mean()
-        sparsity = self.sparsity_loss(codes)
-        return {"loss": mse + sparsity, "mse": mse, "sparsity": sparsity, "codes": codes, "x_hat": x_hat}
+        sparsity, aux = self.sparsity_loss(codes), x.new_zeros(())
+        return {"loss": mse + sparsity + aux, "mse": mse, "sparsity": sparsity, "aux": aux, "codes": codes, "x_hat": x_hat}
 
     @torch.no_grad()
     def init_from_data(self, x: torch.Tensor) -> None:

@@ -1,0 +1,67 @@
+"""Toy data with planted features: recovery, MMCS, resampling, AuxK and bad settings."""
+
+import json
+
+import pytest
+import torch
+
+import sae
+from conftest import run_cli
+from sae.dictionaries import build
+from sae.errors import ConfigError
+from sae.metrics import dictionary_mmcs, mmcs, recovered_fraction
+from sae.toy import ToyData
+
+
+def test_toy_statistics():
+    toy = ToyData(n_features=64, d=32, avg_active=4, decay=0.97, seed=1)
+    torch.testing.assert_close(toy.features.norm(dim=-1), torch.ones(64))
+    codes_active = (toy.sample(20000) @ toy.features.T).shape
+    assert codes_active == (20000, 64)
+    firing = toy._firing(20000, torch.Generator().manual_seed(0)).float()
+    assert firing.sum(-1).mean().item() == pytest.approx(4, rel=0.05)
+    assert firing.mean(0)[0] > firing.mean(0)[-1] * 2  # frequencies decay with the index
+
+
+def test_correlated_toy_keeps_marginals_and_correlates():
+    toy = ToyData(n_features=64, d=32, avg_active=4, correlated=True, seed=2)
+    firing = toy._firing(40000, torch.Generator().manual_seed(0)).float()
+    torch.testing.assert_close(firing.mean(0), toy.probs, atol=0.01, rtol=0.1)
+    corr = torch.corrcoef(firing[:, :16].T)
+    assert (corr - torch.eye(16)).abs().max() > 0.1
+
+
+def test_mmcs_of_itself_is_one_and_random_is_low(tmp_path):
+    d = build("relu_tied", 32, 128, l1_coeff=0.01)
+    sae.save_dictionary(d, tmp_path, {})
+    assert dictionary_mmcs(tmp_path, d) == pytest.approx(1.0)
+    toy = ToyData(n_features=64, d=32)
+    assert mmcs(toy.features, d.decoder_weight().detach()) < 0.7
+    assert recovered_fraction(toy.features, toy.features[:32]) == 0.5
+
+
+@pytest.mark.parametrize("data", ["data.d=0", "data.avg_active=600"])
+def test_bad_toy_settings(tmp_path, data):
+    proc = run_cli("train.py", "experiment=toy", data, "logger=csv", f"hydra.run.dir={tmp_path}")
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_more_active_than_features():
+    with pytest.raises(ConfigError, match="cannot be reached"):
+        ToyData(n_features=8, d=4, avg_active=9)
+
+
+@pytest.mark.parametrize("variant", ["relu_tied", "topk"])
+def test_small_toy_run_recovers_planted_features(tmp_path, variant):
+    extra = ["sae=topk", "sae.k=4"] if variant == "topk" else []
+    proc = run_cli(
+        "train.py", "experiment=toy", *extra, "data.n_features=48", "data.d=24", "data.avg_active=3",
+        "sae.ratio=4", "train.tokens=384000", "data.eval_tokens=4096", "logger=csv", f"hydra.run.dir={tmp_path}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    truth = ToyData(n_features=48, d=24).features
+    random_mmcs = mmcs(truth, build(variant, 24, 96).decoder_weight().detach())
+    assert m["mmcs"] > 0.95 > random_mmcs + 0.3
+    assert sae.load(tmp_path).n_features == 96 and (tmp_path / "ground_truth.safetensors").is_file()
