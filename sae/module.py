@@ -21,11 +21,26 @@ def lr_factor(step: int, total: int, warmup: int, decay_frac: float) -> float:
     return 1.0
 
 
+def duplicate_atoms(atoms: torch.Tensor, threshold: float, chunk: int = 4096) -> torch.Tensor:
+    """Mask of atoms whose cosine similarity with a lower-indexed atom exceeds ``threshold`` (unit-norm rows)."""
+    n = len(atoms)
+    mask = torch.zeros(n, dtype=torch.bool, device=atoms.device)
+    for start in range(0, n, chunk):
+        cos = atoms[start : start + chunk] @ atoms.T  # [chunk, n]
+        rows = torch.arange(start, min(start + chunk, n), device=atoms.device)
+        cos[torch.arange(len(rows)), rows] = -1.0
+        lower = torch.arange(n, device=atoms.device)[None, :] < rows[:, None]
+        mask[rows] = (cos.masked_fill(~lower, -1.0) > threshold).any(dim=1)
+    return mask
+
+
 class DictionaryModule(pl.LightningModule):
     """Trains ``dictionary`` (built from ``dictionary_cfg``) on batches ``{hook_name: [batch, d_in]}``.
 
     A feature is dead when it has not fired for ``dead_window`` activations. Every ``resample_every`` steps
-    (0: never) until ``resample_until`` of the run, dead atoms are resampled (``_resample``).
+    (0: never) until ``resample_until`` of the run, dead atoms are resampled (``_resample``), and so is one of
+    each pair of atoms whose directions have cosine similarity above ``duplicate_cos`` (a duplicate atom fires,
+    so it is never dead, but it is capacity lost to the features no atom has found).
     """
 
     def __init__(
@@ -42,6 +57,7 @@ class DictionaryModule(pl.LightningModule):
         init_tokens: int = 65_536,
         resample_every: int = 0,
         resample_until: float = 0.5,
+        duplicate_cos: float = 0.99,
         histogram_every: int = 200,
     ):
         super().__init__()
@@ -97,14 +113,15 @@ class DictionaryModule(pl.LightningModule):
 
     @torch.no_grad()
     def _resample(self, x: torch.Tensor) -> None:
-        """Re-seed dead atoms with inputs drawn with probability proportional to their squared loss
-        (Anthropic, "Towards Monosemanticity"); their Adam state is reset."""
-        dead = self.dead_mask().nonzero().squeeze(1)
+        """Re-seed dead and duplicate atoms with inputs drawn with probability proportional to their squared
+        loss (Anthropic, "Towards Monosemanticity"); their Adam state is reset."""
+        stale = self.dead_mask() | duplicate_atoms(self.dictionary.decoder_weight(), self.hparams.duplicate_cos)
+        dead = stale.nonzero().squeeze(1)
         if len(dead) == 0:
             return
         residual = x - self.dictionary.decode_normalised(self.dictionary.encode_normalised(x))
         weights = residual.pow(2).sum(-1).pow(2)
-        picks = torch.multinomial(weights + 1e-12, len(dead), replacement=True)
+        picks = torch.multinomial(weights + 1e-12, len(dead), replacement=len(dead) > len(x))
         self.dictionary.reinit_atoms_(dead, residual[picks])
         optimizer = self.trainer.optimizers[0]
         for param in self.dictionary.atom_parameters():

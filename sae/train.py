@@ -174,7 +174,7 @@ def train(cfg: DictConfig, run: RunInfo) -> dict:
     steps = t.tokens // t.batch_size
     module = DictionaryModule(
         dictionary_cfg, setup.input_key, steps, t.lr, tuple(t.betas), t.warmup_steps, t.lr_decay_frac,
-        t.sparsity_warmup_frac, t.dead_window, t.init_tokens, t.resample_every, t.resample_until,
+        t.sparsity_warmup_frac, t.dead_window, t.init_tokens, t.resample_every, t.resample_until, t.duplicate_cos,
     )
     logger = make_logger(cfg.logger, run)
     checkpoints = ModelCheckpoint(dirpath=str(run.dir / "checkpoints"), every_n_train_steps=t.checkpoint_every_n_steps, save_last=True)

@@ -71,3 +71,12 @@ def test_auxk_gives_dead_features_gradient():
     for with_aux, without in ((dec_with, dec_without), (enc_with, enc_without)):
         assert (with_aux - without)[:16].abs().sum(-1).gt(0).all()
         torch.testing.assert_close(with_aux[16:], without[16:])
+
+
+def test_duplicate_atoms_marks_the_later_of_each_pair():
+    from sae.module import duplicate_atoms
+
+    atoms = torch.nn.functional.normalize(torch.randn(10, 64), dim=-1)
+    atoms[7] = atoms[2]
+    atoms[9] = torch.nn.functional.normalize(atoms[2] + 0.01 * torch.randn(64), dim=0)
+    assert duplicate_atoms(atoms, 0.99, chunk=3).nonzero().flatten().tolist() == [7, 9]
