@@ -131,14 +131,11 @@ def _batches(contexts: torch.Tensor, batch_size: int, device: torch.device, desc
 
 
 @torch.no_grad()
-def mean_activation(model: nn.Module, hook: HookPoint, contexts: torch.Tensor, special_ids: list[int], batch_size: int = 8) -> torch.Tensor:
-    """Mean activation at ``hook`` over the ordinary-text positions of ``contexts`` (forwards cut off at the hook)."""
+def hook_activations(model: nn.Module, hook: HookPoint, contexts: torch.Tensor, special_ids: list[int], batch_size: int = 8) -> torch.Tensor:
+    """Activations ``[n, width]`` at ``hook`` at the ordinary-text positions of ``contexts`` (forwards cut off at the hook)."""
     device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for ids in _batches(contexts, batch_size, device, "mean activation", progress=False):
-        x = read_activations(model, [hook], ids)[hook][token_mask(ids, special_ids)].double()
-        total, count = total + x.sum(0), count + len(x)
-    return (total / count).float()
+    batches = _batches(contexts, batch_size, device, f"activations {hook.name}", progress=False)
+    return torch.cat([read_activations(model, [hook], ids)[hook][token_mask(ids, special_ids)].float() for ids in batches])
 
 
 @torch.no_grad()
@@ -159,7 +156,7 @@ def heldout_metrics_many(
     CE and KL are means over every next-token prediction of the contexts.
     """
     device = next(model.parameters()).device
-    mean = mean_activation(model, hook, contexts, special_ids, batch_size).to(device)
+    mean = hook_activations(model, hook, contexts, special_ids, batch_size).double().mean(0).float()
     tallies = {name: _Tally(d, device) for name, d in dictionaries.items()}
     ce, n_pred = {"clean": 0.0, "zero": 0.0, "mean": 0.0}, 0
     for ids in _batches(contexts, batch_size, device, f"held-out eval {hook.name}", progress):

@@ -123,11 +123,11 @@ class Mean(Identity):
 
 
 def test_mean_reconstruction_is_mean_ablation():
-    from sae.metrics import mean_activation
+    from sae.metrics import hook_activations
 
     model, hook, ids = tiny_model(), HookPoint(2, "resid"), _contexts()
     d = Mean(32, 32)
-    d.b_dec.data = mean_activation(model, hook, ids, [0])
+    d.b_dec.data = hook_activations(model, hook, ids, [0]).mean(0)
     m = heldout_metrics(model, d, hook, ids, [0], batch_size=4, progress=False)
     assert m["ce_spliced"] == pytest.approx(m["ce_mean_ablation"], rel=1e-6)
     assert m["fvu"] == pytest.approx(1.0, rel=1e-4)
