@@ -13,6 +13,9 @@ from sae.activations import token_mask
 from sae.dictionaries import Dictionary
 from sae.hooks import HookPoint, intervene, read_activations
 
+DENSE_DENSITY = 0.1  # a feature firing on more than this fraction of tokens is dense
+DENSITY_BINS = 24  # log10 feature-density histogram: bins between log10(1 / n_tokens) and 0
+L0_BINS = 32
 
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     """Fraction of variance unexplained, centred: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2."""
@@ -24,21 +27,35 @@ def l0(codes: torch.Tensor) -> torch.Tensor:
     return (codes != 0).float().sum(-1).mean()
 
 
-def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy (nats) of ``logits[:, :-1]`` against ``input_ids[:, 1:]``."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="sum")
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Dot product over the last dimension, ``[..., V] x [..., V] -> [...]``, as a batched matmul (no temporary)."""
+    return (a.unsqueeze(-2) @ b.unsqueeze(-1)).squeeze(-1).squeeze(-1)
 
 
-DENSE_DENSITY = 0.1  # a feature firing on more than this fraction of tokens is dense
-DENSITY_BINS = 24  # log10 feature-density histogram: bins between log10(1 / n_tokens) and 0
-L0_BINS = 32
+class NextTokenScorer:
+    """Summed next-token CE of any logits, and KL(clean || them), against one batch's clean logits.
 
+    Positions ``[:, :-1]`` predict ``input_ids[:, 1:]``. The clean softmax p is computed once; for logits z with
+    log-sum-exp L, CE = L - z[target] and KL = sum p log p - (sum p z - L), so scoring costs one log-sum-exp and
+    one dot product per position (the vocabulary-wide work dominates on a CPU).
+    """
 
-def kl_sum(clean_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
-    """Summed next-token KL(clean || other) (nats) over the positions ``[:, :-1]`` that ``next_token_ce`` scores."""
-    clean = torch.log_softmax(clean_logits[:, :-1].float(), -1)
-    other = torch.log_softmax(other_logits[:, :-1].float(), -1)
-    return F.kl_div(other, clean, log_target=True, reduction="sum")
+    def __init__(self, clean_logits: torch.Tensor, input_ids: torch.Tensor):
+        self.targets = input_ids[:, 1:].unsqueeze(-1)
+        log_p = torch.log_softmax(clean_logits[:, :-1].float(), -1)
+        self.p = log_p.exp()
+        self.p_log_p = _row_dot(self.p, log_p)
+
+    def ce(self, logits: torch.Tensor) -> float:
+        z = logits[:, :-1].float()
+        return (torch.logsumexp(z, -1) - z.gather(-1, self.targets).squeeze(-1)).double().sum().item()
+
+    def ce_and_kl(self, logits: torch.Tensor) -> tuple[float, float]:
+        z = logits[:, :-1].float()
+        lse = torch.logsumexp(z, -1)
+        ce = (lse - z.gather(-1, self.targets).squeeze(-1)).double().sum().item()
+        kl = (self.p_log_p - _row_dot(self.p, z) + lse).double().sum().item()
+        return ce, kl
 
 
 def histogram(values: torch.Tensor, bins: int, low: float, high: float) -> dict[str, list[float]]:
@@ -171,15 +188,16 @@ def heldout_metrics_many(
             captured["x"] = act
 
         clean = run(capture)
-        ce["clean"] += next_token_ce(clean, ids).item()
-        ce["zero"] += next_token_ce(run(lambda act: _where(keep, torch.zeros_like(act), act)), ids).item()
-        ce["mean"] += next_token_ce(run(lambda act: _where(keep, mean.expand_as(act), act)), ids).item()
+        scorer = NextTokenScorer(clean, ids)
+        ce["clean"] += scorer.ce(clean)
+        ce["zero"] += scorer.ce(run(lambda act: _where(keep, torch.zeros_like(act), act)))
+        ce["mean"] += scorer.ce(run(lambda act: _where(keep, mean.expand_as(act), act)))
         x = captured["x"][keep].float()
         for tally in tallies.values():
             tally.add_reconstruction(x)
-            spliced = run(lambda act: _where(keep, tally.dictionary(act.float()), act))
-            tally.ce += next_token_ce(spliced, ids).item()
-            tally.kl += kl_sum(clean, spliced).item()
+            ce_spliced, kl = scorer.ce_and_kl(run(lambda act: _where(keep, tally.dictionary(act.float()), act)))
+            tally.ce += ce_spliced
+            tally.kl += kl
         n_pred += ids[:, 1:].numel()
     ce = {k: v / n_pred for k, v in ce.items()}
     return {name: tally.summary(ce, n_pred) for name, tally in tallies.items()}

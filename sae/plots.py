@@ -10,7 +10,17 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-STYLE = {"dictionary": dict(marker="*", markersize=12, color="black")}
+COLORS = {"dictionary": "black", "pca": "tab:blue", "ica": "tab:orange", "random": "tab:green", "neurons": "tab:red"}
+FVU_TOP = 1.2  # the frontier's y axis stops here (top-k random directions can be far worse than no reconstruction)
+
+
+def style(kind: str) -> dict:
+    """Dictionaries as stars; each baseline in its own colour, dense as hollow circles, top-k as filled squares."""
+    if kind == "dictionary":
+        return dict(marker="*", markersize=12, color="black")
+    base = kind.removesuffix("_topk")
+    filled = kind.endswith("_topk")
+    return dict(marker="s" if filled else "o", markersize=5, color=COLORS.get(base), markerfacecolor=None if filled else "none")
 
 
 def _model_label(results: list) -> str:
@@ -41,10 +51,10 @@ def plot_frontier(rows: list[dict], path: Path, title: str) -> None:
         at_hook = [r for r in rows if (r["layer"], r["site"]) == (layer, site)]
         for kind, kind_rows in sorted(_by_kind(at_hook).items()):
             kind_rows = sorted(kind_rows, key=lambda r: r["l0"])
-            style = STYLE.get(kind, dict(marker="o", markersize=4))
-            ax.plot([r["l0"] for r in kind_rows], [r["fvu"] for r in kind_rows], label=kind, linestyle="-" if len(kind_rows) > 1 else "none", **style)
-        ax.set(xscale="log", title=f"layer {layer} {site}", xlabel="L0")
-    axes[0][0].set_ylabel("FVU")
+            ax.plot([r["l0"] for r in kind_rows], [r["fvu"] for r in kind_rows], label=kind,
+                    linestyle="-" if len(kind_rows) > 1 else "none", **style(kind))
+        ax.set(xscale="log", title=f"layer {layer} {site}", xlabel="L0", ylim=(0, FVU_TOP))
+    axes[0][0].set_ylabel(f"FVU (axis cut at {FVU_TOP})")
     axes[0][-1].legend(fontsize=6)
     _save(fig, path, f"FVU vs L0 ({title})")
 
@@ -56,7 +66,7 @@ def plot_by_layer(rows: list[dict], path: Path, title: str) -> None:
         layers = sorted({r["layer"] for r in kind_rows})
         for ax, metric in zip(axes, ("ce_loss_recovered", "kl_spliced")):
             means = [sum(r[metric] for r in kind_rows if r["layer"] == l) / sum(r["layer"] == l for r in kind_rows) for l in layers]
-            ax.plot(layers, means, label=kind, **STYLE.get(kind, dict(marker="o", markersize=4)))
+            ax.plot(layers, means, label=kind, **style(kind))
     axes[0].set(xlabel="layer", ylabel="CE loss recovered (zero ablation)")
     axes[1].set(xlabel="layer", ylabel="KL(clean || spliced), nats/token", yscale="log")
     axes[1].legend(fontsize=6)

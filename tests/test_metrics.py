@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_model
 from sae.dictionaries import Dictionary
 from sae.hooks import HookPoint
-from sae.metrics import fvu, heldout_metrics, l0, next_token_ce
+from sae.metrics import NextTokenScorer, fvu, heldout_metrics, l0
 
 
 def test_fvu_is_centred():
@@ -26,12 +26,17 @@ def test_l0():
     assert l0(codes).item() == 1.5
 
 
-def test_next_token_ce_by_hand():
-    logits = torch.randn(1, 4, 5)
-    ids = torch.tensor([[0, 3, 1, 4]])
-    logp = torch.log_softmax(logits, -1)
-    by_hand = -(logp[0, 0, 3] + logp[0, 1, 1] + logp[0, 2, 4])
-    assert next_token_ce(logits, ids).item() == pytest.approx(by_hand.item(), rel=1e-6)
+def test_next_token_ce_and_kl_by_hand():
+    clean, other = torch.randn(2, 4, 5), torch.randn(2, 4, 5)
+    ids = torch.tensor([[0, 3, 1, 4], [2, 2, 0, 1]])
+    logp, logq = torch.log_softmax(clean, -1)[:, :-1], torch.log_softmax(other, -1)[:, :-1]
+    ce_by_hand = -logq.gather(-1, ids[:, 1:, None]).sum()
+    kl_by_hand = (logp.exp() * (logp - logq)).sum()
+    scorer = NextTokenScorer(clean, ids)
+    ce, kl = scorer.ce_and_kl(other)
+    assert ce == pytest.approx(ce_by_hand.item(), rel=1e-6) and scorer.ce(other) == ce
+    assert kl == pytest.approx(kl_by_hand.item(), rel=1e-5)
+    assert scorer.ce_and_kl(clean)[1] == pytest.approx(0.0, abs=1e-5)
 
 
 class Identity(Dictionary):
@@ -94,16 +99,6 @@ def test_reconstruction_metrics_by_hand():
     assert m["l0_hist"]["counts"][-1] == len(x) and sum(m["l0_hist"]["counts"]) == len(x)
     assert m["ppl_clean"] == pytest.approx(np.exp(m["ce_clean"])) and m["ppl_spliced"] == pytest.approx(np.exp(m["ce_spliced"]))
     assert m["kl_spliced"] > 0 and m["ce_spliced"] != m["ce_clean"]
-
-
-def test_kl_by_hand():
-    from sae.metrics import kl_sum
-
-    clean, other = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
-    p, q = torch.softmax(clean[:, :-1], -1), torch.softmax(other[:, :-1], -1)
-    by_hand = (p * (p.log() - q.log())).sum()
-    assert kl_sum(clean, other).item() == pytest.approx(by_hand.item(), rel=1e-5)
-    assert kl_sum(clean, clean).item() == pytest.approx(0.0, abs=1e-5)
 
 
 def test_density_summary_by_hand():
