@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
 COLORS = {"dictionary": "black", "pca": "tab:blue", "ica": "tab:orange", "random": "tab:green", "neurons": "tab:red"}
 FVU_TOP = 1.2  # the frontier's y axis stops here (top-k random directions can be far worse than no reconstruction)
@@ -46,23 +47,34 @@ def _save(fig, path: Path, title: str) -> None:
 def plot_frontier(rows: list[dict], path: Path, title: str) -> None:
     """FVU against L0 (log scale), one panel per hook: dictionaries against each baseline, dense and top-k."""
     hooks = sorted({(r["layer"], r["site"]) for r in rows})
-    fig, axes = plt.subplots(1, len(hooks), figsize=(3.2 * len(hooks), 3.2), squeeze=False, sharey=True)
-    for ax, (layer, site) in zip(axes[0], hooks):
+    n_cols = min(3, len(hooks))
+    n_rows = -(-len(hooks) // n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.6 * n_cols, 3.2 * n_rows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(hooks):]:
+        ax.set_axis_off()
+    for ax, (layer, site) in zip(axes.flat, hooks):
         at_hook = [r for r in rows if (r["layer"], r["site"]) == (layer, site)]
         for kind, kind_rows in sorted(_by_kind(at_hook).items()):
             kind_rows = sorted(kind_rows, key=lambda r: r["l0"])
             ax.plot([r["l0"] for r in kind_rows], [r["fvu"] for r in kind_rows], label=kind,
                     linestyle="-" if len(kind_rows) > 1 else "none", **style(kind))
         ax.set(xscale="log", title=f"layer {layer} {site}", xlabel="L0", ylim=(0, FVU_TOP))
-    axes[0][0].set_ylabel(f"FVU (axis cut at {FVU_TOP})")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(ScalarFormatter())
+    for row in axes:
+        row[0].set_ylabel(f"FVU (axis cut at {FVU_TOP})")
     axes[0][-1].legend(fontsize=6)
     _save(fig, path, f"FVU vs L0 ({title})")
 
 
 def plot_by_layer(rows: list[dict], path: Path, title: str) -> None:
-    """CE loss recovered (zero ablation) and spliced KL per layer, one line per kind (mean over its rows)."""
+    """CE loss recovered (zero ablation) and spliced KL per layer, one line per kind (mean over its rows).
+
+    Dense baselines reconstruct exactly (KL 0 up to rounding), so only dictionaries and top-k baselines are drawn.
+    """
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for kind, kind_rows in sorted(_by_kind(rows).items()):
+    sparse = [r for r in rows if r["kind"] == "dictionary" or r["kind"].endswith("_topk")]
+    for kind, kind_rows in sorted(_by_kind(sparse).items()):
         layers = sorted({r["layer"] for r in kind_rows})
         for ax, metric in zip(axes, ("ce_loss_recovered", "kl_spliced")):
             means = [sum(r[metric] for r in kind_rows if r["layer"] == l) / sum(r["layer"] == l for r in kind_rows) for l in layers]
@@ -90,5 +102,5 @@ def plot_all(directory: Path, rows: list[dict], results: list) -> None:
     for entry, metrics in results:
         if entry.kind == "dictionary":
             name = entry.name.replace("/", "_")
-            dead = f"{metrics['dead_frac']:.0%} dead"
+            dead = f"{metrics['dead_frac']:.1%} dead"
             plot_density(metrics["log10_density_hist"], directory / "density" / f"{name}.png", f"{entry.name}: {dead} ({label})")
