@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,7 +11,11 @@ from tqdm.auto import tqdm
 
 from sae.activations import token_mask
 from sae.dictionaries import Dictionary
-from sae.hooks import HookPoint, intervene
+from sae.hooks import HookPoint, intervene, read_activations
+
+DENSE_DENSITY = 0.1  # a feature firing on more than this fraction of tokens is dense
+DENSITY_BINS = 24  # log10 feature-density histogram: bins between log10(1 / n_tokens) and 0
+L0_BINS = 32
 
 
 def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
@@ -48,9 +54,54 @@ def dictionary_mmcs(a: Dictionary | str, b: Dictionary | str) -> float:
         return mmcs(a.decoder_weight(), b.decoder_weight())
 
 
-def next_token_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-    """Summed next-token cross-entropy (nats) of ``logits[:, :-1]`` against ``input_ids[:, 1:]``."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten(), reduction="sum")
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Dot product over the last dimension, ``[..., V] x [..., V] -> [...]``, as a batched matmul (no temporary)."""
+    return (a.unsqueeze(-2) @ b.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+
+
+class NextTokenScorer:
+    """Summed next-token CE of any logits, and KL(clean || them), against one batch's clean logits.
+
+    Positions ``[:, :-1]`` predict ``input_ids[:, 1:]``. With clean logits c (log-sum-exp C, softmax p) and logits z
+    (log-sum-exp L): CE = L - z[target] and KL = (L - C) sum p - sum p (z - c). Scoring costs one log-sum-exp and one
+    dot product per position (the vocabulary-wide work dominates on a CPU); working with z - c keeps float32 exact
+    enough for the small KLs of good reconstructions.
+    """
+
+    def __init__(self, clean_logits: torch.Tensor, input_ids: torch.Tensor):
+        self.targets = input_ids[:, 1:].unsqueeze(-1)
+        self.clean = clean_logits[:, :-1].float()
+        self.clean_lse = torch.logsumexp(self.clean, -1)
+        self.p = (self.clean - self.clean_lse.unsqueeze(-1)).exp()
+        self.p_sum = self.p.sum(-1)
+
+    def ce(self, logits: torch.Tensor) -> float:
+        z = logits[:, :-1].float()
+        return (torch.logsumexp(z, -1) - z.gather(-1, self.targets).squeeze(-1)).double().sum().item()
+
+    def ce_and_kl(self, logits: torch.Tensor) -> tuple[float, float]:
+        z = logits[:, :-1].float()
+        lse = torch.logsumexp(z, -1)
+        ce = (lse - z.gather(-1, self.targets).squeeze(-1)).double().sum().item()
+        kl = ((lse - self.clean_lse) * self.p_sum - _row_dot(self.p, z - self.clean)).double().sum().item()
+        return ce, kl
+
+
+def histogram(values: torch.Tensor, bins: int, low: float, high: float) -> dict[str, list[float]]:
+    """Equal-width histogram of ``values`` over ``[low, high]``, as JSON-ready ``edges`` and ``counts``."""
+    counts, edges = torch.histogram(values.double().cpu(), bins=bins, range=(low, high))
+    return {"edges": edges.tolist(), "counts": counts.tolist()}
+
+
+def density_summary(fired: torch.Tensor, n_tokens: int) -> dict:
+    """Dead and dense fractions and the log10 density histogram of features that fired ``fired`` times."""
+    density = fired.double() / n_tokens
+    live = density[density > 0]
+    return {
+        "dead_frac": (density == 0).double().mean().item(),
+        "dense_frac": (density > DENSE_DENSITY).double().mean().item(),
+        "log10_density_hist": histogram(live.log10(), DENSITY_BINS, -math.log10(n_tokens), 0.0),
+    }
 
 
 def _where(keep: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
@@ -75,7 +126,112 @@ class _Moments:
         return self.sum_err / max(total_var, 1e-12)
 
 
+class _Tally:
+    """One dictionary's running sums over held-out batches: reconstruction, sparsity and spliced-LM loss."""
+
+    def __init__(self, dictionary: Dictionary, device: torch.device):
+        self.dictionary = dictionary.to(device)
+        self.moments = _Moments()
+        self.sq_err_norm, self.cosine, self.l2_ratio, self.ce, self.kl = 0.0, 0.0, 0.0, 0.0, 0.0
+        self.l0s: list[torch.Tensor] = []
+        self.fired = torch.zeros(dictionary.n_features, device=device)
+
+    def add_reconstruction(self, x: torch.Tensor) -> None:
+        codes = self.dictionary.encode(x)
+        x_hat = self.dictionary.decode(codes)
+        self.moments.add(x, x_hat)
+        self.sq_err_norm += ((x - x_hat) / self.dictionary.scale).pow(2).sum().item()
+        self.cosine += F.cosine_similarity(x_hat, x, dim=-1).sum().item()
+        self.l2_ratio += (x_hat.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).sum().item()
+        active = codes != 0
+        self.l0s.append(active.sum(-1).cpu())
+        self.fired += active.sum(0)
+
+    def summary(self, ce: dict[str, float], n_pred: int) -> dict:
+        n = self.moments.n
+        l0s = torch.cat(self.l0s).double()
+        spliced = self.ce / n_pred
+        return {
+            "mse": self.sq_err_norm / n,
+            "fvu": self.moments.fvu(),
+            "cosine": self.cosine / n,
+            "l2_ratio": self.l2_ratio / n,
+            "l0": l0s.mean().item(),
+            **density_summary(self.fired, n),
+            "ce_clean": ce["clean"],
+            "ce_spliced": spliced,
+            "ce_zero_ablation": ce["zero"],
+            "ce_mean_ablation": ce["mean"],
+            "ce_loss_recovered": (ce["zero"] - spliced) / (ce["zero"] - ce["clean"]),
+            "kl_spliced": self.kl / n_pred,
+            "ppl_clean": math.exp(ce["clean"]),
+            "ppl_spliced": math.exp(spliced),
+            "n_tokens": n,
+            "l0_hist": histogram(l0s, L0_BINS, 0.0, max(l0s.max().item(), 1.0)),
+        }
+
+
+def _batches(contexts: torch.Tensor, batch_size: int, device: torch.device, desc: str, progress: bool):
+    for start in tqdm(range(0, len(contexts), batch_size), desc=desc, disable=not progress):
+        yield contexts[start : start + batch_size].to(device)
+
+
 @torch.no_grad()
+def hook_activations(model: nn.Module, hook: HookPoint, contexts: torch.Tensor, special_ids: list[int], batch_size: int = 8) -> torch.Tensor:
+    """Activations ``[n, width]`` at ``hook`` at the ordinary-text positions of ``contexts`` (forwards cut off at the hook)."""
+    device = next(model.parameters()).device
+    batches = _batches(contexts, batch_size, device, f"activations {hook.name}", progress=False)
+    return torch.cat([read_activations(model, [hook], ids)[hook][token_mask(ids, special_ids)].float() for ids in batches])
+
+
+@torch.no_grad()
+def heldout_metrics_many(
+    model: nn.Module,
+    dictionaries: dict[str, Dictionary],
+    hook: HookPoint,
+    contexts: torch.Tensor,
+    special_ids: list[int],
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, dict]:
+    """Held-out metrics of several dictionaries at one hook, sharing the clean and ablated forwards.
+
+    Per batch of contexts the LM runs once clean (reading the activation), once with zeros and once with the
+    mean activation at ``hook``, and once per dictionary with its reconstruction spliced in. Splicing and ablation
+    replace the activation at ordinary-text positions only (BOS/EOS/pad keep the model's own, as in training).
+    CE and KL are means over every next-token prediction of the contexts.
+    """
+    device = next(model.parameters()).device
+    mean = hook_activations(model, hook, contexts, special_ids, batch_size).double().mean(0).float()
+    tallies = {name: _Tally(d, device) for name, d in dictionaries.items()}
+    ce, n_pred = {"clean": 0.0, "zero": 0.0, "mean": 0.0}, 0
+    for ids in _batches(contexts, batch_size, device, f"held-out eval {hook.name}", progress):
+        keep = token_mask(ids, special_ids)
+        captured: dict[str, torch.Tensor] = {}
+
+        def run(fn) -> torch.Tensor:
+            with intervene(model, hook, fn):
+                return model(input_ids=ids, use_cache=False).logits
+
+        def capture(act: torch.Tensor) -> None:
+            captured["x"] = act
+
+        clean = run(capture)
+        scorer = NextTokenScorer(clean, ids)
+        ce["clean"] += scorer.ce(clean)
+        ce["zero"] += scorer.ce(run(lambda act: _where(keep, torch.zeros_like(act), act)))
+        ce["mean"] += scorer.ce(run(lambda act: _where(keep, mean.expand_as(act), act)))
+        x = captured["x"][keep].float()
+        for tally in tallies.values():
+            tally.add_reconstruction(x)
+            ce_spliced, kl = scorer.ce_and_kl(run(lambda act: _where(keep, tally.dictionary(act.float()), act)))
+            tally.ce += ce_spliced
+            tally.kl += kl
+        n_pred += ids[:, 1:].numel()
+    ce = {k: v / n_pred for k, v in ce.items()}
+    return {name: tally.summary(ce, n_pred) for name, tally in tallies.items()}
+
+
 def heldout_metrics(
     model: nn.Module,
     dictionary: Dictionary,
@@ -84,55 +240,9 @@ def heldout_metrics(
     special_ids: list[int],
     batch_size: int = 8,
     progress: bool = True,
-) -> dict[str, float]:
-    """Reconstruction, sparsity and spliced-LM metrics of ``dictionary`` on held-out ``contexts``.
+) -> dict:
+    """Reconstruction, sparsity and spliced-LM metrics of one dictionary on held-out ``contexts``.
 
-    Splicing and zero ablation replace the activation at ordinary-text positions only (BOS/EOS/pad keep the
-    model's own activation, as in training). CE is the mean next-token loss over every position of the contexts.
+    See ``heldout_metrics_many``; the keys are listed in the README (held-out metrics).
     """
-    device = next(model.parameters()).device
-    dictionary = dictionary.to(device)
-    moments, ce = _Moments(), {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
-    sq_err_norm, l0_sum, fired = 0.0, 0.0, torch.zeros(dictionary.n_features, device=device)
-    n_pred = 0
-    for start in tqdm(range(0, len(contexts), batch_size), desc="held-out eval", disable=not progress):
-        ids = contexts[start : start + batch_size].to(device)
-        keep = token_mask(ids, special_ids)
-        captured: dict[str, torch.Tensor] = {}
-
-        def capture(x: torch.Tensor) -> None:
-            captured["x"] = x
-
-        with intervene(model, hook, capture):
-            ce["clean"] += next_token_ce(model(input_ids=ids, use_cache=False).logits, ids).item()
-        x = captured["x"][keep].float()
-        codes = dictionary.encode(x)
-        x_hat = dictionary.decode(codes)
-        moments.add(x, x_hat)
-        sq_err_norm += ((x - x_hat) / dictionary.scale).pow(2).sum().item()
-        l0_sum += (codes != 0).sum().item()
-        fired += (codes != 0).sum(0)
-
-        def splice(act: torch.Tensor) -> torch.Tensor:
-            return _where(keep, dictionary(act.float()), act)
-
-        def zero(act: torch.Tensor) -> torch.Tensor:
-            return _where(keep, torch.zeros_like(act), act)
-
-        for name, fn in (("spliced", splice), ("zero", zero)):
-            with intervene(model, hook, fn):
-                ce[name] += next_token_ce(model(input_ids=ids, use_cache=False).logits, ids).item()
-        n_pred += ids[:, 1:].numel()
-    n = moments.n
-    ce = {k: v / n_pred for k, v in ce.items()}
-    return {
-        "mse": sq_err_norm / n,
-        "fvu": moments.fvu(),
-        "l0": l0_sum / n,
-        "dead_frac": (fired == 0).float().mean().item(),
-        "ce_clean": ce["clean"],
-        "ce_spliced": ce["spliced"],
-        "ce_zero_ablation": ce["zero"],
-        "ce_loss_recovered": (ce["zero"] - ce["spliced"]) / (ce["zero"] - ce["clean"]),
-        "n_tokens": n,
-    }
+    return heldout_metrics_many(model, {"dictionary": dictionary}, hook, contexts, special_ids, batch_size, progress)["dictionary"]

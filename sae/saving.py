@@ -55,12 +55,21 @@ def read_meta(directory: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def _rebuild(meta: dict) -> Dictionary:
+    """An empty dictionary or baseline of the architecture ``meta`` describes."""
+    from sae.baselines import BASELINES
+
+    if meta["variant"] in BASELINES:
+        return BASELINES[meta["variant"]](meta["d_in"], meta["n_features"], **meta["hparams"])
+    return build(meta["variant"], meta["d_in"], meta["n_features"], **meta["hparams"])
+
+
 def load(directory: str | Path, device: str | torch.device = "cpu") -> Dictionary:
-    """Rebuild a dictionary from a run directory; ``encode``/``decode`` work in the model's own units."""
+    """Rebuild a dictionary (or a saved baseline) from its directory; ``encode``/``decode`` work in the model's own units."""
     meta = read_meta(directory)
     weights = Path(directory) / WEIGHTS
     if not weights.is_file():
         raise ConfigError(f"'{directory}' has {META} but no {WEIGHTS}: the run did not finish writing it")
-    dictionary = build(meta["variant"], meta["d_in"], meta["n_features"], **meta["hparams"])
+    dictionary = _rebuild(meta)
     dictionary.load_state_dict(load_file(str(weights)))
     return dictionary.to(device).eval()

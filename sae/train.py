@@ -196,7 +196,7 @@ def train(cfg: DictConfig, run: RunInfo) -> dict:
     save_dictionary(module.dictionary, run.dir, metadata)
     write_json(run.dir / "metrics.json", metrics)
     if logger is not None:
-        logger.log_metrics({f"heldout/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
+        logger.log_metrics({f"heldout/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=trainer.global_step)
         logger.finalize("success")
         if cfg.logger.kind == "wandb":
             import wandb

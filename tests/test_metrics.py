@@ -7,7 +7,7 @@ import torch
 from conftest import tiny_model
 from sae.dictionaries import Dictionary
 from sae.hooks import HookPoint
-from sae.metrics import fvu, heldout_metrics, l0, next_token_ce
+from sae.metrics import NextTokenScorer, fvu, heldout_metrics, l0
 
 
 def test_fvu_is_centred():
@@ -26,12 +26,17 @@ def test_l0():
     assert l0(codes).item() == 1.5
 
 
-def test_next_token_ce_by_hand():
-    logits = torch.randn(1, 4, 5)
-    ids = torch.tensor([[0, 3, 1, 4]])
-    logp = torch.log_softmax(logits, -1)
-    by_hand = -(logp[0, 0, 3] + logp[0, 1, 1] + logp[0, 2, 4])
-    assert next_token_ce(logits, ids).item() == pytest.approx(by_hand.item(), rel=1e-6)
+def test_next_token_ce_and_kl_by_hand():
+    clean, other = torch.randn(2, 4, 5), torch.randn(2, 4, 5)
+    ids = torch.tensor([[0, 3, 1, 4], [2, 2, 0, 1]])
+    logp, logq = torch.log_softmax(clean, -1)[:, :-1], torch.log_softmax(other, -1)[:, :-1]
+    ce_by_hand = -logq.gather(-1, ids[:, 1:, None]).sum()
+    kl_by_hand = (logp.exp() * (logp - logq)).sum()
+    scorer = NextTokenScorer(clean, ids)
+    ce, kl = scorer.ce_and_kl(other)
+    assert ce == pytest.approx(ce_by_hand.item(), rel=1e-6) and scorer.ce(other) == ce
+    assert kl == pytest.approx(kl_by_hand.item(), rel=1e-5)
+    assert scorer.ce_and_kl(clean)[1] == pytest.approx(0.0, abs=1e-5)
 
 
 class Identity(Dictionary):
@@ -73,3 +78,51 @@ def test_zero_reconstruction_is_zero_ablation():
     assert m["ce_spliced"] == pytest.approx(m["ce_zero_ablation"])
     assert m["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-9)
     assert m["l0"] == 0.0 and m["dead_frac"] == 1.0
+
+
+class Half(Identity):
+    """x_hat = x / 2: cosine 1, l2_ratio 1/2, every feature fires on every token."""
+
+    def decoder_weight(self):
+        return 0.5 * torch.eye(self.d_in)
+
+
+def test_reconstruction_metrics_by_hand():
+    from sae.hooks import read_activations
+
+    model, hook, ids = tiny_model(), HookPoint(1, "resid"), _contexts()
+    x = read_activations(model, [hook], ids)[hook][:, 1:].reshape(-1, 32).double()
+    m = heldout_metrics(model, Half(32, 32), hook, ids, [0], batch_size=4, progress=False)
+    assert m["fvu"] == pytest.approx((0.25 * x.pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item(), rel=1e-5)
+    assert m["cosine"] == pytest.approx(1.0, abs=1e-6) and m["l2_ratio"] == pytest.approx(0.5, abs=1e-6)
+    assert m["l0"] == 32 and m["dead_frac"] == 0.0 and m["dense_frac"] == 1.0
+    assert m["l0_hist"]["counts"][-1] == len(x) and sum(m["l0_hist"]["counts"]) == len(x)
+    assert m["ppl_clean"] == pytest.approx(np.exp(m["ce_clean"])) and m["ppl_spliced"] == pytest.approx(np.exp(m["ce_spliced"]))
+    assert m["kl_spliced"] > 0 and m["ce_spliced"] != m["ce_clean"]
+
+
+def test_density_summary_by_hand():
+    from sae.metrics import density_summary
+
+    s = density_summary(torch.tensor([0.0, 1.0, 5.0, 10.0]), n_tokens=10)
+    assert s["dead_frac"] == 0.25 and s["dense_frac"] == 0.5  # densities 0, 0.1, 0.5, 1; dense means > 0.1
+    hist = s["log10_density_hist"]
+    assert hist["edges"][0] == pytest.approx(-1.0) and hist["edges"][-1] == 0.0 and sum(hist["counts"]) == 3
+
+
+class Mean(Identity):
+    """Every input reconstructs to a fixed vector (set to the held-out mean in the test)."""
+
+    def encode_normalised(self, x):
+        return torch.zeros_like(x)
+
+
+def test_mean_reconstruction_is_mean_ablation():
+    from sae.metrics import hook_activations
+
+    model, hook, ids = tiny_model(), HookPoint(2, "resid"), _contexts()
+    d = Mean(32, 32)
+    d.b_dec.data = hook_activations(model, hook, ids, [0]).mean(0)
+    m = heldout_metrics(model, d, hook, ids, [0], batch_size=4, progress=False)
+    assert m["ce_spliced"] == pytest.approx(m["ce_mean_ablation"], rel=1e-6)
+    assert m["fvu"] == pytest.approx(1.0, rel=1e-4)

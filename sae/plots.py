@@ -1,0 +1,106 @@
+"""evaluate.py's figures: the FVU-vs-L0 frontier per layer, spliced-LM quality per layer, feature densities."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import ScalarFormatter  # noqa: E402
+
+COLORS = {"dictionary": "black", "pca": "tab:blue", "ica": "tab:orange", "random": "tab:green", "neurons": "tab:red"}
+FVU_TOP = 1.2  # the frontier's y axis stops here (top-k random directions can be far worse than no reconstruction)
+
+
+def style(kind: str) -> dict:
+    """Dictionaries as stars; each baseline in its own colour, dense as hollow circles, top-k as filled squares."""
+    if kind == "dictionary":
+        return dict(marker="*", markersize=12, color="black")
+    base = kind.removesuffix("_topk")
+    filled = kind.endswith("_topk")
+    return dict(marker="s" if filled else "o", markersize=5, color=COLORS.get(base), markerfacecolor=None if filled else "none")
+
+
+def _model_label(results: list) -> str:
+    names = sorted({Path(str(e.meta["model"]["name_or_path"])).name for e, _ in results})
+    return f"model: {', '.join(names)}; held-out text"
+
+
+def _by_kind(rows: list[dict]) -> dict[str, list[dict]]:
+    kinds: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        kinds[row["kind"]].append(row)
+    return kinds
+
+
+def _save(fig, path: Path, title: str) -> None:
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_frontier(rows: list[dict], path: Path, title: str) -> None:
+    """FVU against L0 (log scale), one panel per hook: dictionaries against each baseline, dense and top-k."""
+    hooks = sorted({(r["layer"], r["site"]) for r in rows})
+    n_cols = min(3, len(hooks))
+    n_rows = -(-len(hooks) // n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.6 * n_cols, 3.2 * n_rows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(hooks):]:
+        ax.set_axis_off()
+    for ax, (layer, site) in zip(axes.flat, hooks):
+        at_hook = [r for r in rows if (r["layer"], r["site"]) == (layer, site)]
+        for kind, kind_rows in sorted(_by_kind(at_hook).items()):
+            kind_rows = sorted(kind_rows, key=lambda r: r["l0"])
+            ax.plot([r["l0"] for r in kind_rows], [r["fvu"] for r in kind_rows], label=kind,
+                    linestyle="-" if len(kind_rows) > 1 else "none", **style(kind))
+        ax.set(xscale="log", title=f"layer {layer} {site}", xlabel="L0", ylim=(0, FVU_TOP))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(ScalarFormatter())
+    for row in axes:
+        row[0].set_ylabel(f"FVU (axis cut at {FVU_TOP})")
+    axes[0][-1].legend(fontsize=6)
+    _save(fig, path, f"FVU vs L0 ({title})")
+
+
+def plot_by_layer(rows: list[dict], path: Path, title: str) -> None:
+    """CE loss recovered (zero ablation) and spliced KL per layer, one line per kind (mean over its rows).
+
+    Dense baselines reconstruct exactly (KL 0 up to rounding), so only dictionaries and top-k baselines are drawn.
+    """
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    sparse = [r for r in rows if r["kind"] == "dictionary" or r["kind"].endswith("_topk")]
+    for kind, kind_rows in sorted(_by_kind(sparse).items()):
+        layers = sorted({r["layer"] for r in kind_rows})
+        for ax, metric in zip(axes, ("ce_loss_recovered", "kl_spliced")):
+            means = [sum(r[metric] for r in kind_rows if r["layer"] == l) / sum(r["layer"] == l for r in kind_rows) for l in layers]
+            ax.plot(layers, means, label=kind, **style(kind))
+    axes[0].set(xlabel="layer", ylabel="CE loss recovered (zero ablation)")
+    axes[1].set(xlabel="layer", ylabel="KL(clean || spliced), nats/token", yscale="log")
+    axes[1].legend(fontsize=6)
+    _save(fig, path, f"Spliced-LM quality by layer ({title})")
+
+
+def plot_density(hist: dict, path: Path, title: str) -> None:
+    """The log10 feature-density histogram of one dictionary (dead features counted apart)."""
+    edges, counts = hist["edges"], hist["counts"]
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    ax.stairs(counts, edges, fill=True)
+    ax.set(xlabel="log10 feature density (fraction of tokens it fires on)", ylabel="features")
+    _save(fig, path, title)
+
+
+def plot_all(directory: Path, rows: list[dict], results: list) -> None:
+    """``frontier.png``, ``by_layer.png`` and ``density/<name>.png`` for each dictionary, under ``directory``."""
+    label = _model_label(results)
+    plot_frontier(rows, directory / "frontier.png", label)
+    plot_by_layer(rows, directory / "by_layer.png", label)
+    for entry, metrics in results:
+        if entry.kind == "dictionary":
+            name = entry.name.replace("/", "_")
+            dead = f"{metrics['dead_frac']:.1%} dead"
+            plot_density(metrics["log10_density_hist"], directory / "density" / f"{name}.png", f"{entry.name}: {dead} ({label})")
