@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import socket
+from urllib.parse import urlparse
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
@@ -27,8 +30,29 @@ def _unreachable(name_or_path: str, err: Exception) -> ConfigError:
     )
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub (``HF_ENDPOINT``) answers a TCP connection; False in offline mode.
+
+    Checked before a hub download so that an offline machine fails at once instead of after the hub client's
+    retries (about 45 s of them)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def load_config(name_or_path: str) -> PretrainedConfig:
     """The model's config (cheap: no weights), for validating hooks before any heavy work."""
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    try:
+        return AutoConfig.from_pretrained(name_or_path, local_files_only=True)  # a local dir or the hub cache
+    except (OSError, ValueError) as err:
+        if os.path.isdir(name_or_path) or not hub_reachable():
+            raise _unreachable(name_or_path, err) from None
     try:
         return AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:

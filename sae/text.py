@@ -45,7 +45,11 @@ def _load_dataset(source: str, path: str, split: str):
         kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
         return datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
     if source == "hub":
+        from sae.model import hub_reachable
+
         try:
+            if not hub_reachable():
+                raise ConnectionError("no connection")
             return datasets.load_dataset(path, split=split)
         except Exception as err:  # the hub raises many types: connection, not found, offline mode
             raise ConfigError(
