@@ -9,7 +9,8 @@ from typing import Iterator
 from omegaconf import DictConfig
 
 from sae.dashboard import write_dashboard
-from sae.evaluate import Entry, check_baselines, check_entry, discover, eval_contexts, fit_baselines, group_key, load_entry, make_datamodule, write_csv
+from sae.evaluate import (Entry, check_baselines, check_entry, discover, eval_contexts, fit_baselines, group_key, load_entry,
+                          make_datamodule, write_csv)
 from sae.features import Collector, Settings
 from sae.model import load_tokenizer, resolve_device
 from sae.monosemanticity import SCORES, summarise
@@ -37,7 +38,8 @@ def collectors(entries: list[Entry], cfg: DictConfig, n_dictionaries: int) -> It
         if cfg.features.baselines:
             at_hook += fit_baselines(dm.sample(cfg.baseline_tokens)[hook.name], list(cfg.features.baselines), hook, meta, cfg.seed)
         for entry in at_hook:
-            yield _method(entry, n_dictionaries, len(hooks)), entry, Collector(dm.model, entry.dictionary, hook, contexts, dm.special_ids, settings)
+            collector = Collector(dm.model, entry.dictionary, hook, contexts, dm.special_ids, settings)
+            yield _method(entry, n_dictionaries, len(hooks)), entry, collector
 
 
 def summary_row(method: str, entry: Entry, collector: Collector) -> dict:

@@ -89,6 +89,11 @@ def _top_tokens(row: torch.Tensor, ids: torch.Tensor, n: int, largest: bool = Tr
     return [[int(ids[i]), round(v.item(), 4)] for i, v in zip(index, values)]
 
 
+def _top_shares(mass: torch.Tensor, ids: torch.Tensor, n: int) -> list[list]:
+    """The ``n`` tokens with the largest share of ``mass`` (those with any), as [id, share]."""
+    return [pair for pair in _top_tokens(mass / mass.sum(), ids, n) if pair[1] > 0]
+
+
 class Collector:
     """Per-feature records of one decomposition at one hook, on held-out ``contexts``."""
 
@@ -124,7 +129,7 @@ class Collector:
         if len(fired) == 0:
             return base
         top = values.topk(min(self.s.top_k, len(fired))).indices
-        top_tokens = _top_tokens(self.mass[:, f] / self.mass[:, f].sum(), self.vocab, self.s.logit_tokens)
+        top_tokens = _top_shares(self.mass[:, f], self.vocab, self.s.logit_tokens)
         return {
             **base,
             "max": values.max().item(),
