@@ -16,7 +16,7 @@ def token_scores(mass: torch.Tensor) -> dict[str, torch.Tensor]:
     """
     total = mass.sum(0)
     p = mass / total.clamp_min(1e-12)
-    entropy = -(p * p.clamp_min(1e-30).log()).sum(0).clamp_min(0)
+    entropy = (-(p * p.clamp_min(1e-30).log()).sum(0)).clamp_min(0)
     return {"top_token_share": p.max(0).values, "token_entropy": torch.where(total > 0, entropy, torch.nan)}
 
 
