@@ -181,14 +181,14 @@ def evaluate(cfg: DictConfig) -> list[dict]:
 
     ``analysis=features`` analyses their features instead (``sae.analysis``).
     """
-    from sae.plots import plot_all
-
     if cfg.analysis == "features":
         from sae.analysis import analyse_features
 
         return analyse_features(cfg)
     if cfg.analysis != "metrics":
         raise ConfigError(f"unknown analysis '{cfg.analysis}'; use analysis=metrics (eval.csv) or analysis=features (dashboard)")
+    from sae.plots import plot_all
+
 
     run, out = Path(cfg.run), Path(cfg.out)
     check_baselines(list(cfg.baselines))

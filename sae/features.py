@@ -148,9 +148,11 @@ class Collector:
 
     def _causal(self, f: int, top: torch.Tensor) -> dict:
         """Ablate the feature on its top contexts (the top position of each distinct one) and summarise by token."""
-        ctx, pos = self.flat_ctx[top], self.flat_pos[top]
-        first = torch.tensor([i for i in range(len(ctx)) if int(ctx[i]) not in ctx[:i].tolist()])[: self.s.causal_contexts]
-        ctx, pos = ctx[first], pos[first]
+        first: dict[int, int] = {}  # context -> its highest-ranked example
+        for i, c in enumerate(self.flat_ctx[top].tolist()):
+            first.setdefault(c, int(top[i]))
+        chosen = torch.tensor(list(first.values())[: self.s.causal_contexts])
+        ctx, pos = self.flat_ctx[chosen], self.flat_pos[chosen]
         change = causal_logit_change(self.model, self.hook, self.atoms[f], self.codes[ctx, :, f], self.contexts[ctx], pos).cpu()
         counts, edges = torch.histogram(change, bins=self.s.bins)
         return {**self._logit_tables(change), "contexts": len(ctx), "hist": {"edges": edges.tolist(), "counts": counts.long().tolist()}}
