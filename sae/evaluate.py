@@ -96,7 +96,7 @@ def check_baselines(names: list[str]) -> None:
         raise ConfigError(f"unknown baselines {unknown}; choose from baselines=[{','.join(BASELINES)}]")
 
 
-def _group_key(entry: Entry) -> str:
+def group_key(entry: Entry) -> str:
     return json.dumps({"model": entry.meta["model"], "data": entry.meta["data"]}, sort_keys=True)
 
 
@@ -109,6 +109,11 @@ def make_datamodule(meta: dict, hooks: list[HookPoint], device: torch.device, se
     dm.model = load_model(model["name_or_path"], model.get("dtype", "float32"), device)
     dm.setup()
     return dm
+
+
+def eval_contexts(dm: ActivationDataModule, meta: dict) -> torch.Tensor:
+    """The first held-out contexts, enough for ``data.eval_tokens`` tokens."""
+    return dm.heldout_contexts[: max(1, math.ceil(meta["data"].get("eval_tokens", 65536) / dm.context_length))]
 
 
 def fit_baselines(x: torch.Tensor, kinds: list[str], hook: HookPoint, meta: dict, seed: int) -> list[Entry]:
@@ -133,8 +138,7 @@ def sparsified(baselines: list[Entry], l0s: list[float]) -> list[Entry]:
 def evaluate_hook(dm: ActivationDataModule, hook: HookPoint, dictionaries: list[Entry], cfg: DictConfig) -> list[tuple[Entry, dict]]:
     """Metrics of the dictionaries at one hook and of the baselines fitted (and sparsified) there."""
     meta = dictionaries[0].meta
-    n_contexts = max(1, math.ceil(meta["data"].get("eval_tokens", 65536) / dm.context_length))
-    contexts = dm.heldout_contexts[:n_contexts]
+    contexts = eval_contexts(dm, meta)
     entries = list(dictionaries)
     if cfg.baselines:
         x = dm.sample(cfg.baseline_tokens)[hook.name]
@@ -161,9 +165,9 @@ def write_entry(out: Path, entry: Entry, metrics: dict) -> None:
                                          "hook": entry.meta["hook"], "data": entry.meta["data"], "metrics": metrics})
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    """All rows in one CSV (the key columns first), written atomically."""
-    fields = COLUMNS + sorted({k for r in rows for k in r} - set(COLUMNS))
+def write_csv(path: Path, rows: list[dict], columns: list[str] = COLUMNS) -> None:
+    """All rows in one CSV (the key ``columns`` first), written atomically."""
+    fields = columns + sorted({k for r in rows for k in r} - set(columns))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields)
     writer.writeheader()
@@ -173,8 +177,18 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def evaluate(cfg: DictConfig) -> list[dict]:
-    """Evaluate every dictionary under ``cfg.run`` (and the requested baselines); return the ``eval.csv`` rows."""
+    """Evaluate every dictionary under ``cfg.run`` (and the requested baselines); return the ``eval.csv`` rows.
+
+    ``analysis=features`` analyses their features instead (``sae.analysis``).
+    """
+    if cfg.analysis == "features":
+        from sae.analysis import analyse_features
+
+        return analyse_features(cfg)
+    if cfg.analysis != "metrics":
+        raise ConfigError(f"unknown analysis '{cfg.analysis}'; use analysis=metrics (eval.csv) or analysis=features (dashboard)")
     from sae.plots import plot_all
+
 
     run, out = Path(cfg.run), Path(cfg.out)
     check_baselines(list(cfg.baselines))
@@ -183,8 +197,8 @@ def evaluate(cfg: DictConfig) -> list[dict]:
         check_entry(entry)
     device = resolve_device(cfg.device)
     results: list[tuple[Entry, dict]] = []
-    for key in dict.fromkeys(_group_key(e) for e in entries):
-        group = [e for e in entries if _group_key(e) == key]
+    for key in dict.fromkeys(group_key(e) for e in entries):
+        group = [e for e in entries if group_key(e) == key]
         hooks = list(dict.fromkeys(e.hook for e in group))
         dm = make_datamodule(group[0].meta, hooks, device, cfg.seed)
         for hook in hooks:

@@ -32,14 +32,16 @@ class Family:
     attn: str  # attention module, from a block
     mlp: str  # MLP module, from a block
     mlp_down: str  # MLP down projection (its input is the hidden neurons), from a block
+    final_norm: str  # the norm before the unembedding, from the causal LM
 
 
 FAMILIES: dict[str, Family] = {
-    "gpt_neox": Family(blocks="gpt_neox.layers", attn="attention", mlp="mlp", mlp_down="mlp.dense_4h_to_h"),
-    "gpt2": Family(blocks="transformer.h", attn="attn", mlp="mlp", mlp_down="mlp.c_proj"),
-    "llama": Family(blocks="model.layers", attn="self_attn", mlp="mlp", mlp_down="mlp.down_proj"),
-    "mistral": Family(blocks="model.layers", attn="self_attn", mlp="mlp", mlp_down="mlp.down_proj"),
-    "qwen2": Family(blocks="model.layers", attn="self_attn", mlp="mlp", mlp_down="mlp.down_proj"),
+    "gpt_neox": Family(blocks="gpt_neox.layers", attn="attention", mlp="mlp", mlp_down="mlp.dense_4h_to_h",
+                       final_norm="gpt_neox.final_layer_norm"),
+    "gpt2": Family(blocks="transformer.h", attn="attn", mlp="mlp", mlp_down="mlp.c_proj", final_norm="transformer.ln_f"),
+    "llama": Family(blocks="model.layers", attn="self_attn", mlp="mlp", mlp_down="mlp.down_proj", final_norm="model.norm"),
+    "mistral": Family(blocks="model.layers", attn="self_attn", mlp="mlp", mlp_down="mlp.down_proj", final_norm="model.norm"),
+    "qwen2": Family(blocks="model.layers", attn="self_attn", mlp="mlp", mlp_down="mlp.down_proj", final_norm="model.norm"),
 }
 
 

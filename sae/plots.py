@@ -1,4 +1,4 @@
-"""evaluate.py's figures: the FVU-vs-L0 frontier per layer, spliced-LM quality per layer, feature densities."""
+"""evaluate.py's figures: the FVU-vs-L0 frontier per layer, spliced-LM quality per layer, feature densities, single features."""
 
 from __future__ import annotations
 
@@ -104,3 +104,21 @@ def plot_all(directory: Path, rows: list[dict], results: list) -> None:
             name = entry.name.replace("/", "_")
             dead = f"{metrics['dead_frac']:.1%} dead"
             plot_density(metrics["log10_density_hist"], directory / "density" / f"{name}.png", f"{entry.name}: {dead} ({label})")
+
+
+def plot_feature(rec: dict, names: dict[int, str], path: Path, title: str) -> None:
+    """One feature for papers: its activations stacked by token, and the causal logit change over the vocabulary."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    edges = rec["histogram"]["edges"]
+    below = [0] * (len(edges) - 1)
+    for stack in rec["histogram"]["stacks"]:
+        above = [b + c for b, c in zip(below, stack["counts"])]
+        label = "other" if stack["token"] is None else repr(names.get(stack["token"], str(stack["token"])))
+        left.stairs(above, edges, baseline=below, fill=True, label=label)
+        below = above
+    left.set(xlabel="activation", ylabel="tokens")
+    left.legend(fontsize=6)
+    causal = rec["causal"]["hist"]
+    right.stairs(causal["counts"], causal["edges"], fill=True)
+    right.set(xlabel="next-token logit change when ablated", ylabel="vocabulary tokens", yscale="log")
+    _save(fig, path, title)

@@ -1,0 +1,56 @@
+"""What a feature does to next-token logits: the direct path through the unembedding, and the causal effect of ablating it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sae.hooks import HookPoint, family_of, intervene
+
+
+def to_residual(model: nn.Module, hook: HookPoint, atoms: torch.Tensor) -> torch.Tensor:
+    """``atoms`` ``[n, width]`` as residual-stream directions: MLP neurons go through the down projection (no bias)."""
+    if hook.site != "mlp":
+        return atoms
+    down = model.get_submodule(f"{family_of(model).blocks}.{hook.layer}.{family_of(model).mlp_down}")
+    return down(atoms) - down(torch.zeros_like(atoms[:1]))
+
+
+@torch.no_grad()
+def direct_logits(model: nn.Module, hook: HookPoint, atoms: torch.Tensor) -> torch.Tensor:
+    """Direct path ``[n, vocab]``: each atom (model units) read straight into the unembedding, later blocks skipped.
+
+    The final norm is linearised: the direction is centred (LayerNorm only) and multiplied by the norm's weight;
+    the division by the token's own scale is left out, so only the logits' relative sizes are meaningful.
+    """
+    resid = to_residual(model, hook, atoms.float())
+    norm = model.get_submodule(family_of(model).final_norm)
+    if isinstance(norm, nn.LayerNorm):
+        resid = resid - resid.mean(-1, keepdim=True)
+    unembed = model.get_output_embeddings().weight
+    return (resid * norm.weight.float()) @ unembed.float().T
+
+
+def _logits_at(model: nn.Module, input_ids: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Next-token logits ``[n, vocab]`` at (row, position) pairs, unembedding only those positions."""
+    hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+    return model.get_output_embeddings()(hidden[rows, positions]).float()
+
+
+@torch.no_grad()
+def causal_logit_change(
+    model: nn.Module, hook: HookPoint, atom: torch.Tensor, codes: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """Mean change ``[vocab]`` of the next-token logits at ``positions`` (one per context) when the feature is ablated.
+
+    ``codes`` ``[n, seq]`` are the feature's codes on contexts ``input_ids`` ``[n, seq]``; its contribution
+    ``code * atom`` (model units) is subtracted from the activation at ``hook`` at every position.
+    """
+    device = next(model.parameters()).device
+    end = int(positions.max()) + 1
+    input_ids, rows, positions = input_ids[:, :end].to(device), torch.arange(len(input_ids), device=device), positions.to(device)
+    contribution = codes[:, :end, None].to(device) * atom.to(device)
+    clean = _logits_at(model, input_ids, rows, positions)
+    with intervene(model, hook, lambda x: x - contribution.to(x.dtype)):
+        ablated = _logits_at(model, input_ids, rows, positions)
+    return (ablated - clean).mean(0)
