@@ -50,9 +50,11 @@ def heatmap(table: np.ndarray, l1s: list[float], ratios: list[float], title: str
     ax.set_yticks(range(len(l1s)), [f"{v:g}" for v in l1s])
     ax.set_xlabel("dictionary size / input width")
     ax.set_ylabel("l1_coeff")
+    middle = (table.min() + table.max()) / 2
     for i in range(len(l1s)):
         for j in range(len(ratios)):
-            ax.text(j, i, f"{table[i, j]:.3f}", ha="center", va="center", color="w", fontsize=8)
+            colour = "k" if table[i, j] > middle else "w"
+            ax.text(j, i, f"{table[i, j]:.3f}", ha="center", va="center", color=colour, fontsize=8)
     ax.set_title(title + " (toy data)")
     fig.colorbar(im, ax=ax)
     fig.tight_layout()

@@ -65,3 +65,13 @@ def test_small_toy_run_recovers_planted_features(tmp_path, variant):
     random_mmcs = mmcs(truth, build(variant, 24, 96).decoder_weight().detach())
     assert m["mmcs"] > 0.95 > random_mmcs + 0.3
     assert sae.load(tmp_path).n_features == 96 and (tmp_path / "ground_truth.safetensors").is_file()
+
+
+def test_toy_sweep_writes_table_and_heat_maps(tmp_path):
+    proc = run_cli("experiments/toy_sweep.py", "--out", str(tmp_path), "--l1", "0.1", "0.5", "--ratios", "1",
+                   "--steps", "40", "data.n_features=32", "data.d=16", "data.eval_tokens=512", "train.init_tokens=512")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = (tmp_path / "toy_sweep.csv").read_text().splitlines()
+    assert rows[0].startswith("l1_coeff,ratio,mmcs") and len(rows) == 3
+    assert (tmp_path / "mmcs.png").stat().st_size > 0 and (tmp_path / "dead_frac.png").is_file()
+    assert "best: l1_coeff=" in proc.stdout
