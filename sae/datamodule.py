@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytorch_lightning as pl
 import torch
@@ -14,12 +14,19 @@ from sae.model import load_model, load_tokenizer
 from sae.text import load_documents, pack_contexts, special_ids, split_heldout
 
 
-class _Stream(IterableDataset):
-    def __init__(self, make: callable):
+class BatchStream(IterableDataset):
+    """An endless iterable dataset of ready-made batches; ``make()`` starts a fresh iterator."""
+
+    def __init__(self, make: Callable[[], Iterator[Batch]]):
         self.make = make
 
     def __iter__(self) -> Iterator[Batch]:
         return self.make()
+
+
+def stream_loader(make: Callable[[], Iterator[Batch]]) -> DataLoader:
+    """A DataLoader over ``BatchStream(make)`` that adds no batching and no workers."""
+    return DataLoader(BatchStream(make), batch_size=None, num_workers=0)
 
 
 class ActivationDataModule(pl.LightningDataModule):
@@ -93,4 +100,4 @@ class ActivationDataModule(pl.LightningDataModule):
         return shuffled_batches(self.activations(self.seed), self.buffer_size, self.batch_size, gen)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_Stream(self.train_batches), batch_size=None, num_workers=0)
+        return stream_loader(self.train_batches)

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from sae.datamodule import _Stream
+from sae.datamodule import stream_loader
 from sae.errors import ConfigError
 from sae.metrics import fvu, l0, mmcs, recovered_fraction
 
@@ -90,7 +90,7 @@ class ToyDataModule(pl.LightningDataModule):
             yield from ({TOY_HOOK: b} for b in block.split(self.batch_size))
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(_Stream(self._batches), batch_size=None, num_workers=0)
+        return stream_loader(self._batches)
 
 
 class GroundTruthMetrics(pl.Callback):
