@@ -13,6 +13,10 @@ class ConfigError(Exception):
     """Bad input: the message names the problem and the way out, in one line."""
 
 
+class TrainingDiverged(ConfigError):
+    """The loss stopped being finite; reported like bad input (one line, exit 2)."""
+
+
 def exit_on_config_error(fn: F) -> F:
     """Wrap an entry point so a ConfigError prints one line to stderr and exits with status 2."""
 

@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 import torch
 
 from sae.dictionaries import build
+from sae.errors import TrainingDiverged
 from sae.metrics import fvu, l0
 
 
@@ -84,6 +85,12 @@ class DictionaryModule(pl.LightningModule):
         x = batch[self.hook_name] / self.dictionary.scale
         out = self.dictionary.loss(x, dead=self.dead_mask())
         loss = out["mse"] + self.sparsity_weight() * out["sparsity"] + out["aux"]
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"the loss became {loss.item()} at step {self.global_step}: the learning rate "
+                f"(train.lr={self.hparams.lr}) is probably too high, or activations overflow (model.dtype); "
+                "the last good checkpoint is checkpoints/last.ckpt in the run directory"
+            )
         codes = out["codes"].detach()
         self._track_firing(codes)
         metrics = {

@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from sae.checkpoints import AtomicCheckpointIO, write_status
 from sae.datamodule import ActivationDataModule
 from sae.dictionaries import VARIANTS, Dictionary
 from sae.errors import ConfigError
@@ -164,9 +165,22 @@ def make_logger(cfg: DictConfig, run: RunInfo):
 
 
 def train(cfg: DictConfig, run: RunInfo) -> dict:
-    """Train one dictionary as configured; write ``sae.safetensors``, ``sae.json`` and ``metrics.json`` to ``run.dir``."""
-    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    """Train one dictionary as configured; write ``sae.safetensors``, ``sae.json`` and ``metrics.json`` to ``run.dir``.
+
+    ``status.json`` says whether the run is ``running``, ``finished`` or ``failed`` (with the error)."""
     d_in = validate(cfg)
+    write_status(run.dir, "running")
+    try:
+        metrics = _train(cfg, run, d_in)
+    except Exception as err:
+        write_status(run.dir, "failed", error=f"{type(err).__name__}: {err}")
+        raise
+    write_status(run.dir, "finished")
+    return metrics
+
+
+def _train(cfg: DictConfig, run: RunInfo, d_in: int) -> dict:
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     setup = toy_setup(cfg, run) if cfg.data.source == "toy" else lm_setup(cfg)
     t = cfg.train
@@ -179,7 +193,7 @@ def train(cfg: DictConfig, run: RunInfo) -> dict:
     logger = make_logger(cfg.logger, run)
     checkpoints = ModelCheckpoint(dirpath=str(run.dir / "checkpoints"), every_n_train_steps=t.checkpoint_every_n_steps, save_last=True)
     trainer = pl.Trainer(
-        max_steps=steps, accelerator=t.accelerator, devices=t.devices, precision=t.precision,
+        plugins=[AtomicCheckpointIO()], max_steps=steps, accelerator=t.accelerator, devices=t.devices, precision=t.precision,
         logger=logger, log_every_n_steps=t.log_every_n_steps, default_root_dir=str(run.dir),
         enable_model_summary=False, callbacks=[checkpoints, *setup.callbacks],
     )
