@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sae.dictionaries.base import Dictionary, random_atoms, register, unit_rows
+from sae.dictionaries.base import Dictionary, encoder_affine, random_atoms, register, unit_rows
 
 
 @register
@@ -25,7 +25,8 @@ class ReLUDictionary(Dictionary):
         return self.W_enc
 
     def encode_normalised(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu((x - self.b_dec) @ self.encoder_weight().T + self.b_enc)
+        weight = self.encoder_weight()
+        return torch.relu(x @ weight.T + encoder_affine(weight, self.b_enc, self.b_dec))
 
     def decoder_weight(self) -> torch.Tensor:
         return unit_rows(self.W_dec)
