@@ -63,3 +63,50 @@ def test_unknown_variant_and_missing_directory(tmp_path):
         build("gated", 4, 8)
     with pytest.raises(ConfigError, match="no dictionary"):
         load(tmp_path)
+
+
+def dense_topk_loss(d, x: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+    """The TopK loss written with dense codes: the reference for the sparse training path."""
+    pre = d.pre_activations(x)
+    x_hat = d.decode_normalised(d.encode_normalised(x))
+    residual = x - x_hat.detach()
+    aux_codes = torch.zeros_like(pre).scatter_(-1, *reversed(torch.relu(pre.masked_fill(~dead, float("-inf"))).topk(d.k_aux, dim=-1)))
+    aux = ((aux_codes @ d.decoder_weight() - residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum())
+    return (x_hat - x).pow(2).sum(-1).mean() + d.aux_coeff * aux
+
+
+def test_sparse_topk_loss_and_gradients_equal_dense():
+    torch.manual_seed(0)
+    d = build("topk", 24, 96, k=6, k_aux=5)
+    d.init_from_data(3 + torch.randn(256, 24))
+    x = torch.randn(64, 24) / d.scale + d.b_dec
+    dead = torch.zeros(96, dtype=torch.bool)
+    dead[::3] = True
+
+    def grads(loss_fn):
+        d.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in d.named_parameters()}
+
+    sparse_loss, sparse = grads(lambda: d.loss(x, dead=dead)["loss"])
+    dense_loss, dense = grads(lambda: dense_topk_loss(d, x, dead))
+    torch.testing.assert_close(sparse_loss, dense_loss)
+    assert sparse.keys() == {"b_dec", "W_dec", "W_enc", "b_enc"}
+    for name in sparse:
+        torch.testing.assert_close(sparse[name], dense[name], msg=name)
+    torch.testing.assert_close(d.loss(x)["codes"], d.encode_normalised(x))
+
+
+def test_sparse_decode_gradients_equal_dense():
+    from sae.dictionaries.topk import densify, sparse_decode
+
+    torch.manual_seed(0)
+    weight = torch.randn(40, 8, requires_grad=True)
+    values = torch.rand(16, 5, requires_grad=True)
+    indices = torch.stack([torch.randperm(40)[:5] for _ in range(16)])
+    grad_out = torch.randn(16, 8)
+    sparse = torch.autograd.grad(sparse_decode(indices, values, weight), (values, weight), grad_out)
+    dense = torch.autograd.grad(densify(indices, values, 40) @ weight, (values, weight), grad_out)
+    for s, dn in zip(sparse, dense):
+        torch.testing.assert_close(s, dn)

@@ -104,6 +104,15 @@ class Dictionary(nn.Module):
         self.b_dec.copy_(mean / self.scale)
 
 
+def encoder_affine(weight: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:
+    """The bias of ``x @ weight.T + bias`` equal to ``(x - b_dec) @ weight.T + b_enc``.
+
+    Folding ``b_dec`` into the bias spares the backward pass a ``[batch, n_features] @ [n_features, d_in]``
+    product: the input needs no gradient, and ``b_dec``'s comes from this vector alone.
+    """
+    return b_enc - weight @ b_dec
+
+
 def unit_rows(w: torch.Tensor) -> torch.Tensor:
     return w / w.norm(dim=-1, keepdim=True).clamp_min(1e-8)
 

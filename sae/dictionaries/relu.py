@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sae.dictionaries.base import Dictionary, random_atoms, register, unit_rows
+from sae.dictionaries.base import Dictionary, encoder_affine, random_atoms, register, unit_rows
 
 
 @register
@@ -25,13 +25,16 @@ class ReLUDictionary(Dictionary):
         return self.W_enc
 
     def encode_normalised(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu((x - self.b_dec) @ self.encoder_weight().T + self.b_enc)
+        weight = self.encoder_weight()
+        return torch.relu(x @ weight.T + encoder_affine(weight, self.b_enc, self.b_dec))
 
     def decoder_weight(self) -> torch.Tensor:
         return unit_rows(self.W_dec)
 
     def sparsity_loss(self, codes: torch.Tensor) -> torch.Tensor:
-        return self.l1_coeff * codes.abs().sum(-1).mean()
+        """``l1_coeff`` times the batch mean of the L1 norm: the plain sum, since ReLU codes are never negative
+        (the same value and gradient, one pass over the codes fewer each way)."""
+        return self.l1_coeff * codes.sum(-1).mean()
 
     def hparams(self) -> dict:
         return {"l1_coeff": self.l1_coeff}

@@ -1,17 +1,100 @@
-"""TopK dictionaries: keep the ``k`` largest pre-activations per input (Gao et al. 2024), no L1 penalty, AuxK."""
+"""TopK dictionaries: keep the ``k`` largest pre-activations per input (Gao et al. 2024), no L1 penalty, AuxK.
+
+Training (``loss``) never forms a dense code matrix with gradient: the codes are ``(values, indices)`` pairs,
+decoded with an embedding bag, and both backward passes touch only the ``k`` chosen atoms per input, so the one
+dense product of a step is the encoder's forward.
+"""
 
 from __future__ import annotations
 
+import warnings
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from sae.dictionaries.base import Dictionary, random_atoms, register, unit_rows
+from sae.dictionaries.base import Dictionary, encoder_affine, random_atoms, register, unit_rows
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
 def keep_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
     """Zero all but the ``k`` largest entries of each row (after ReLU)."""
     values, indices = torch.relu(pre).topk(k, dim=-1, sorted=False)
     return torch.zeros_like(pre).scatter_(-1, indices, values)
+
+
+def _pattern(indices: torch.Tensor, weights: torch.Tensor, n: int, csr: bool = True) -> torch.Tensor:
+    """The sparse ``[batch, n]`` matrix with ``weights[b, j]`` at column ``indices[b, j]`` of row ``b``."""
+    batch, k = indices.shape
+    if csr:
+        crow = torch.arange(0, batch * k + 1, k, device=indices.device)
+        return torch.sparse_csr_tensor(crow, indices.reshape(-1), weights.reshape(-1), (batch, n), check_invariants=False)
+    rows = torch.arange(batch, device=indices.device).repeat_interleave(k)
+    return torch.sparse_coo_tensor(torch.stack([rows, indices.reshape(-1)]), weights.reshape(-1), (batch, n), check_invariants=False)
+
+
+def _scatter_rows(indices: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+    """``[n, d]``: row ``i`` is the sum of ``weights[b, j] * rows[b]`` over every ``(b, j)`` with ``indices[b, j] == i``."""
+    return torch.sparse.mm(_pattern(indices, weights, n, csr=False).t(), rows)
+
+
+def _gather_dots(indices: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``[batch, k]``: ``rows[b] · weight[indices[b, j]]``."""
+    zeros = rows.new_zeros(indices.shape)
+    return torch.sparse.sampled_addmm(_pattern(indices, zeros, len(weight)), rows, weight.T).values().view(indices.shape)
+
+
+class SparseDecode(torch.autograd.Function):
+    """``out[b] = Σ_j values[b, j] · weight[indices[b, j]]``, forward and backward in O(batch · k · d)."""
+
+    @staticmethod
+    def forward(ctx, indices: torch.Tensor, values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(indices, values, weight)
+        return F.embedding_bag(indices, weight, per_sample_weights=values, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        indices, values, weight = ctx.saved_tensors
+        grad_values = _gather_dots(indices, grad, weight) if ctx.needs_input_grad[1] else None
+        grad_weight = _scatter_rows(indices, values, grad, len(weight)) if ctx.needs_input_grad[2] else None
+        return None, grad_values, grad_weight
+
+
+class SparseTopK(torch.autograd.Function):
+    """The ``k`` largest of ``ReLU(pre)`` per row as ``(values, indices)``, where ``pre = x @ weight.T + bias``
+    was computed by the caller (without gradient); the backward reaches ``x``, ``weight`` and ``bias`` through
+    the chosen entries only."""
+
+    @staticmethod
+    def forward(ctx, pre: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int):
+        values, indices = torch.relu(pre).topk(k, dim=-1, sorted=False)
+        ctx.save_for_backward(x, weight, indices, values)
+        ctx.mark_non_differentiable(indices)
+        return values, indices
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _grad_indices):
+        x, weight, indices, values = ctx.saved_tensors
+        grad = grad * (values > 0)
+        grad_x = F.embedding_bag(indices, weight, per_sample_weights=grad, mode="sum") if ctx.needs_input_grad[1] else None
+        grad_weight = _scatter_rows(indices, grad, x, len(weight)) if ctx.needs_input_grad[2] else None
+        grad_bias = grad.new_zeros(len(weight)).index_add_(0, indices.reshape(-1), grad.reshape(-1))
+        return None, grad_x, grad_weight, grad_bias, None
+
+
+def sparse_topk(pre: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int):
+    """``(values, indices)`` of the top ``k`` of ``ReLU(pre)``, ``pre = x @ weight.T + bias`` given detached."""
+    return SparseTopK.apply(pre.detach(), x, weight, bias, k)
+
+
+def sparse_decode(indices: torch.Tensor, values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``Σ_j values[:, j] · weight[indices[:, j]]``: ``densify(indices, values) @ weight`` without the dense codes."""
+    return SparseDecode.apply(indices, values, weight)
+
+
+def densify(indices: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
+    return values.new_zeros(len(values), n).scatter_(-1, indices, values)
 
 
 @register
@@ -34,7 +117,10 @@ class TopKDictionary(Dictionary):
         self.b_enc = nn.Parameter(torch.zeros(n_features))
 
     def pre_activations(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.b_dec) @ self.W_enc.T + self.b_enc
+        return x @ self.W_enc.T + self.encoder_bias()
+
+    def encoder_bias(self) -> torch.Tensor:
+        return encoder_affine(self.W_enc, self.b_enc, self.b_dec)
 
     def encode_normalised(self, x: torch.Tensor) -> torch.Tensor:
         return keep_topk(self.pre_activations(x), self.k)
@@ -43,20 +129,24 @@ class TopKDictionary(Dictionary):
         return unit_rows(self.W_dec)
 
     def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        pre = self.pre_activations(x)
-        codes = keep_topk(pre, self.k)
-        x_hat = self.decode_normalised(codes)
+        bias, atoms = self.encoder_bias(), self.decoder_weight()
+        with torch.no_grad():
+            pre = x @ self.W_enc.T + bias
+        values, indices = sparse_topk(pre, x, self.W_enc, bias, self.k)
+        x_hat = sparse_decode(indices, values, atoms) + self.b_dec
         mse = (x_hat - x).pow(2).sum(-1).mean()
-        aux = self._aux_loss(pre, x - x_hat.detach(), dead)
+        aux = self._aux_loss(pre, x, bias, atoms, x - x_hat.detach(), dead)
+        codes = densify(indices, values.detach(), self.n_features)
         zero = x.new_zeros(())
         return {"loss": mse + aux, "mse": mse, "sparsity": zero, "aux": aux, "codes": codes, "x_hat": x_hat}
 
-    def _aux_loss(self, pre: torch.Tensor, residual: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor:
+    def _aux_loss(self, pre: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, atoms: torch.Tensor,
+                  residual: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor:
         if dead is None or self.aux_coeff == 0 or not dead.any():
             return pre.new_zeros(())
         k_aux = min(self.k_aux, int(dead.sum()))
-        aux_codes = keep_topk(pre.masked_fill(~dead, float("-inf")), k_aux)
-        residual_hat = aux_codes @ self.decoder_weight()
+        values, indices = sparse_topk(pre.masked_fill(~dead, float("-inf")), x, self.W_enc, bias, k_aux)
+        residual_hat = sparse_decode(indices, values, atoms)
         variance = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
         return self.aux_coeff * (residual_hat - residual).pow(2).sum() / variance
 
