@@ -139,14 +139,15 @@ def evaluate_hook(dm: ActivationDataModule, hook: HookPoint, dictionaries: list[
     """Metrics of the dictionaries at one hook and of the baselines fitted (and sparsified) there."""
     meta = dictionaries[0].meta
     contexts = eval_contexts(dm, meta)
-    entries = list(dictionaries)
+    entries, heldout = list(dictionaries), None
     if cfg.baselines:
         x = dm.sample(cfg.baseline_tokens)[hook.name]
         dense = fit_baselines(x, list(cfg.baselines), hook, meta, cfg.seed)
         heldout = hook_activations(dm.model, hook, contexts, dm.special_ids)
         l0s = [l0(e.dictionary.to(heldout.device).encode(heldout)).item() for e in dictionaries]
         entries += dense + sparsified(dense, l0s)
-    metrics = heldout_metrics_many(dm.model, {e.name: e.dictionary for e in entries}, hook, contexts, dm.special_ids)
+    metrics = heldout_metrics_many(dm.model, {e.name: e.dictionary for e in entries}, hook, contexts, dm.special_ids,
+                                   activations=heldout)
     return [(e, metrics[e.name]) for e in entries]
 
 

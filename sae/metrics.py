@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from sae.activations import token_mask
+from sae.activations import live_activations, token_mask
 from sae.dictionaries import Dictionary
-from sae.hooks import HookPoint, intervene, read_activations
+from sae.hooks import HookPoint, intervene
 
 DENSE_DENSITY = 0.1  # a feature firing on more than this fraction of tokens is dense
 DENSITY_BINS = 24  # log10 feature-density histogram: bins between log10(1 / n_tokens) and 0
@@ -108,6 +108,13 @@ def _where(keep: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Te
     return torch.where(keep.unsqueeze(-1), new.to(old.dtype), old)
 
 
+def _put(keep: torch.Tensor, rows: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``old`` with its ``keep`` positions replaced by ``rows`` (one row per kept position, in order)."""
+    new = old.clone()
+    new[keep] = rows.to(old.dtype)
+    return new
+
+
 class _Moments:
     """Running sums for centred FVU over many batches (float64)."""
 
@@ -136,7 +143,8 @@ class _Tally:
         self.l0s: list[torch.Tensor] = []
         self.fired = torch.zeros(dictionary.n_features, device=device)
 
-    def add_reconstruction(self, x: torch.Tensor) -> None:
+    def add_reconstruction(self, x: torch.Tensor) -> torch.Tensor:
+        """Add ``x`` ``[n, d_in]`` (model units) and its reconstruction to the sums; return the reconstruction."""
         codes = self.dictionary.encode(x)
         x_hat = self.dictionary.decode(codes)
         self.moments.add(x, x_hat)
@@ -146,11 +154,11 @@ class _Tally:
         active = codes != 0
         self.l0s.append(active.sum(-1).cpu())
         self.fired += active.sum(0)
+        return x_hat
 
-    def summary(self, ce: dict[str, float], n_pred: int) -> dict:
+    def reconstruction_summary(self) -> dict:
         n = self.moments.n
         l0s = torch.cat(self.l0s).double()
-        spliced = self.ce / n_pred
         return {
             "mse": self.sq_err_norm / n,
             "fvu": self.moments.fvu(),
@@ -158,6 +166,14 @@ class _Tally:
             "l2_ratio": self.l2_ratio / n,
             "l0": l0s.mean().item(),
             **density_summary(self.fired, n),
+            "n_tokens": n,
+            "l0_hist": histogram(l0s, L0_BINS, 0.0, max(l0s.max().item(), 1.0)),
+        }
+
+    def summary(self, ce: dict[str, float], n_pred: int) -> dict:
+        spliced = self.ce / n_pred
+        return {
+            **self.reconstruction_summary(),
             "ce_clean": ce["clean"],
             "ce_spliced": spliced,
             "ce_zero_ablation": ce["zero"],
@@ -166,9 +182,15 @@ class _Tally:
             "kl_spliced": self.kl / n_pred,
             "ppl_clean": math.exp(ce["clean"]),
             "ppl_spliced": math.exp(spliced),
-            "n_tokens": n,
-            "l0_hist": histogram(l0s, L0_BINS, 0.0, max(l0s.max().item(), 1.0)),
         }
+
+
+@torch.no_grad()
+def reconstruction_metrics(dictionary: Dictionary, x: torch.Tensor) -> dict:
+    """The reconstruction and sparsity part of the held-out metrics, on activations ``x`` ``[n, d_in]``."""
+    tally = _Tally(dictionary, x.device)
+    tally.add_reconstruction(x)
+    return tally.reconstruction_summary()
 
 
 def _batches(contexts: torch.Tensor, batch_size: int, device: torch.device, desc: str, progress: bool):
@@ -180,8 +202,8 @@ def _batches(contexts: torch.Tensor, batch_size: int, device: torch.device, desc
 def hook_activations(model: nn.Module, hook: HookPoint, contexts: torch.Tensor, special_ids: list[int], batch_size: int = 8) -> torch.Tensor:
     """Activations ``[n, width]`` at ``hook`` at the ordinary-text positions of ``contexts`` (forwards cut off at the hook)."""
     device = next(model.parameters()).device
-    batches = _batches(contexts, batch_size, device, f"activations {hook.name}", progress=False)
-    return torch.cat([read_activations(model, [hook], ids)[hook][token_mask(ids, special_ids)].float() for ids in batches])
+    stream = live_activations(model, [hook], iter(contexts.split(batch_size)), special_ids, device)
+    return torch.cat([batch[hook.name] for batch in stream])
 
 
 @torch.no_grad()
@@ -193,8 +215,12 @@ def heldout_metrics_many(
     special_ids: list[int],
     batch_size: int = 8,
     progress: bool = True,
+    activations: torch.Tensor | None = None,
 ) -> dict[str, dict]:
     """Held-out metrics of several dictionaries at one hook, sharing the clean and ablated forwards.
+
+    ``activations``: the ``hook_activations`` of ``contexts`` when the caller already has them (they give the
+    mean for mean ablation; otherwise one cut-off pass reads them).
 
     Per batch of contexts the LM runs once clean (reading the activation), once with zeros and once with the
     mean activation at ``hook``, and once per dictionary with its reconstruction spliced in. Splicing and ablation
@@ -202,7 +228,9 @@ def heldout_metrics_many(
     CE and KL are means over every next-token prediction of the contexts.
     """
     device = next(model.parameters()).device
-    mean = hook_activations(model, hook, contexts, special_ids, batch_size).double().mean(0).float()
+    if activations is None:
+        activations = hook_activations(model, hook, contexts, special_ids, batch_size)
+    mean = activations.double().mean(0).float()
     tallies = {name: _Tally(d, device) for name, d in dictionaries.items()}
     ce, n_pred = {"clean": 0.0, "zero": 0.0, "mean": 0.0}, 0
     for ids in _batches(contexts, batch_size, device, f"held-out eval {hook.name}", progress):
@@ -223,8 +251,8 @@ def heldout_metrics_many(
         ce["mean"] += scorer.ce(run(lambda act: _where(keep, mean.expand_as(act), act)))
         x = captured["x"][keep].float()
         for tally in tallies.values():
-            tally.add_reconstruction(x)
-            ce_spliced, kl = scorer.ce_and_kl(run(lambda act: _where(keep, tally.dictionary(act.float()), act)))
+            x_hat = tally.add_reconstruction(x)
+            ce_spliced, kl = scorer.ce_and_kl(run(lambda act: _put(keep, x_hat, act)))
             tally.ce += ce_spliced
             tally.kl += kl
         n_pred += ids[:, 1:].numel()

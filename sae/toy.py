@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from sae.datamodule import stream_loader
 from sae.errors import ConfigError
-from sae.metrics import fvu, l0, mmcs, recovered_fraction
+from sae.metrics import mmcs, reconstruction_metrics, recovered_fraction
 
 TOY_HOOK = "toy"
 
@@ -107,18 +107,13 @@ class GroundTruthMetrics(pl.Callback):
 
 
 @torch.no_grad()
-def toy_metrics(dictionary, toy: ToyData, n: int, seed: int = 12345) -> dict[str, float]:
-    """Held-out metrics on ``n`` fresh toy samples, with MMCS and recovery against the ground truth."""
+def toy_metrics(dictionary, toy: ToyData, n: int, seed: int = 12345) -> dict:
+    """Held-out metrics on ``n`` fresh toy samples (as for an LM, without the spliced-LM part), with MMCS and
+    recovery against the ground truth."""
     x = toy.sample(n, torch.Generator().manual_seed(seed))
-    codes = dictionary.encode(x)
-    x_hat = dictionary.decode(codes)
     atoms = dictionary.decoder_weight()
     return {
-        "mse": ((x - x_hat) / dictionary.scale).pow(2).sum(-1).mean().item(),
-        "fvu": fvu(x, x_hat).item(),
-        "l0": l0(codes).item(),
-        "dead_frac": ((codes != 0).sum(0) == 0).float().mean().item(),
+        **reconstruction_metrics(dictionary, x),
         "mmcs": mmcs(toy.features, atoms),
         "frac_recovered": recovered_fraction(toy.features, atoms),
-        "n_tokens": n,
     }
