@@ -1,38 +1,100 @@
-"""LightningDataModule whose batches are live activations of the frozen LM at the configured hooks."""
+"""LightningDataModules whose training batches come from a resumable stream; the LM one reads live activations.
+
+Resuming is exact: Lightning saves the datamodule's ``state_dict`` in every checkpoint and restores it with
+``load_state_dict`` before training resumes. The state is the stream's state after the last batch actually
+trained on (the training loop fetches one batch ahead), one entry per process.
+"""
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Any, Iterator
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from sae.activations import Batch, context_batches, live_activations, shuffled_batches
+from sae.activations import ActivationStream, Batch, ContextOrder, ResumableStream, context_activations
+from sae.distributed import gather_objects
+from sae.errors import ConfigError
 from sae.hooks import HookPoint
 from sae.model import load_model, load_tokenizer
 from sae.text import load_documents, pack_contexts, special_ids, split_heldout
 
+SEQ = "_seq"  # key of a batch's sequence number, removed before the batch reaches the module
 
-class BatchStream(IterableDataset):
-    """An endless iterable dataset of ready-made batches; ``make()`` starts a fresh iterator."""
 
-    def __init__(self, make: Callable[[], Iterator[Batch]]):
+class _Iterate(IterableDataset):
+    """An iterable dataset over ``make()``'s iterator (a fresh one per ``iter``)."""
+
+    def __init__(self, make):
         self.make = make
 
     def __iter__(self) -> Iterator[Batch]:
         return self.make()
 
 
-def stream_loader(make: Callable[[], Iterator[Batch]]) -> DataLoader:
-    """A DataLoader over ``BatchStream(make)`` that adds no batching and no workers."""
-    return DataLoader(BatchStream(make), batch_size=None, num_workers=0)
+class StreamDataModule(pl.LightningDataModule):
+    """Training batches of ``batch_size // world_size`` rows per process from ``make_stream`` (a subclass's),
+    resumable exactly through ``state_dict``/``load_state_dict``."""
+
+    def __init__(self, batch_size: int):
+        super().__init__()
+        self.batch_size = batch_size  # over all processes
+        self.rank, self.world_size = 0, 1
+        self._resume: dict | None = None
+        self._pending: dict[int, dict] = {}
+        self._trained: dict | None = None
+
+    def make_stream(self) -> ResumableStream:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.trainer is not None:
+            self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
+        if self.batch_size % self.world_size:
+            raise ConfigError(f"train.batch_size={self.batch_size} is not divisible by the {self.world_size} processes")
+
+    def _tagged(self) -> Iterator[Batch]:
+        stream = self.make_stream()
+        if self._resume is not None:
+            stream.load_state_dict(self._resume)
+        for seq, batch in enumerate(stream):
+            self._pending[seq] = stream.state_dict()
+            yield {**batch, SEQ: seq}
+
+    def train_dataloader(self) -> DataLoader:
+        self._pending, self._trained = {}, None
+        return DataLoader(_Iterate(self._tagged), batch_size=None, num_workers=0)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Runs when the batch is about to be trained on (not when it was fetched): record the stream's state."""
+        if isinstance(batch, dict) and SEQ in batch:
+            seq = batch.pop(SEQ)
+            self._trained = self._pending.pop(seq)
+            self._pending = {k: v for k, v in self._pending.items() if k > seq}
+        return batch
+
+    def state_dict(self) -> dict:
+        state = self._trained if self._trained is not None else self._resume
+        if state is None:
+            return {}
+        return {"ranks": gather_objects(state)}
+
+    def load_state_dict(self, state: dict) -> None:
+        ranks = state["ranks"]
+        if len(ranks) != self.world_size:
+            raise ConfigError(
+                f"the checkpoint was written by {len(ranks)} training processes, this run has {self.world_size}: "
+                f"resume with the same train.devices"
+            )
+        self._resume = ranks[self.rank]
 
 
-class ActivationDataModule(pl.LightningDataModule):
+class ActivationDataModule(StreamDataModule):
     """Tokenized, packed text split into training and held-out contexts; training batches are shuffled activations.
 
-    The LM is loaded in ``setup`` onto the trainer's device, so LM and dictionary share the accelerator.
+    The LM is loaded in ``setup`` onto the trainer's device, so LM and dictionary share the accelerator. With several
+    processes each reads its own share of the contexts into its own buffer of ``buffer_size`` rows.
     """
 
     def __init__(
@@ -51,11 +113,11 @@ class ActivationDataModule(pl.LightningDataModule):
         model_dtype: str = "float32",
         seed: int = 0,
     ):
-        super().__init__()
+        super().__init__(batch_size)
         self.model_name, self.model_dtype, self.hooks = model_name, model_dtype, hooks
         self.source, self.path, self.text_column, self.split = source, path, text_column, split
         self.context_length, self.heldout_fraction = context_length, heldout_fraction
-        self.lm_batch_size, self.buffer_size, self.batch_size, self.seed = lm_batch_size, buffer_size, batch_size, seed
+        self.lm_batch_size, self.buffer_size, self.seed = lm_batch_size, buffer_size, seed
         self.model = None
 
     def prepare_text(self) -> None:
@@ -70,6 +132,7 @@ class ActivationDataModule(pl.LightningDataModule):
         self.heldout_contexts = pack_contexts(text.heldout, tokenizer, self.context_length) if text.heldout else None
 
     def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
         self.prepare_text()
         if self.model is None:
             device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
@@ -79,25 +142,23 @@ class ActivationDataModule(pl.LightningDataModule):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def activations(self, seed: int, epochs: int | None = None) -> Iterator[Batch]:
-        """Unshuffled activations of the training contexts, in a context order drawn from ``seed``."""
-        gen = torch.Generator().manual_seed(seed)
-        contexts = context_batches(self.train_contexts, self.lm_batch_size, gen, epochs)
-        return live_activations(self.model, self.hooks, contexts, self.special_ids, self.device)
+    def read(self, indices: torch.Tensor) -> Batch:
+        """Activations of the training contexts ``indices`` (the stream's ``ReadContexts``)."""
+        return context_activations(self.model, self.hooks, self.train_contexts[indices], self.special_ids, self.device)
 
     def sample(self, n: int) -> Batch:
-        """About ``n`` training activations per hook (for initialising normalisation), from a separate stream."""
+        """About ``n`` training activations per hook (for initialising normalisation), from a separate order of all
+        the contexts (the same in every process)."""
+        order = torch.randperm(len(self.train_contexts), generator=torch.Generator().manual_seed(self.seed + 1))
         chunks, rows = [], 0
-        for chunk in self.activations(self.seed + 1, epochs=1):
-            chunks.append(chunk)
-            rows += len(next(iter(chunk.values())))
+        for indices in order.split(self.lm_batch_size):
+            chunks.append(self.read(indices))
+            rows += len(next(iter(chunks[-1].values())))
             if rows >= n:
                 break
         return {k: torch.cat([c[k] for c in chunks])[:n] for k in chunks[0]}
 
-    def train_batches(self) -> Iterator[Batch]:
-        gen = torch.Generator().manual_seed(self.seed)
-        return shuffled_batches(self.activations(self.seed), self.buffer_size, self.batch_size, gen)
-
-    def train_dataloader(self) -> DataLoader:
-        return stream_loader(self.train_batches)
+    def make_stream(self) -> ActivationStream:
+        order = ContextOrder(len(self.train_contexts), self.seed, self.rank, self.world_size)
+        return ActivationStream(self.read, order, self.lm_batch_size, self.buffer_size,
+                                self.batch_size // self.world_size, self.seed)

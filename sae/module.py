@@ -8,6 +8,7 @@ import pytorch_lightning as pl
 import torch
 
 from sae.dictionaries import build
+from sae.distributed import broadcast_tensors_, gather_rows, sum_across_ranks, world_size
 from sae.errors import TrainingDiverged
 from sae.metrics import fvu, l0
 
@@ -42,6 +43,10 @@ class DictionaryModule(pl.LightningModule):
     (0: never) until ``resample_until`` of the run, dead atoms are resampled (``_resample``), and so is one of
     each pair of atoms whose directions have cosine similarity above ``duplicate_cos`` (a duplicate atom fires,
     so it is never dead, but it is capacity lost to the features no atom has found).
+
+    With several processes (DDP) firing is counted over all of them, the normalisation is rank 0's, and
+    resampling draws from the gathered batch with a generator in the same state everywhere, so every process
+    makes the same change. The generator's state is saved in checkpoints, so a resumed run resamples alike.
     """
 
     def __init__(
@@ -70,12 +75,21 @@ class DictionaryModule(pl.LightningModule):
         self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.long))
         self.register_buffer("fired_since_histogram", torch.zeros(n, dtype=torch.long))
         self._last_time = None
+        self.resample_generator = torch.Generator().manual_seed(torch.initial_seed())
 
     def on_fit_start(self) -> None:
         if not self.initialised:
             sample = self.trainer.datamodule.sample(self.hparams.init_tokens)[self.hook_name]
             self.dictionary.init_from_data(sample.to(self.device))
+            broadcast_tensors_([*self.dictionary.parameters(), *self.dictionary.buffers()])
             self.initialised.fill_(True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["resample_generator"] = self.resample_generator.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "resample_generator" in checkpoint:
+            self.resample_generator.set_state(checkpoint["resample_generator"])
 
     def sparsity_weight(self) -> float:
         ramp = self.hparams.sparsity_warmup_frac * self.hparams.total_steps
@@ -112,23 +126,27 @@ class DictionaryModule(pl.LightningModule):
     def dead_mask(self) -> torch.Tensor:
         return self.tokens_since_fired >= self.hparams.dead_window
 
-    def on_train_batch_end(self, outputs, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+    def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        # Between optimizer steps, like after the previous batch, but after that step's checkpoint was written:
+        # a run resumed from it resamples here just as the uninterrupted one does.
         hp = self.hparams
-        step = self.global_step  # already advanced past this batch's optimizer step
-        if hp.resample_every and step % hp.resample_every == 0 and step <= hp.resample_until * hp.total_steps:
+        step = self.global_step  # optimizer steps done so far
+        if hp.resample_every and 0 < step and step % hp.resample_every == 0 and step <= hp.resample_until * hp.total_steps:
             self._resample(batch[self.hook_name] / self.dictionary.scale)
 
     @torch.no_grad()
     def _resample(self, x: torch.Tensor) -> None:
         """Re-seed dead and duplicate atoms with inputs drawn with probability proportional to their squared
-        loss (Anthropic, "Towards Monosemanticity"); their Adam state is reset."""
+        loss (Anthropic, "Towards Monosemanticity"); their Adam state is reset. ``x`` is gathered from every process."""
+        x = gather_rows(x)
         stale = self.dead_mask() | duplicate_atoms(self.dictionary.decoder_weight(), self.hparams.duplicate_cos)
         dead = stale.nonzero().squeeze(1)
         if len(dead) == 0:
             return
         residual = x - self.dictionary.decode_normalised(self.dictionary.encode_normalised(x))
         weights = residual.pow(2).sum(-1).pow(2)
-        picks = torch.multinomial(weights + 1e-12, len(dead), replacement=len(dead) > len(x))
+        picks = torch.multinomial((weights + 1e-12).cpu(), len(dead), replacement=len(dead) > len(x),
+                                  generator=self.resample_generator).to(x.device)
         self.dictionary.reinit_atoms_(dead, residual[picks])
         optimizer = self.trainer.optimizers[0]
         for param in self.dictionary.atom_parameters():
@@ -139,8 +157,8 @@ class DictionaryModule(pl.LightningModule):
         self.log("train/resampled", float(len(dead)), on_step=True, on_epoch=False)
 
     def _track_firing(self, codes: torch.Tensor) -> None:
-        fired = (codes != 0).sum(0)
-        self.tokens_since_fired += len(codes)
+        fired = sum_across_ranks((codes != 0).sum(0))
+        self.tokens_since_fired += len(codes) * world_size()  # every process's batch has the same size
         self.tokens_since_fired[fired > 0] = 0
         self.fired_since_histogram += fired
         if (self.global_step + 1) % self.hparams.histogram_every == 0:

@@ -9,14 +9,13 @@ a Gaussian with a random correlation matrix, so features fire together while kee
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
 
 import pytorch_lightning as pl
 import torch
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader
 
-from sae.datamodule import stream_loader
+from sae.activations import ResumableStream
+from sae.datamodule import StreamDataModule
 from sae.errors import ConfigError
 from sae.metrics import mmcs, reconstruction_metrics, recovered_fraction
 
@@ -74,23 +73,43 @@ class ToyData:
         save_file(tensors, str(path))
 
 
-class ToyDataModule(pl.LightningDataModule):
-    """Batches ``{"toy": [batch_size, d]}`` drawn on the fly (generated ``chunk`` batches at a time)."""
+class ToyStream(ResumableStream):
+    """Toy batches of ``batch_size`` generated ``chunk`` batches at a time from ``generator``; with several processes
+    each generates the same global batches and keeps its own slice of each (``rank`` of ``world_size``), so the
+    processes together see exactly what one process would."""
+
+    def __init__(self, toy: ToyData, batch_size: int, generator: torch.Generator, chunk: int = 64,
+                 rank: int = 0, world_size: int = 1):
+        self.toy, self.batch_size, self.generator, self.chunk = toy, batch_size, generator, chunk
+        self.share = slice(rank * batch_size // world_size, (rank + 1) * batch_size // world_size)
+        super().__init__()
+
+    def _position(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def _restore(self, position: dict) -> None:
+        self.generator.set_state(position["generator"])
+
+    def _fill(self) -> list[dict[str, torch.Tensor]]:
+        block = self.toy.sample(self.batch_size * self.chunk, self.generator)
+        return [{TOY_HOOK: b[self.share]} for b in block.split(self.batch_size)]
+
+
+class ToyDataModule(StreamDataModule):
+    """Batches ``{"toy": [batch_size, d]}`` drawn on the fly; the stream continues the data's own generator after
+    the normalisation sample (``sample``)."""
 
     def __init__(self, toy: ToyData, batch_size: int, chunk: int = 64):
-        super().__init__()
-        self.toy, self.batch_size, self.chunk = toy, batch_size, chunk
+        super().__init__(batch_size)
+        self.toy, self.chunk = toy, chunk
 
     def sample(self, n: int) -> dict[str, torch.Tensor]:
         return {TOY_HOOK: self.toy.sample(n)}
 
-    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        while True:
-            block = self.toy.sample(self.batch_size * self.chunk)
-            yield from ({TOY_HOOK: b} for b in block.split(self.batch_size))
-
-    def train_dataloader(self) -> DataLoader:
-        return stream_loader(self._batches)
+    def make_stream(self) -> ToyStream:
+        generator = torch.Generator()
+        generator.set_state(self.toy.generator.get_state())
+        return ToyStream(self.toy, self.batch_size, generator, self.chunk, self.rank, self.world_size)
 
 
 class GroundTruthMetrics(pl.Callback):

@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from sae.checkpoints import AtomicCheckpointIO, write_status
+from sae.checkpoints import LAST, AtomicCheckpointIO, resume_checkpoint, write_status
 from sae.datamodule import ActivationDataModule
 from sae.dictionaries import VARIANTS, Dictionary
 from sae.errors import ConfigError
@@ -39,6 +39,7 @@ class RunInfo:
     dir: Path
     name: str
     group: str | None
+    sweep: bool = False  # one job of several launched by one command (a Hydra multirun, the toy sweep)
 
 
 def hydra_run_info() -> RunInfo:
@@ -50,7 +51,7 @@ def hydra_run_info() -> RunInfo:
     out = Path(hc.runtime.output_dir)
     name = hc.job.override_dirname or out.name
     if hc.mode == RunMode.MULTIRUN:
-        return RunInfo(out, name, str(Path(hc.sweep.dir)).replace(os.sep, "_"))
+        return RunInfo(out, name, str(Path(hc.sweep.dir)).replace(os.sep, "_"), sweep=True)
     return RunInfo(out, name, None)
 
 
@@ -74,6 +75,12 @@ def validate(cfg: DictConfig) -> int:
         _check(s.k >= 1, f"sae.k={s.k} must be >= 1", problems)
     _check(t.tokens >= t.batch_size > 0, f"train.tokens ({t.tokens}) must be >= train.batch_size ({t.batch_size}) > 0", problems)
     _check(t.lr > 0, f"train.lr={t.lr} must be > 0", problems)
+    processes = n_processes(t)
+    if processes and processes > 1:
+        _check(t.batch_size % processes == 0, f"train.batch_size ({t.batch_size}) must be divisible by the {processes} "
+               "processes (train.devices x train.num_nodes): each trains on its share of every batch", problems)
+    _check(not str(t.strategy).startswith(SPAWNING), f"train.strategy={t.strategy} is not supported: use "
+           "train.strategy=ddp (processes started as scripts) for several devices", problems)
     if d.source != "toy":
         _check(0 < d.heldout_fraction < 1, f"data.heldout_fraction={d.heldout_fraction} must be in (0, 1)", problems)
         _check(d.context_length >= 2, f"data.context_length={d.context_length} must be >= 2", problems)
@@ -88,6 +95,22 @@ def validate(cfg: DictConfig) -> int:
     if problems:
         raise ConfigError("; ".join(problems))
     return d_in
+
+
+SPAWNING = ("ddp_spawn", "ddp_fork", "ddp_notebook")  # strategies whose workers cannot hand results back to train()
+
+
+def n_processes(t: DictConfig) -> int | None:
+    """Training processes the Trainer will start (``train.devices`` x ``train.num_nodes``); None when Lightning
+    decides (``devices=auto`` or ``-1``)."""
+    devices = t.devices
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if isinstance(devices, int):
+        return devices * t.num_nodes if devices > 0 else None
+    if isinstance(devices, str):
+        return None if devices == "auto" else len([d for d in devices.split(",") if d.strip()]) * t.num_nodes
+    return len(devices) * t.num_nodes
 
 
 def variant_hparams(sae_cfg: DictConfig) -> dict:
@@ -139,8 +162,9 @@ def toy_setup(cfg: DictConfig, run: RunInfo) -> Setup:
     """Toy superposition data; the ground truth is saved as ``ground_truth.safetensors`` and MMCS is tracked."""
     d = cfg.data
     toy = ToyData(d.n_features, d.d, d.avg_active, d.decay, d.correlated, d.seed)
-    run.dir.mkdir(parents=True, exist_ok=True)
-    toy.save(run.dir / "ground_truth.safetensors")
+    if is_lead_process():
+        run.dir.mkdir(parents=True, exist_ok=True)
+        toy.save(run.dir / "ground_truth.safetensors")
     return Setup(
         ToyDataModule(toy, cfg.train.batch_size), TOY_HOOK, lambda dictionary: toy_metrics(dictionary, toy, d.eval_tokens),
         {"model": None, "hook": None, "ground_truth": "ground_truth.safetensors"}, [GroundTruthMetrics(toy.features)],
@@ -164,23 +188,51 @@ def make_logger(cfg: DictConfig, run: RunInfo):
     )
 
 
+def is_lead_process() -> bool:
+    """False in the extra processes of a multi-process (DDP) run, which write nothing of their own."""
+    from lightning_fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def check_launch(cfg: DictConfig, run: RunInfo) -> None:
+    """Refuse several training processes inside a sweep on one machine: Lightning's DDP launcher would start the
+    whole sweep again in each extra process. (On SLURM, where the cluster starts the processes, it works.)"""
+    from lightning_fabric.plugins.environments import SLURMEnvironment
+
+    processes = n_processes(cfg.train)
+    if run.sweep and processes != 1 and not SLURMEnvironment.detect():
+        raise ConfigError(f"train.devices={cfg.train.devices} (several training processes, or as many as Lightning "
+                          "finds) cannot run inside a sweep on one machine: run each job as its own command, or "
+                          "launch the sweep on SLURM")
+
+
 def train(cfg: DictConfig, run: RunInfo) -> dict:
     """Train one dictionary as configured; write ``sae.safetensors``, ``sae.json`` and ``metrics.json`` to ``run.dir``.
 
-    ``status.json`` says whether the run is ``running``, ``finished`` or ``failed`` (with the error)."""
+    ``status.json`` says whether the run is ``running``, ``finished`` or ``failed`` (with the error). With
+    ``resume=true`` the run continues from ``checkpoints/last.ckpt`` in ``run.dir`` exactly where it stopped;
+    without it, a directory that already holds a run is refused. Only the lead process writes outputs."""
     d_in = validate(cfg)
-    write_status(run.dir, "running")
+    check_launch(cfg, run)
+    lead = is_lead_process()
+    checkpoint = resume_checkpoint(run.dir, cfg.resume) if lead else (run.dir / LAST if cfg.resume else None)
+    if lead:
+        write_status(run.dir, "running")
     try:
-        metrics = _train(cfg, run, d_in)
+        metrics = _train(cfg, run, d_in, checkpoint)
     except Exception as err:
-        write_status(run.dir, "failed", error=f"{type(err).__name__}: {err}")
+        if lead:
+            write_status(run.dir, "failed", error=f"{type(err).__name__}: {err}")
         raise
-    write_status(run.dir, "finished")
+    if lead:
+        write_status(run.dir, "finished")
     return metrics
 
 
-def _train(cfg: DictConfig, run: RunInfo, d_in: int) -> dict:
+def _train(cfg: DictConfig, run: RunInfo, d_in: int, checkpoint: Path | None) -> dict:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*your dataloader is not resumable.*")  # ours is, through the datamodule
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     setup = toy_setup(cfg, run) if cfg.data.source == "toy" else lm_setup(cfg)
     t = cfg.train
@@ -193,12 +245,15 @@ def _train(cfg: DictConfig, run: RunInfo, d_in: int) -> dict:
     logger = make_logger(cfg.logger, run)
     checkpoints = ModelCheckpoint(dirpath=str(run.dir / "checkpoints"), every_n_train_steps=t.checkpoint_every_n_steps, save_last=True)
     trainer = pl.Trainer(
-        plugins=[AtomicCheckpointIO()], max_steps=steps, accelerator=t.accelerator, devices=t.devices, precision=t.precision,
+        plugins=[AtomicCheckpointIO()], max_steps=steps, accelerator=t.accelerator, devices=t.devices,
+        num_nodes=t.num_nodes, strategy=t.strategy, precision=t.precision,
         logger=logger, log_every_n_steps=t.log_every_n_steps, default_root_dir=str(run.dir),
         enable_model_summary=False, callbacks=[checkpoints, *setup.callbacks],
     )
-    trainer.fit(module, datamodule=setup.datamodule)
-    trainer.save_checkpoint(run.dir / "checkpoints" / "last.ckpt")  # the final state, whatever the schedule
+    trainer.fit(module, datamodule=setup.datamodule, ckpt_path=checkpoint)
+    trainer.save_checkpoint(run.dir / LAST)  # the final state, whatever the schedule (every process takes part)
+    if not trainer.is_global_zero:
+        return {}
     metrics = setup.evaluate(module.dictionary)
     metadata = {
         **setup.metadata,

@@ -25,6 +25,10 @@ def test_finished_run_says_so(tiny_lm_dir, tiny_text, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((tmp_path / "status.json").read_text())["state"] == "finished"
     assert not list(tmp_path.rglob("*.tmp"))
+    again = run_cli("train.py", *tiny_overrides(tiny_lm_dir, tiny_text, tmp_path))  # the same directory again
+    lines = again.stderr.strip().splitlines()
+    assert again.returncode == 2 and len(lines) == 1, again.stderr[-2000:]
+    assert "already holds a run (status: finished): add resume=true" in lines[0]
 
 
 def test_atomic_checkpoint_leaves_old_file_when_write_fails(tmp_path):
