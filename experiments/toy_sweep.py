@@ -20,22 +20,53 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sae.errors import exit_on_config_error  # noqa: E402
+from sae.errors import ConfigError, exit_on_config_error  # noqa: E402
 
 
-def run_cell(l1: float, ratio: float, steps: int, overrides: list[str], out: Path) -> dict:
-    """Train one toy dictionary and return its metrics."""
+def cell_name(l1: float, ratio: float) -> str:
+    return f"l1={l1:g}_ratio={ratio:g}"
+
+
+def cell_config(l1: float, ratio: float, steps: int, overrides: list[str]):
+    """The composed ``train.py experiment=toy`` config of one cell."""
     from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
-    from sae.train import RunInfo, train
+    try:
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            return compose("config", overrides=[
+                "experiment=toy", "logger=csv", f"sae.l1_coeff={l1}", f"sae.ratio={ratio}",
+                f"train.tokens={steps * 256}", "train.batch_size=256", *overrides,
+            ])
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"bad override among {overrides}: {err}".replace("\n", " ")) from err
 
-    name = f"l1={l1:g}_ratio={ratio:g}"
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[
-            "experiment=toy", "logger=csv", f"sae.l1_coeff={l1}", f"sae.ratio={ratio}",
-            f"train.tokens={steps * 256}", "train.batch_size=256", *overrides,
-        ])
-    return train(cfg, RunInfo(out / "runs" / name, name, group=out.name))
+
+def validate_cells(cells: dict, out: Path) -> None:
+    """Check every cell's config and run directory before training any; all problems in one ConfigError."""
+    from sae.checkpoints import resume_checkpoint
+    from sae.train import check_launch, config_problems, validate
+
+    problems = []
+    for name, cfg in cells.items():
+        found = config_problems(cfg)
+        checks = [] if found else [lambda: validate(cfg)]
+        checks += [lambda: check_launch(cfg, run_info(out, name)), lambda: resume_checkpoint(out / "runs" / name, cfg.resume)]
+        for check in checks:
+            try:
+                check()
+            except ConfigError as err:
+                found.append(str(err))
+        problems += found
+    if problems:
+        raise ConfigError("; ".join(dict.fromkeys(problems)))  # a problem shared by every cell is said once
+
+
+def run_info(out: Path, name: str):
+    from sae.train import RunInfo
+
+    return RunInfo(out / "runs" / name, name, group=out.name, sweep=True)
 
 
 def heatmap(table: np.ndarray, l1s: list[float], ratios: list[float], title: str, path: Path) -> None:
@@ -69,12 +100,21 @@ def main() -> None:
     parser.add_argument("--l1", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 1, 2, 4, 8])
     parser.add_argument("--steps", type=int, default=4000, help="training steps of batch 256 per cell")
-    args, overrides = parser.parse_known_args()
+    argv = sys.argv[1:]
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]  # Hydra overrides, wherever they stand
+    args = parser.parse_args([a for a in argv if a not in overrides])
+    if args.steps < 1:
+        raise ConfigError(f"--steps={args.steps} must be >= 1")
+    cells = {cell_name(l1, r): cell_config(l1, r, args.steps, overrides) for l1 in args.l1 for r in args.ratios}
+    validate_cells(cells, args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
+    from sae.train import train
+
     for l1 in args.l1:
         for ratio in args.ratios:
-            m = run_cell(l1, ratio, args.steps, overrides, args.out)
+            name = cell_name(l1, ratio)
+            m = train(cells[name], run_info(args.out, name))
             rows.append({"l1_coeff": l1, "ratio": ratio, **{k: m[k] for k in ("mmcs", "frac_recovered", "dead_frac", "l0", "fvu")}})
             print(f"l1={l1:g} ratio={ratio:g}: mmcs={m['mmcs']:.4f} dead_frac={m['dead_frac']:.3f} l0={m['l0']:.1f}", flush=True)
     with open(args.out / "toy_sweep.csv", "w", newline="") as f:

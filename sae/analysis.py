@@ -9,8 +9,7 @@ from typing import Iterator
 from omegaconf import DictConfig
 
 from sae.dashboard import write_dashboard
-from sae.evaluate import (Entry, check_baselines, check_entry, discover, eval_contexts, fit_baselines, group_key, load_entry,
-                          make_datamodule, write_csv)
+from sae.evaluate import Entry, eval_contexts, fit_baselines, group_key, make_datamodule, write_csv
 from sae.features import Collector, Settings
 from sae.model import load_tokenizer, resolve_device
 from sae.monosemanticity import SCORES, summarise
@@ -47,13 +46,10 @@ def summary_row(method: str, entry: Entry, collector: Collector) -> dict:
     return {"method": method, **scores, "name": entry.name, "layer": entry.hook.layer, "site": entry.hook.site}
 
 
-def analyse_features(cfg: DictConfig) -> list[dict]:
-    """Analyse every dictionary under ``cfg.run``; write ``monosemanticity.csv``, ``features/`` and ``dashboard/`` under ``out``."""
-    run, out = Path(cfg.run), Path(cfg.out)
-    check_baselines(list(cfg.features.baselines))
-    entries = [load_entry(d, run, cfg) for d in discover(run)]
-    for entry in entries:
-        check_entry(entry)
+def analyse_features(cfg: DictConfig, entries: list[Entry]) -> list[dict]:
+    """Analyse the dictionaries ``entries`` (``sae.evaluate.validate``'s); write ``monosemanticity.csv``,
+    ``features/`` and ``dashboard/`` under ``out``."""
+    out = Path(cfg.out)
     tokenizer = load_tokenizer(entries[0].meta["model"]["name_or_path"])
     rows, methods = [], {}
     groups = [[e for e in entries if group_key(e) == key] for key in dict.fromkeys(map(group_key, entries))]

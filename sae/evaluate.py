@@ -90,10 +90,48 @@ def check_entry(entry: Entry) -> None:
         )
 
 
-def check_baselines(names: list[str]) -> None:
-    unknown = [n for n in names if n not in BASELINES]
+ANALYSES = ("metrics", "features")
+SETTING_MINIMA = {"top_k": 1, "window": 0, "quantiles": 1, "per_quantile": 0, "min_count": 1, "causal_contexts": 0,
+                  "logit_tokens": 1, "hist_tokens": 1, "bins": 1}  # the least each features.settings.* may be
+
+
+def validate(cfg: DictConfig) -> list[Entry]:
+    """Check the config and every dictionary under ``cfg.run`` before any model runs; every problem found is
+    reported in one ConfigError. Returns the dictionaries to evaluate."""
+    problems: list[str] = []
+    if cfg.analysis not in ANALYSES:
+        problems.append(f"unknown analysis '{cfg.analysis}'; use analysis=metrics (eval.csv) or analysis=features (dashboard)")
+    key = "features.baselines" if cfg.analysis == "features" else "baselines"
+    unknown = [n for n in (cfg.features.baselines if key == "features.baselines" else cfg.baselines) if n not in BASELINES]
     if unknown:
-        raise ConfigError(f"unknown baselines {unknown}; choose from baselines=[{','.join(BASELINES)}]")
+        problems.append(f"unknown baselines {unknown}; choose from {key}=[{','.join(BASELINES)}]")
+    if cfg.baseline_tokens <= 0:
+        problems.append(f"baseline_tokens={cfg.baseline_tokens} must be > 0")
+    if cfg.eval_tokens is not None and cfg.eval_tokens <= 0:
+        problems.append(f"eval_tokens={cfg.eval_tokens} must be > 0 (or null: each dictionary's data.eval_tokens)")
+    if cfg.analysis == "features":
+        problems += [f"features.settings.{k}={v} must be >= {low}" for k, v in cfg.features.settings.items()
+                     if k in SETTING_MINIMA and v < (low := SETTING_MINIMA[k])]
+    if cfg.device != "auto" and str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
+        problems.append(f"device={cfg.device} but no CUDA device is available; use device=cpu (or auto)")
+    entries: list[Entry] = []
+    run = Path(cfg.run)
+    try:
+        found = discover(run)
+    except ConfigError as err:
+        problems.append(str(err))
+        found = []
+    for directory in found:
+        try:
+            entry = load_entry(directory, run, cfg)
+            check_entry(entry)
+            entries.append(entry)
+        except ConfigError as err:
+            problems.append(str(err))
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return entries
+
 
 
 def group_key(entry: Entry) -> str:
@@ -182,20 +220,14 @@ def evaluate(cfg: DictConfig) -> list[dict]:
 
     ``analysis=features`` analyses their features instead (``sae.analysis``).
     """
+    entries = validate(cfg)
     if cfg.analysis == "features":
         from sae.analysis import analyse_features
 
-        return analyse_features(cfg)
-    if cfg.analysis != "metrics":
-        raise ConfigError(f"unknown analysis '{cfg.analysis}'; use analysis=metrics (eval.csv) or analysis=features (dashboard)")
+        return analyse_features(cfg, entries)
     from sae.plots import plot_all
 
-
-    run, out = Path(cfg.run), Path(cfg.out)
-    check_baselines(list(cfg.baselines))
-    entries = [load_entry(d, run, cfg) for d in discover(run)]
-    for entry in entries:
-        check_entry(entry)
+    out = Path(cfg.out)
     device = resolve_device(cfg.device)
     results: list[tuple[Entry, dict]] = []
     for key in dict.fromkeys(group_key(e) for e in entries):

@@ -27,23 +27,30 @@ class ToyData:
 
     def __init__(self, n_features: int = 512, d: int = 256, avg_active: float = 5.0, decay: float = 0.99,
                  correlated: bool = False, seed: int = 0):
-        if d <= 0 or n_features <= 0:
-            raise ConfigError(f"toy data needs data.d > 0 and data.n_features > 0 (got d={d}, n_features={n_features})")
-        if not 0 < decay <= 1:
-            raise ConfigError(f"data.decay={decay} must be in (0, 1]")
+        problems = self.problems(n_features, d, avg_active, decay)
+        if problems:
+            raise ConfigError("; ".join(problems))
         probs = decay ** torch.arange(n_features, dtype=torch.float64)
         probs = probs * avg_active / probs.sum()
-        if not 0 < avg_active or probs.max() > 1:
-            raise ConfigError(
-                f"data.avg_active={avg_active} cannot be reached with {n_features} features (decay {decay}): "
-                "the most frequent feature would fire with probability > 1; lower avg_active or add features"
-            )
         gen = torch.Generator().manual_seed(seed)
         self.features = torch.nn.functional.normalize(torch.randn(n_features, d, generator=gen), dim=-1)
         self.probs = probs.float()
         self.correlation = self._random_correlation(n_features, gen) if correlated else None
         self._chol = torch.linalg.cholesky(self.correlation) if correlated else None
         self.generator = gen
+
+    @staticmethod
+    def problems(n_features: int, d: int, avg_active: float, decay: float) -> list[str]:
+        """What is wrong with these settings (nothing: an empty list)."""
+        if d <= 0 or n_features <= 0:
+            return [f"toy data needs data.d > 0 and data.n_features > 0 (got d={d}, n_features={n_features})"]
+        if not 0 < decay <= 1:
+            return [f"data.decay={decay} must be in (0, 1]"]
+        probs = decay ** torch.arange(n_features, dtype=torch.float64)
+        if not 0 < avg_active or (probs * avg_active / probs.sum()).max() > 1:
+            return [f"data.avg_active={avg_active} cannot be reached with {n_features} features (decay {decay}): "
+                    "the most frequent feature would fire with probability > 1; lower avg_active or add features"]
+        return []
 
     @staticmethod
     def _random_correlation(n: int, gen: torch.Generator, rank: int = 8) -> torch.Tensor:

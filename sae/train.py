@@ -60,11 +60,8 @@ def _check(cond: bool, problem: str, problems: list[str]) -> None:
         problems.append(problem)
 
 
-def validate(cfg: DictConfig) -> int:
-    """Check the config before any heavy work; every problem found is reported in one ConfigError.
-
-    Returns the width of the activations the dictionary will see (loading only the LM's config, no weights).
-    """
+def config_problems(cfg: DictConfig) -> list[str]:
+    """Every problem of the config that shows without reading any file."""
     problems: list[str] = []
     s, t, d = cfg.sae, cfg.train, cfg.data
     _check(s.variant in VARIANTS, f"unknown sae.variant '{s.variant}' (choose sae={'|'.join(VARIANTS)})", problems)
@@ -75,21 +72,39 @@ def validate(cfg: DictConfig) -> int:
         _check(s.k >= 1, f"sae.k={s.k} must be >= 1", problems)
     _check(t.tokens >= t.batch_size > 0, f"train.tokens ({t.tokens}) must be >= train.batch_size ({t.batch_size}) > 0", problems)
     _check(t.lr > 0, f"train.lr={t.lr} must be > 0", problems)
+    for key in ("init_tokens", "dead_window", "checkpoint_every_n_steps", "log_every_n_steps"):
+        _check(t[key] >= 1, f"train.{key}={t[key]} must be >= 1", problems)
+    _check(t.warmup_steps >= 0 and t.resample_every >= 0, "train.warmup_steps and train.resample_every must be >= 0", problems)
+    for key in ("lr_decay_frac", "sparsity_warmup_frac", "resample_until"):
+        _check(0 <= t[key] <= 1, f"train.{key}={t[key]} must be in [0, 1]", problems)
+    _check(d.eval_tokens >= 1, f"data.eval_tokens={d.eval_tokens} must be >= 1", problems)
     processes = n_processes(t)
     if processes and processes > 1:
         _check(t.batch_size % processes == 0, f"train.batch_size ({t.batch_size}) must be divisible by the {processes} "
                "processes (train.devices x train.num_nodes): each trains on its share of every batch", problems)
     _check(not str(t.strategy).startswith(SPAWNING), f"train.strategy={t.strategy} is not supported: use "
            "train.strategy=ddp (processes started as scripts) for several devices", problems)
-    if d.source != "toy":
+    if d.source == "toy":
+        problems += ToyData.problems(d.n_features, d.d, d.avg_active, d.decay)
+    else:
         _check(0 < d.heldout_fraction < 1, f"data.heldout_fraction={d.heldout_fraction} must be in (0, 1)", problems)
         _check(d.context_length >= 2, f"data.context_length={d.context_length} must be >= 2", problems)
         _check(d.buffer_size >= 2 * t.batch_size, f"data.buffer_size ({d.buffer_size}) must be >= 2 * train.batch_size", problems)
         if OmegaConf.is_missing(d, "path"):
             problems.append("data.path is not set: give a file or glob, e.g. data.path=../shared/fixtures/text/openwebtext-1k.jsonl")
+    return problems
+
+
+def validate(cfg: DictConfig) -> int:
+    """Check the config before any heavy work; every problem found is reported in one ConfigError.
+
+    Returns the width of the activations the dictionary will see (loading only the LM's config, no weights).
+    """
+    problems = config_problems(cfg)
     if problems:
         raise ConfigError("; ".join(problems))
-    d_in = d.d if d.source == "toy" else _lm_width(cfg)
+    s = cfg.sae
+    d_in = cfg.data.d if cfg.data.source == "toy" else _lm_width(cfg)
     if "k" in s:
         _check(s.k <= round(s.ratio * d_in), f"sae.k={s.k} exceeds the dictionary size {round(s.ratio * d_in)}", problems)
     if problems:

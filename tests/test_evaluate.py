@@ -92,3 +92,17 @@ def test_width_mismatch(topk_run, tmp_path):
 def test_unknown_baseline(topk_run):
     _single_error(run_cli("evaluate.py", f"run={topk_run}", "baselines=[nmf]", f"out={topk_run}/bad"), "unknown baselines ['nmf']")
     assert not (topk_run / "bad").exists()
+
+
+def test_every_problem_in_one_line(topk_run, tmp_path):
+    """Bad settings and a bad dictionary are all reported together, before any model runs."""
+    shutil.copytree(topk_run, tmp_path / "run" / "a", ignore=shutil.ignore_patterns("eval*", "checkpoints"))
+    meta = json.loads((tmp_path / "run" / "a" / "sae.json").read_text())
+    (tmp_path / "run" / "a" / "sae.json").write_text(json.dumps({**meta, "hook": {"layer": 9, "site": "resid"}}))
+    proc = run_cli("evaluate.py", f"run={tmp_path / 'run'}", "baselines=[nmf]", "eval_tokens=0", "baseline_tokens=0")
+    line = proc.stderr.strip().splitlines()
+    _single_error(proc, "unknown baselines ['nmf']")
+    for problem in ("eval_tokens=0 must be > 0", "baseline_tokens=0 must be > 0", "hook.layer=9 does not exist"):
+        assert problem in line[0]
+    assert not (tmp_path / "run" / "eval").exists()
+

@@ -75,3 +75,17 @@ def test_toy_sweep_writes_table_and_heat_maps(tmp_path):
     assert rows[0].startswith("l1_coeff,ratio,mmcs") and len(rows) == 3
     assert (tmp_path / "mmcs.png").stat().st_size > 0 and (tmp_path / "dead_frac.png").is_file()
     assert "best: l1_coeff=" in proc.stdout
+
+
+def test_toy_sweep_reports_every_problem_before_training(tmp_path):
+    (tmp_path / "runs" / "l1=0.1_ratio=1").mkdir(parents=True)
+    (tmp_path / "runs" / "l1=0.1_ratio=1" / "status.json").write_text('{"state": "finished"}')
+    proc = run_cli("experiments/toy_sweep.py", "--out", str(tmp_path), "--l1", "-1", "0.1", "--ratios", "1",
+                   "data.d=0", "train.lr=0")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    for problem in ("sae.l1_coeff=-1.0 must be >= 0", "data.d > 0", "train.lr=0 must be > 0", "already holds a run"):
+        assert problem in lines[0]
+    assert lines[0].count("train.lr=0 must be > 0") == 1  # said once, not once per cell
+    assert not (tmp_path / "toy_sweep.csv").exists() and len(list((tmp_path / "runs").iterdir())) == 1
+

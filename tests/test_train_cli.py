@@ -69,10 +69,11 @@ BAD = [
     (["data.text_column=body"], "data.text_column 'body' is not in"),
     (["model.name_or_path=EleutherAI/no-such-model"], "cannot load model"),
     (["model.name_or_path=/nonexistent/model"], "does not exist"),
+    (["sae.ratio=0", "train.lr=0", "train.devices=3"], "activation width); train.lr=0 must be > 0; train.batch_size (128) must be divisible by the 3 processes"),
 ]
 
 
-@pytest.mark.parametrize("extra,message", BAD, ids=[b[0][0].split("=")[0] for b in BAD])
+@pytest.mark.parametrize("extra,message", BAD, ids=["+".join(o.split("=")[0] for o in b[0]) for b in BAD])
 def test_bad_input(tiny_lm_dir, tiny_text, tmp_path, extra, message):
     proc = run_cli("train.py", *tiny_overrides(tiny_lm_dir, tiny_text, tmp_path), *extra)
     assert proc.returncode != 0
