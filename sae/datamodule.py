@@ -134,6 +134,9 @@ class ActivationDataModule(StreamDataModule):
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
         self.prepare_text()
+        if len(self.train_contexts) < self.world_size:
+            raise ConfigError(f"{len(self.train_contexts)} training contexts cannot be shared by {self.world_size} "
+                              "processes: give more text or fewer train.devices")
         if self.model is None:
             device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
             self.model = load_model(self.model_name, self.model_dtype, device)
