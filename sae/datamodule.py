@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable, Iterator
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from sae.activations import Batch, context_batches, live_activations, shuffled_batches
+from sae.activations import Batch, context_batches, shuffled_batches
+from sae.cache import CacheSettings, activation_source
 from sae.hooks import HookPoint
 from sae.model import load_model, load_tokenizer
 from sae.text import load_documents, pack_contexts, special_ids, split_heldout
@@ -32,7 +34,8 @@ def stream_loader(make: Callable[[], Iterator[Batch]]) -> DataLoader:
 class ActivationDataModule(pl.LightningDataModule):
     """Tokenized, packed text split into training and held-out contexts; training batches are shuffled activations.
 
-    The LM is loaded in ``setup`` onto the trainer's device, so LM and dictionary share the accelerator.
+    The LM is loaded in ``setup`` onto the trainer's device, so LM and dictionary share the accelerator. With a
+    ``cache_dir``, activations are read from (and first written to) an on-disk cache per hook (``sae.cache``).
     """
 
     def __init__(
@@ -50,13 +53,16 @@ class ActivationDataModule(pl.LightningDataModule):
         batch_size: int = 1024,
         model_dtype: str = "float32",
         seed: int = 0,
+        cache_dir: str | None = None,
+        cache_dtype: str = "float16",
     ):
         super().__init__()
         self.model_name, self.model_dtype, self.hooks = model_name, model_dtype, hooks
         self.source, self.path, self.text_column, self.split = source, path, text_column, split
         self.context_length, self.heldout_fraction = context_length, heldout_fraction
         self.lm_batch_size, self.buffer_size, self.batch_size, self.seed = lm_batch_size, buffer_size, batch_size, seed
-        self.model = None
+        self.cache_dir, self.cache_dtype = cache_dir, cache_dtype
+        self.model, self.activations_of = None, None  # activations_of: context indices -> activations
 
     def prepare_text(self) -> None:
         """Load, split and pack the text (cheap; no model weights). Idempotent."""
@@ -74,16 +80,22 @@ class ActivationDataModule(pl.LightningDataModule):
         if self.model is None:
             device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
             self.model = load_model(self.model_name, self.model_dtype, device)
+        if self.activations_of is None:
+            self.activations_of = activation_source(self.model, self.hooks, self.train_contexts, self.special_ids,
+                                                    self._cache_settings(), self.lm_batch_size)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+    def _cache_settings(self) -> CacheSettings | None:
+        if self.cache_dir is None:
+            return None
+        data = {"source": self.source, "path": self.path, "split": self.split, "text_column": self.text_column,
+                "context_length": self.context_length, "heldout_fraction": self.heldout_fraction}
+        return CacheSettings(Path(self.cache_dir), self.cache_dtype, self.model_name, self.model_dtype, data)
 
     def activations(self, seed: int, epochs: int | None = None) -> Iterator[Batch]:
         """Unshuffled activations of the training contexts, in a context order drawn from ``seed``."""
         gen = torch.Generator().manual_seed(seed)
-        contexts = context_batches(self.train_contexts, self.lm_batch_size, gen, epochs)
-        return live_activations(self.model, self.hooks, contexts, self.special_ids, self.device)
+        indices = context_batches(torch.arange(len(self.train_contexts)), self.lm_batch_size, gen, epochs)
+        return map(self.activations_of, indices)
 
     def sample(self, n: int) -> Batch:
         """About ``n`` training activations per hook (for initialising normalisation), from a separate stream."""
