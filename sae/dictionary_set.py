@@ -65,10 +65,10 @@ class DictionaryPlan:
         return section if self.name is None else f"{self.name}/{section}"
 
 
-def variant_defaults(variant: str) -> dict:
-    """``conf/sae/<variant>.yaml`` (empty when there is none: validation then reports the unknown variant)."""
+def variant_defaults(variant: str) -> dict | None:
+    """``conf/sae/<variant>.yaml``, or None when there is none."""
     path = CONF_DIR / "sae" / f"{variant}.yaml"
-    return OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else {"variant": variant}
+    return OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else None
 
 
 def variant_hparams(sae_cfg: DictConfig) -> dict:
@@ -94,8 +94,8 @@ def default_name(hook: HookPoint | None, sae: DictConfig) -> str:
 def _entry_config(cfg: DictConfig, entry: DictConfig) -> DictConfig:
     """The run config with the entry's hook and sae merged in, and no ``dictionaries`` list."""
     sae_base = cfg.sae
-    variant = entry.get("sae", {}).get("variant", cfg.sae.variant)
-    if variant != cfg.sae.variant:
+    variant = (entry.get("sae") or {}).get("variant", cfg.sae.variant)
+    if variant != cfg.sae.variant and variant_defaults(variant) is not None:  # an unknown variant: validate says so
         sae_base = OmegaConf.create(variant_defaults(variant))
     merged = cfg.copy()
     with open_dict(merged):
