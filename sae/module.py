@@ -15,7 +15,7 @@ from torch import nn
 
 from sae.dictionaries import Dictionary, build
 from sae.errors import TrainingDiverged
-from sae.metrics import fvu, l0
+from sae.metrics import fvu
 
 
 def lr_factor(step: int, total: int, warmup: int, decay_frac: float) -> float:
@@ -81,22 +81,23 @@ class TrainedDictionary(nn.Module):
         x = self.normalised_input(batch)
         out = self.dictionary.loss(x, dead=self.dead_mask())
         loss = out["mse"] + sparsity_weight * out["sparsity"] + out["aux"]
-        codes = out["codes"].detach()
-        self.track_firing(codes)
+        active = out["codes"].detach() != 0
+        self.track_firing(active)
         metrics = {
             "loss": loss.detach(),
             "mse": out["mse"].detach(),
             "sparsity": out["sparsity"].detach(),
             "aux": out["aux"].detach(),
             "fvu": fvu(x, out["x_hat"].detach()),
-            "l0": l0(codes),
+            "l0": active.sum(-1, dtype=torch.float32).mean(),
             "dead_frac": self.dead_mask().float().mean(),
         }
         return loss, {f"{self.prefix}/{k}": v for k, v in metrics.items()}
 
-    def track_firing(self, codes: torch.Tensor) -> None:
-        fired = (codes != 0).sum(0)
-        self.tokens_since_fired += len(codes)
+    def track_firing(self, active: torch.Tensor) -> None:
+        """Count firing from the ``[batch, n_features]`` mask of non-zero codes."""
+        fired = active.sum(0)
+        self.tokens_since_fired += len(active)
         self.tokens_since_fired[fired > 0] = 0
         self.fired_since_histogram += fired
 
