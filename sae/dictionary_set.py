@@ -25,6 +25,17 @@ ENTRY_KEYS = ("name", "hook", "sae")
 RESERVED_NAMES = {"checkpoints", "csv", "wandb", "eval", ".hydra", ".", ".."}  # other things a run directory holds
 
 
+def log_prefix(name: str | None, section: str) -> str:
+    """``train``/``heldout`` for a run's only dictionary, ``<name>/train`` and so on in a set (a W&B panel section per
+    dictionary)."""
+    return section if name is None else f"{name}/{section}"
+
+
+def label(name: str | None) -> str:
+    """How error messages name a dictionary (empty for a run's only dictionary)."""
+    return "" if name is None else f"dictionary '{name}': "
+
+
 @dataclass(frozen=True)
 class DictionaryPlan:
     """One dictionary of a run: its name (``None`` for a run's only dictionary), the run config with this
@@ -52,17 +63,14 @@ class DictionaryPlan:
 
     @property
     def label(self) -> str:
-        """How error messages name it (empty for a run's only dictionary)."""
-        return "" if self.name is None else f"dictionary '{self.name}': "
+        return label(self.name)
 
     def directory(self, run_dir: Path) -> Path:
         """Where its ``sae.safetensors``, ``sae.json`` and ``metrics.json`` go."""
         return run_dir if self.name is None else run_dir / self.name
 
     def log_prefix(self, section: str) -> str:
-        """``train``/``heldout`` for a run's only dictionary, ``<name>/train`` and so on in a set (a W&B panel
-        section per dictionary)."""
-        return section if self.name is None else f"{self.name}/{section}"
+        return log_prefix(self.name, section)
 
 
 def variant_defaults(variant: str) -> dict | None:

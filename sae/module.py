@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from sae.dictionaries import Dictionary, build
+from sae.dictionary_set import label, log_prefix
 from sae.errors import TrainingDiverged
 from sae.metrics import fvu
 
@@ -68,7 +69,7 @@ class TrainedDictionary(nn.Module):
 
     @property
     def prefix(self) -> str:
-        return "train" if self.name is None else f"{self.name}/train"
+        return log_prefix(self.name, "train")
 
     def dead_mask(self) -> torch.Tensor:
         return self.tokens_since_fired >= self.dead_window
@@ -208,11 +209,9 @@ class DictionaryModule(pl.LightningModule):
         return total
 
     def _diverged(self, losses: list[torch.Tensor]) -> None:
-        bad = next((m, loss) for m, loss in zip(self.members, losses) if not torch.isfinite(loss))
-        member, loss = bad
-        which = "" if member.name is None else f"dictionary '{member.name}': "
+        member, loss = next((m, loss) for m, loss in zip(self.members, losses) if not torch.isfinite(loss))
         raise TrainingDiverged(
-            f"{which}the loss became {loss.item()} at step {self.global_step}: the learning rate "
+            f"{label(member.name)}the loss became {loss.item()} at step {self.global_step}: the learning rate "
             f"(train.lr={self.hparams.lr}) is probably too high, or activations overflow (model.dtype); "
             "the last good checkpoint is checkpoints/last.ckpt in the run directory"
         )

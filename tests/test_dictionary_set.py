@@ -116,3 +116,14 @@ def test_variant_change_starts_from_that_variants_defaults(tiny_lm_dir, tiny_tex
     topk, relu = validate(cfg)
     assert topk.cfg.sae.ratio == 4 and topk.cfg.sae.aux_coeff == 0.03125 and "l1_coeff" not in topk.cfg.sae
     assert relu.cfg.sae.ratio == 8 and relu.cfg.hook.layer == 1 and relu.d_in == 32
+
+
+def test_a_diverging_set_names_the_dictionary(tiny_lm_dir, tiny_text, tmp_path):
+    from sae.errors import TrainingDiverged
+
+    overrides = [*tiny_overrides(tiny_lm_dir, tiny_text, tmp_path), "train.lr=1e30", "train.warmup_steps=1",
+                 _set_override([{"name": "first", "hook": {"layer": 0}}, {"name": "second", "hook": {"layer": 2}}])]
+    with pytest.raises(TrainingDiverged, match=r"^dictionary '(first|second)': the loss became"):
+        train(_compose(overrides), RunInfo(tmp_path / "run", "run", None))
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "failed"
+    assert not list((tmp_path / "run").rglob("sae.json"))
