@@ -3,7 +3,8 @@
 ``python -m sae.bench`` prints one figure per line and, last, one JSON object with every figure. A train step is
 ``Dictionary.loss`` + backward + an Adam step on one batch of normalised activations (what ``DictionaryModule``
 does, without Lightning or its logging); it is counted as 10·d·D FLOP per activation (encode, decode and three
-backward products of 2·d·D each).
+backward products of 2·d·D each). The set comparison (``ensemble_speedup``) runs the real training code: a set of
+dictionaries in one run against one run per dictionary over the same tokens.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from typing import Callable
 import torch
 
 from sae.dictionaries import build
-from sae.hooks import HookPoint, n_layers, read_activations
+from sae.hooks import HookPoint, read_activations
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT.parent / "shared" / "fixtures"
 HPARAMS = {"relu_tied": {"l1_coeff": 0.04}, "topk": {"k": 32}}
 
 
@@ -40,30 +42,47 @@ def gemm_gflops(batch: int, d: int, n_features: int, repeats: int) -> float:
     return 2 * batch * d * n_features / best_seconds(lambda: a @ b, repeats) / 1e9
 
 
-def train_step(variant: str, d: int, n_features: int, seed: int = 0) -> Callable[[torch.Tensor], None]:
-    """One training step of a fresh dictionary (loss, backward, Adam) as a function of a batch."""
+def train_step(variant: str, d: int, n_features: int, seed: int = 0, bf16: bool = False,
+               compiled: bool = False) -> Callable[[torch.Tensor], None]:
+    """One training step of a fresh dictionary (loss, backward, Adam) as a function of a batch; ``bf16``: the loss
+    under bfloat16 autocast (what ``train.precision=bf16-mixed`` does), ``compiled``: the loss through
+    ``torch.compile``."""
     torch.manual_seed(seed)
     dictionary = build(variant, d, n_features, **HPARAMS[variant])
     optimizer = torch.optim.Adam(dictionary.parameters(), lr=1e-4)
+    loss_fn = torch.compile(dictionary.loss) if compiled else dictionary.loss
 
     def step(x: torch.Tensor) -> None:
-        out = dictionary.loss(x)
-        (out["mse"] + out["sparsity"] + out["aux"]).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = loss_fn(x)
+        (out["mse"] + out["sparsity"] + out["aux"]).float().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return step
 
 
-def step_seconds(variant: str, d: int, n_features: int, batch: int, repeats: int) -> float:
+def step_seconds(variant: str, d: int, n_features: int, batch: int, repeats: int, **options) -> float:
     x = torch.randn(batch, d) / d**0.5
-    step = train_step(variant, d, n_features)
+    step = train_step(variant, d, n_features, **options)
     return best_seconds(lambda: step(x), repeats)
 
 
-def lm_figures(model_dir: Path, text: Path, batch: int, n_dicts: int, repeats: int) -> dict:
-    """Activations/s of block 3 (cut-off forward) against a full forward, and ``n_dicts`` dictionaries (one per
-    hook over all blocks, round robin) from one forward against one forward + step each, on ``batch`` tokens."""
+def option_figures(d: int, n_features: int, batch: int, repeats: int, fp32: dict[str, float]) -> dict:
+    """Each variant's train step under bf16 autocast and through ``torch.compile``, against its fp32 eager step
+    (``fp32``: activations/s by variant)."""
+    figures = {}
+    for variant in HPARAMS:
+        for option in ("bf16", "compiled"):
+            rate = batch / step_seconds(variant, d, n_features, batch, repeats, **{option: True})
+            figures[f"{variant}_{option}_acts_per_s"] = rate
+            figures[f"{variant}_{option}_speedup"] = rate / fp32[variant]
+            print(f"{variant} train step, {option}: {rate:,.0f} activations/s = {rate / fp32[variant]:.2f}x the fp32 eager step")
+    return figures
+
+
+def lm_figures(model_dir: Path, text: Path, batch: int, repeats: int) -> dict:
+    """Activations/s of block 3 (cut-off forward) against a full forward with unembedding, on ``batch`` tokens."""
     from sae.model import load_model, load_tokenizer
     from sae.text import load_documents, pack_contexts
 
@@ -74,28 +93,49 @@ def lm_figures(model_dir: Path, text: Path, batch: int, n_dicts: int, repeats: i
     with torch.inference_mode():
         full = best_seconds(lambda: model(input_ids=ids, use_cache=False), repeats)
     cut = best_seconds(lambda: read_activations(model, [HookPoint(3)], ids), repeats)
-    depth = n_layers(model)
-    hooks = [HookPoint(i % depth) for i in range(n_dicts)]
-    width = model.config.hidden_size
-    steps = [train_step("relu_tied", width, 8 * width, seed=i) for i in range(n_dicts)]
-    unique = sorted(set(hooks), key=lambda h: h.layer)
-    acts = {h: a.flatten(0, 1) / a.std() for h, a in read_activations(model, unique, ids).items()}
-
-    def shared() -> None:
-        read_activations(model, unique, ids)
-        for hook, step in zip(hooks, steps):
-            step(acts[hook])
-
-    def separate() -> None:
-        for hook, step in zip(hooks, steps):
-            read_activations(model, [hook], ids)
-            step(acts[hook])
-
     return {"full_forward_tokens_per_s": tokens / full, "block3_acts_per_s": tokens / cut, "lm_over_full_forward": full / cut,
-            "ensemble_speedup": best_seconds(separate, repeats) / best_seconds(shared, repeats), "lm_tokens": tokens}
+            "lm_tokens": tokens}
 
 
-def run(d: int, n_features: int, batch: int, repeats: int, lm: bool, n_dicts: int) -> dict:
+def ensemble_figures(model_dir: Path, text: Path, n_dicts: int, tokens: int, eval_tokens: int, overrides: list[str]) -> dict:
+    """The first ``n_dicts`` dictionaries of ``experiment=six_layers`` trained by ``sae.train.train`` in one run (one LM
+    forward per batch) against one run each over the same tokens (a separate run is exactly the set member's own
+    config, so it sees the same batches). Every run, shared or separate, is timed from start to finish: its own
+    model load, tokenization, initialisation, training loop and held-out evaluation; the training loops alone are
+    timed too (``status.json``)."""
+    import tempfile
+
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from sae.dictionary_set import resolve
+    from sae.train import RunInfo, train
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[
+            "experiment=six_layers", f"model.name_or_path={model_dir}", "data=text_files", f"data.path={text}",
+            "logger=csv", f"train.tokens={tokens}", f"data.eval_tokens={eval_tokens}", *overrides])
+    with open_dict(cfg):
+        cfg.dictionaries = cfg.dictionaries[:n_dicts]
+
+    def timed(run_cfg, directory: Path) -> tuple[float, float]:
+        start = time.perf_counter()
+        train(run_cfg, RunInfo(directory, directory.name, None))
+        seconds = time.perf_counter() - start
+        return seconds, json.loads((directory / "status.json").read_text())["seconds"]["train_loop"]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shared, shared_loop = timed(cfg, Path(tmp) / "shared")
+        separate = [timed(plan.cfg, Path(tmp) / f"alone-{i}") for i, plan in enumerate(resolve(cfg))]
+    separate_total, separate_loops = sum(s for s, _ in separate), sum(loop for _, loop in separate)
+    return {"ensemble_dicts": n_dicts, "ensemble_tokens": tokens, "ensemble_eval_tokens": eval_tokens,
+            "ensemble_shared_s": shared, "ensemble_shared_loop_s": shared_loop,
+            "ensemble_separate_s": separate_total, "ensemble_separate_loop_s": separate_loops,
+            "ensemble_speedup": separate_loops / shared_loop, "ensemble_end_to_end_speedup": separate_total / shared}
+
+
+def run(args: argparse.Namespace) -> dict:
+    d, n_features, batch, repeats = args.d, args.features, args.batch, args.repeats
     peak = gemm_gflops(batch, d, n_features, repeats)
     figures: dict = {"threads": torch.get_num_threads(), "d": d, "n_features": n_features, "batch": batch, "gemm_gflops": peak}
     print(f"fp32 GEMM [{batch}x{d}] @ [{d}x{n_features}], {figures['threads']} threads: {peak:.1f} GFLOP/s")
@@ -107,14 +147,25 @@ def run(d: int, n_features: int, batch: int, repeats: int, lm: bool, n_dicts: in
     figures["relu_frac_of_peak"] = figures["relu_tied_frac_of_peak"]
     figures["topk_over_relu"] = figures["topk_acts_per_s"] / figures["relu_tied_acts_per_s"]
     print(f"topk / relu_tied: {figures['topk_over_relu']:.2f}x")
+    if args.options:
+        fp32 = {variant: figures[f"{variant}_acts_per_s"] for variant in HPARAMS}
+        figures.update(option_figures(d, n_features, batch, repeats, fp32))
     figures.update(lm_over_full_forward=None, ensemble_speedup=None)
-    if lm:
-        figures.update(lm_figures(FIXTURES / "neox-owt-14m", FIXTURES / "text" / "openwebtext-1k.jsonl", batch, n_dicts, repeats))
-        print(f"LM on {figures['lm_tokens']} tokens: block 3 {figures['block3_acts_per_s']:,.0f} activations/s, full forward "
-              f"{figures['full_forward_tokens_per_s']:,.0f} tokens/s: {figures['lm_over_full_forward']:.2f}x")
-        print(f"{n_dicts} dictionaries from one forward vs {n_dicts} forwards + steps: {figures['ensemble_speedup']:.2f}x")
-    else:
+    if args.no_lm or not FIXTURES.is_dir():
         print("LM figures skipped (--no-lm, or ../shared/fixtures absent): lm_over_full_forward, ensemble_speedup null")
+        return figures
+    model_dir, text = FIXTURES / "neox-owt-14m", FIXTURES / "text" / "openwebtext-1k.jsonl"
+    figures.update(lm_figures(model_dir, text, batch, repeats))
+    print(f"LM on {figures['lm_tokens']} tokens: block 3 {figures['block3_acts_per_s']:,.0f} activations/s, full forward "
+          f"{figures['full_forward_tokens_per_s']:,.0f} tokens/s: {figures['lm_over_full_forward']:.2f}x")
+    figures.update(ensemble_figures(model_dir, text, args.dicts, args.ensemble_tokens, args.ensemble_eval_tokens, args.override))
+    n = args.dicts
+    print(f"{n} dictionaries of experiment=six_layers on neox-owt-14m, {args.ensemble_tokens:,} tokens, held-out eval on "
+          f"{args.ensemble_eval_tokens:,}: one run {figures['ensemble_shared_s']:.1f} s (training loop "
+          f"{figures['ensemble_shared_loop_s']:.1f} s) against {n} separate runs {figures['ensemble_separate_s']:.1f} s "
+          f"(loops {figures['ensemble_separate_loop_s']:.1f} s; each separate run loads the model, tokenizes, initialises "
+          f"and evaluates on its own)")
+    print(f"  training loop: {figures['ensemble_speedup']:.2f}x; end to end: {figures['ensemble_end_to_end_speedup']:.2f}x")
     return figures
 
 
@@ -124,11 +175,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--features", type=int, default=4096, help="dictionary atoms")
     parser.add_argument("--batch", type=int, default=4096, help="activations per step (and LM tokens)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per figure; the fastest counts")
-    parser.add_argument("--dicts", type=int, default=8, help="dictionaries in the shared-activations comparison")
+    parser.add_argument("--dicts", type=int, default=8, help="dictionaries of experiment=six_layers in the set comparison")
+    parser.add_argument("--ensemble-tokens", type=int, default=1_000_000, help="train.tokens of each run in the set comparison")
+    parser.add_argument("--ensemble-eval-tokens", type=int, default=16384, help="data.eval_tokens of those runs")
+    parser.add_argument("--override", nargs="*", default=[], help="more Hydra overrides for those runs")
     parser.add_argument("--no-lm", action="store_true", help="skip the figures that need ../shared/fixtures")
-    args = parser.parse_args(argv)
-    lm = not args.no_lm and FIXTURES.is_dir()
-    print(json.dumps(run(args.d, args.features, args.batch, args.repeats, lm, args.dicts)))
+    parser.add_argument("--options", action="store_true", help="also time the step under bf16 autocast and torch.compile")
+    print(json.dumps(run(parser.parse_args(argv))))
 
 
 if __name__ == "__main__":

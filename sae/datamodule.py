@@ -7,6 +7,7 @@ trained on (the training loop fetches one batch ahead), one entry per process.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterator
 
 import pytorch_lightning as pl
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from sae.activations import ActivationStream, Batch, ContextOrder, ResumableStream, context_activations
 from sae.distributed import gather_objects
 from sae.errors import ConfigError
+from sae.cache import CacheSettings, activation_source
 from sae.hooks import HookPoint
 from sae.model import load_model, load_tokenizer
 from sae.text import load_documents, pack_contexts, special_ids, split_heldout
@@ -94,7 +96,8 @@ class ActivationDataModule(StreamDataModule):
     """Tokenized, packed text split into training and held-out contexts; training batches are shuffled activations.
 
     The LM is loaded in ``setup`` onto the trainer's device, so LM and dictionary share the accelerator. With several
-    processes each reads its own share of the contexts into its own buffer of ``buffer_size`` rows.
+    processes each reads its own share of the contexts into its own buffer of ``buffer_size`` rows. With a
+    ``cache_dir``, activations are read from (and first written to) an on-disk cache per hook (``sae.cache``).
     """
 
     def __init__(
@@ -112,13 +115,16 @@ class ActivationDataModule(StreamDataModule):
         batch_size: int = 1024,
         model_dtype: str = "float32",
         seed: int = 0,
+        cache_dir: str | None = None,
+        cache_dtype: str = "float16",
     ):
         super().__init__(batch_size)
         self.model_name, self.model_dtype, self.hooks = model_name, model_dtype, hooks
         self.source, self.path, self.text_column, self.split = source, path, text_column, split
         self.context_length, self.heldout_fraction = context_length, heldout_fraction
         self.lm_batch_size, self.buffer_size, self.seed = lm_batch_size, buffer_size, seed
-        self.model = None
+        self.cache_dir, self.cache_dtype = cache_dir, cache_dtype
+        self.model, self.activations_of = None, None  # activations_of: context indices -> activations
 
     def prepare_text(self) -> None:
         """Load, split and pack the text (cheap; no model weights). Idempotent."""
@@ -140,14 +146,21 @@ class ActivationDataModule(StreamDataModule):
         if self.model is None:
             device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
             self.model = load_model(self.model_name, self.model_dtype, device)
+        if self.activations_of is None:
+            self.activations_of = activation_source(self.model, self.hooks, self.train_contexts, self.special_ids,
+                                                    self._cache_settings(), self.lm_batch_size)
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+    def _cache_settings(self) -> CacheSettings | None:
+        if self.cache_dir is None:
+            return None
+        data = {"source": self.source, "path": self.path, "split": self.split, "text_column": self.text_column,
+                "context_length": self.context_length, "heldout_fraction": self.heldout_fraction}
+        return CacheSettings(Path(self.cache_dir), self.cache_dtype, self.model_name, self.model_dtype, data)
 
     def read(self, indices: torch.Tensor) -> Batch:
-        """Activations of the training contexts ``indices`` (the stream's ``ReadContexts``)."""
-        return context_activations(self.model, self.hooks, self.train_contexts[indices], self.special_ids, self.device)
+        """Activations of the training contexts ``indices`` (the stream's ``ReadContexts``): a live forward of the
+        LM, or the cache."""
+        return self.activations_of(indices)
 
     def sample(self, n: int) -> Batch:
         """About ``n`` training activations per hook (for initialising normalisation), from a separate order of all

@@ -1,12 +1,16 @@
-"""Compose a training run from the Hydra config: validate, build, fit, evaluate on held-out text, save."""
+"""Compose a training run from the Hydra config: validate, build, fit, evaluate on held-out text, save.
+
+One run trains a set of dictionaries (``sae.dictionary_set``) from the same batches of activations: one LM forward
+per batch of contexts, read at every hook of the set. Each is saved, logged and evaluated as if trained alone.
+"""
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
+import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -14,22 +18,27 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from sae.cache import CACHE_DTYPES
 from sae.checkpoints import LAST, AtomicCheckpointIO, resume_checkpoint, write_status
 from sae.datamodule import ActivationDataModule
 from sae.dictionaries import VARIANTS, Dictionary
+from sae.dictionary_set import DictionaryPlan, resolve, variant_hparams
 from sae.errors import ConfigError
-from sae.hooks import HookPoint, check_hook, site_width
-from sae.metrics import heldout_metrics
+from sae.hooks import check_hook, site_width
+from sae.metrics import heldout_metrics_many
 from sae.model import load_config
 from sae.module import DictionaryModule
 from sae.saving import save_dictionary, write_json
-from sae.toy import TOY_HOOK, GroundTruthMetrics, ToyData, ToyDataModule, toy_metrics
+from sae.toy import GroundTruthMetrics, ToyData, ToyDataModule, toy_metrics
+
+__all__ = ["RunInfo", "hydra_run_info", "train", "validate", "variant_hparams"]
 
 LOSS_DOC = (
     "activations are divided by normalisation.scale; mse = batch mean of ||x - x_hat||^2 summed over dimensions "
     "(normalised units); l1 = batch mean of sum_i |c_i| (codes of unit-norm atoms); loss = mse + l1_coeff * l1 "
     "(topk: loss = mse)"
 )
+GROUND_TRUTH = "ground_truth.safetensors"
 
 
 @dataclass(frozen=True)
@@ -60,16 +69,10 @@ def _check(cond: bool, problem: str, problems: list[str]) -> None:
         problems.append(problem)
 
 
-def config_problems(cfg: DictConfig) -> list[str]:
-    """Every problem of the config that shows without reading any file."""
+def _run_problems(cfg: DictConfig) -> list[str]:
+    """Problems of the settings every dictionary of the run shares: ``train`` and ``data``."""
     problems: list[str] = []
-    s, t, d = cfg.sae, cfg.train, cfg.data
-    _check(s.variant in VARIANTS, f"unknown sae.variant '{s.variant}' (choose sae={'|'.join(VARIANTS)})", problems)
-    _check(s.ratio > 0, f"sae.ratio={s.ratio} must be > 0 (dictionary size / activation width)", problems)
-    if "l1_coeff" in s:
-        _check(s.l1_coeff >= 0, f"sae.l1_coeff={s.l1_coeff} must be >= 0", problems)
-    if "k" in s:
-        _check(s.k >= 1, f"sae.k={s.k} must be >= 1", problems)
+    t, d = cfg.train, cfg.data
     _check(t.tokens >= t.batch_size > 0, f"train.tokens ({t.tokens}) must be >= train.batch_size ({t.batch_size}) > 0", problems)
     _check(t.lr > 0, f"train.lr={t.lr} must be > 0", problems)
     for key in ("init_tokens", "dead_window", "checkpoint_every_n_steps", "log_every_n_steps"):
@@ -92,24 +95,60 @@ def config_problems(cfg: DictConfig) -> list[str]:
         _check(d.buffer_size >= 2 * t.batch_size, f"data.buffer_size ({d.buffer_size}) must be >= 2 * train.batch_size", problems)
         if OmegaConf.is_missing(d, "path"):
             problems.append("data.path is not set: give a file or glob, e.g. data.path=../shared/fixtures/text/openwebtext-1k.jsonl")
+        cache_dtype = d.get("cache_dtype", "float16")
+        _check(cache_dtype in CACHE_DTYPES, f"data.cache_dtype='{cache_dtype}' must be one of {', '.join(CACHE_DTYPES)}", problems)
     return problems
 
 
-def validate(cfg: DictConfig) -> int:
+def _sae_problems(s: DictConfig) -> list[str]:
+    """Problems of one dictionary's ``sae`` settings (no model needed)."""
+    problems: list[str] = []
+    _check(s.variant in VARIANTS, f"unknown sae.variant '{s.variant}' (choose sae={'|'.join(VARIANTS)})", problems)
+    _check(s.ratio > 0, f"sae.ratio={s.ratio} must be > 0 (dictionary size / activation width)", problems)
+    if "l1_coeff" in s:
+        _check(s.l1_coeff >= 0, f"sae.l1_coeff={s.l1_coeff} must be >= 0", problems)
+    if "k" in s:
+        _check(s.k >= 1, f"sae.k={s.k} must be >= 1", problems)
+    return problems
+
+
+def _width_problems(plan: DictionaryPlan, model_config) -> tuple[int, list[str]]:
+    """The dictionary's input width and the problems of its hook and size (``model_config``: the LM's; None on toy data)."""
+    cfg, problems = plan.cfg, []
+    if model_config is None:
+        d_in = cfg.data.d
+    else:
+        try:
+            check_hook(plan.hook, getattr(model_config, "num_hidden_layers", None) or model_config.n_layer)
+        except ConfigError as err:
+            return 0, [str(err)]
+        d_in = site_width(model_config, plan.hook.site)
+    if "k" in cfg.sae:
+        size = round(cfg.sae.ratio * d_in)
+        _check(cfg.sae.k <= size, f"sae.k={cfg.sae.k} exceeds the dictionary size {size}", problems)
+    return d_in, problems
+
+
+def config_problems(cfg: DictConfig) -> list[str]:
+    """Every problem of the config that shows without reading the model or the data."""
+    return [plan.label + p for plan in resolve(cfg) for p in _sae_problems(plan.cfg.sae)] + _run_problems(cfg)
+
+
+def validate(cfg: DictConfig) -> list[DictionaryPlan]:
     """Check the config before any heavy work; every problem found is reported in one ConfigError.
 
-    Returns the width of the activations the dictionary will see (loading only the LM's config, no weights).
-    """
+    Returns the dictionaries to train (``sae.dictionary_set.resolve``), each with the width of the activations it
+    will see (loading only the LM's config, no weights). A problem of an entry of ``dictionaries`` names it."""
+    plans = resolve(cfg)
     problems = config_problems(cfg)
     if problems:
         raise ConfigError("; ".join(problems))
-    s = cfg.sae
-    d_in = cfg.data.d if cfg.data.source == "toy" else _lm_width(cfg)
-    if "k" in s:
-        _check(s.k <= round(s.ratio * d_in), f"sae.k={s.k} exceeds the dictionary size {round(s.ratio * d_in)}", problems)
+    model_config = None if cfg.data.source == "toy" else load_config(cfg.model.name_or_path)
+    checked = [(plan, *_width_problems(plan, model_config)) for plan in plans]
+    problems = [plan.label + p for plan, _, found in checked for p in found]
     if problems:
         raise ConfigError("; ".join(problems))
-    return d_in
+    return [replace(plan, d_in=d_in) for plan, d_in, _ in checked]
 
 
 SPAWNING = ("ddp_spawn", "ddp_fork", "ddp_notebook")  # strategies whose workers cannot hand results back to train()
@@ -128,49 +167,40 @@ def n_processes(t: DictConfig) -> int | None:
     return len(devices) * t.num_nodes
 
 
-def variant_hparams(sae_cfg: DictConfig) -> dict:
-    """The ``sae.*`` settings the chosen variant takes. A preset may set hyperparameters of several variants
-    (``experiment=toy`` sets both ``l1_coeff`` and ``k``); each variant uses its own."""
-    accepted = inspect.signature(VARIANTS[sae_cfg.variant].__init__).parameters
-    return {k: v for k, v in sae_cfg.items() if k in accepted and k not in ("d_in", "n_features")}
-
-
-def _lm_width(cfg: DictConfig) -> int:
-    model_config = load_config(cfg.model.name_or_path)
-    layers = getattr(model_config, "num_hidden_layers", None) or model_config.n_layer
-    check_hook(HookPoint(cfg.hook.layer, cfg.hook.site), layers)
-    return site_width(model_config, cfg.hook.site)
+Evaluation = Callable[[list[tuple[DictionaryPlan, Dictionary]]], list[dict]]
 
 
 @dataclass
 class Setup:
-    """What a data source gives training: batches, the key of the dictionary's input in a batch, extra callbacks,
-    the final held-out evaluation, and what to record about the source in ``sae.json``."""
+    """What a data source gives training: batches, extra callbacks, and the final held-out evaluation of
+    trained dictionaries (one metrics dict each)."""
 
     datamodule: pl.LightningDataModule
-    input_key: str
-    evaluate: Callable[[Dictionary], dict]
-    metadata: dict
+    evaluate: Evaluation
     callbacks: list = field(default_factory=list)
 
 
-def lm_setup(cfg: DictConfig) -> Setup:
-    """Live activations of the configured LM at the configured hook; metrics on held-out text."""
-    hook = HookPoint(cfg.hook.layer, cfg.hook.site)
+def lm_setup(cfg: DictConfig, plans: list[DictionaryPlan]) -> Setup:
+    """Live (or cached) activations of the configured LM at every hook of the set; metrics on held-out text."""
+    hooks = list(dict.fromkeys(plan.hook for plan in plans))
     d, t = cfg.data, cfg.train
     datamodule = ActivationDataModule(
-        cfg.model.name_or_path, [hook], d.source, d.path, d.text_column, d.split, d.context_length,
+        cfg.model.name_or_path, hooks, d.source, d.path, d.text_column, d.split, d.context_length,
         d.heldout_fraction, d.lm_batch_size, d.buffer_size, t.batch_size, cfg.model.dtype, cfg.seed,
+        d.get("cache_dir"), d.get("cache_dtype", "float16"),
     )
     datamodule.prepare_text()
     n_eval = max(1, math.ceil(d.eval_tokens / d.context_length))
 
-    def evaluate(dictionary: Dictionary) -> dict:
-        contexts = datamodule.heldout_contexts[:n_eval]
-        return heldout_metrics(datamodule.model, dictionary, hook, contexts, datamodule.special_ids)
+    def evaluate(trained: list[tuple[DictionaryPlan, Dictionary]]) -> list[dict]:
+        """Per hook, one set of clean and ablated forwards shared by every dictionary there."""
+        contexts, metrics = datamodule.heldout_contexts[:n_eval], {}
+        for hook in hooks:
+            at_hook = {i: dictionary for i, (plan, dictionary) in enumerate(trained) if plan.hook == hook}
+            metrics.update(heldout_metrics_many(datamodule.model, at_hook, hook, contexts, datamodule.special_ids))
+        return [metrics[i] for i in range(len(trained))]
 
-    metadata = {"model": OmegaConf.to_container(cfg.model, resolve=True), "hook": {"layer": hook.layer, "site": hook.site}}
-    return Setup(datamodule, hook.name, evaluate, metadata)
+    return Setup(datamodule, evaluate)
 
 
 def toy_setup(cfg: DictConfig, run: RunInfo) -> Setup:
@@ -179,11 +209,19 @@ def toy_setup(cfg: DictConfig, run: RunInfo) -> Setup:
     toy = ToyData(d.n_features, d.d, d.avg_active, d.decay, d.correlated, d.seed)
     if is_lead_process():
         run.dir.mkdir(parents=True, exist_ok=True)
-        toy.save(run.dir / "ground_truth.safetensors")
-    return Setup(
-        ToyDataModule(toy, cfg.train.batch_size), TOY_HOOK, lambda dictionary: toy_metrics(dictionary, toy, d.eval_tokens),
-        {"model": None, "hook": None, "ground_truth": "ground_truth.safetensors"}, [GroundTruthMetrics(toy.features)],
-    )
+        toy.save(run.dir / GROUND_TRUTH)
+
+    def evaluate(trained: list[tuple[DictionaryPlan, Dictionary]]) -> list[dict]:
+        return [toy_metrics(dictionary, toy, d.eval_tokens) for _, dictionary in trained]
+
+    return Setup(ToyDataModule(toy, cfg.train.batch_size), evaluate, [GroundTruthMetrics(toy.features)])
+
+
+def source_metadata(plan: DictionaryPlan, run_dir: Path) -> dict:
+    """What ``sae.json`` records about where the dictionary's activations came from."""
+    if plan.is_toy:
+        return {"model": None, "hook": None, "ground_truth": os.path.relpath(run_dir / GROUND_TRUTH, plan.directory(run_dir))}
+    return {"model": OmegaConf.to_container(plan.cfg.model, resolve=True), "hook": {"layer": plan.hook.layer, "site": plan.hook.site}}
 
 
 def make_logger(cfg: DictConfig, run: RunInfo):
@@ -223,39 +261,45 @@ def check_launch(cfg: DictConfig, run: RunInfo) -> None:
 
 
 def train(cfg: DictConfig, run: RunInfo) -> dict:
-    """Train one dictionary as configured; write ``sae.safetensors``, ``sae.json`` and ``metrics.json`` to ``run.dir``.
+    """Train the configured dictionaries; write ``sae.safetensors``, ``sae.json`` and ``metrics.json`` for each
+    (at ``run.dir`` for a single dictionary, in ``run.dir/<name>/`` for each of a ``dictionaries`` set).
 
-    ``status.json`` says whether the run is ``running``, ``finished`` or ``failed`` (with the error). With
+    Returns the held-out metrics (a dict of them by name for a set). ``status.json`` says whether the run is
+    ``running``, ``finished`` (with how many seconds it took in all and in its training loop) or ``failed``. With
     ``resume=true`` the run continues from ``checkpoints/last.ckpt`` in ``run.dir`` exactly where it stopped;
     without it, a directory that already holds a run is refused. Only the lead process writes outputs."""
-    d_in = validate(cfg)
+    start = time.perf_counter()
+    plans = validate(cfg)
     check_launch(cfg, run)
     lead = is_lead_process()
     checkpoint = resume_checkpoint(run.dir, cfg.resume) if lead else (run.dir / LAST if cfg.resume else None)
     if lead:
         write_status(run.dir, "running")
     try:
-        metrics = _train(cfg, run, d_in, checkpoint)
+        metrics, loop_seconds = _train(cfg, run, plans, checkpoint)
     except Exception as err:
         if lead:
             write_status(run.dir, "failed", error=f"{type(err).__name__}: {err}")
         raise
-    if lead:
-        write_status(run.dir, "finished")
-    return metrics
+    if not lead:
+        return {}
+    write_status(run.dir, "finished", seconds={"total": time.perf_counter() - start, "train_loop": loop_seconds})
+    if plans[0].name is None:
+        return metrics[0]
+    return {plan.name: m for plan, m in zip(plans, metrics)}
 
 
-def _train(cfg: DictConfig, run: RunInfo, d_in: int, checkpoint: Path | None) -> dict:
+def _train(cfg: DictConfig, run: RunInfo, plans: list[DictionaryPlan], checkpoint: Path | None) -> tuple[list[dict], float]:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*your dataloader is not resumable.*")  # ours is, through the datamodule
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    setup = toy_setup(cfg, run) if cfg.data.source == "toy" else lm_setup(cfg)
+    setup = toy_setup(cfg, run) if cfg.data.source == "toy" else lm_setup(cfg, plans)
     t = cfg.train
-    dictionary_cfg = {"variant": cfg.sae.variant, "d_in": d_in, "n_features": round(cfg.sae.ratio * d_in), **variant_hparams(cfg.sae)}
     steps = t.tokens // t.batch_size
     module = DictionaryModule(
-        dictionary_cfg, setup.input_key, steps, t.lr, tuple(t.betas), t.warmup_steps, t.lr_decay_frac,
+        [_member_config(plan) for plan in plans], steps, t.lr, tuple(t.betas), t.warmup_steps, t.lr_decay_frac,
         t.sparsity_warmup_frac, t.dead_window, t.init_tokens, t.resample_every, t.resample_until, t.duplicate_cos,
+        seed=cfg.seed,
     )
     logger = make_logger(cfg.logger, run)
     checkpoints = ModelCheckpoint(dirpath=str(run.dir / "checkpoints"), every_n_train_steps=t.checkpoint_every_n_steps, save_last=True)
@@ -268,22 +312,42 @@ def _train(cfg: DictConfig, run: RunInfo, d_in: int, checkpoint: Path | None) ->
     trainer.fit(module, datamodule=setup.datamodule, ckpt_path=checkpoint)
     trainer.save_checkpoint(run.dir / LAST)  # the final state, whatever the schedule (every process takes part)
     if not trainer.is_global_zero:
-        return {}
-    metrics = setup.evaluate(module.dictionary)
-    metadata = {
-        **setup.metadata,
-        "data": OmegaConf.to_container(cfg.data, resolve=True),
-        "train": {**OmegaConf.to_container(cfg.train, resolve=True), "steps": steps},
-        "loss": LOSS_DOC,
-        "seed": cfg.seed,
-    }
-    save_dictionary(module.dictionary, run.dir, metadata)
-    write_json(run.dir / "metrics.json", metrics)
+        return [], module.train_loop_seconds
+    trained = list(zip(plans, module.dictionaries()))
+    metrics = setup.evaluate(trained)
+    for (plan, dictionary), plan_metrics in zip(trained, metrics):
+        directory = plan.directory(run.dir)
+        save_dictionary(dictionary, directory, _metadata(plan, run.dir, steps))
+        write_json(directory / "metrics.json", plan_metrics)
+        if logger is not None:
+            prefix = plan.log_prefix("heldout")
+            scalars = {f"{prefix}/{k}": v for k, v in plan_metrics.items() if isinstance(v, (int, float))}
+            logger.log_metrics(scalars, step=trainer.global_step)
     if logger is not None:
-        logger.log_metrics({f"heldout/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}, step=trainer.global_step)
         logger.finalize("success")
         if cfg.logger.kind == "wandb":
             import wandb
 
             wandb.finish()
-    return metrics
+    return metrics, module.train_loop_seconds
+
+
+def _member_config(plan: DictionaryPlan) -> dict:
+    """How ``DictionaryModule`` builds and feeds one dictionary of the set."""
+    s = plan.cfg.sae
+    dictionary = {"variant": s.variant, "d_in": plan.d_in, "n_features": round(s.ratio * plan.d_in), **variant_hparams(s)}
+    return {"name": plan.name, "input_key": plan.input_key, "dictionary": dictionary}
+
+
+def _metadata(plan: DictionaryPlan, run_dir: Path, steps: int) -> dict:
+    """``sae.json``'s record of how the dictionary was trained (what it would be had it been trained alone, plus its
+    name in a set)."""
+    cfg = plan.cfg
+    return {
+        **({} if plan.name is None else {"name": plan.name}),
+        **source_metadata(plan, run_dir),
+        "data": OmegaConf.to_container(cfg.data, resolve=True),
+        "train": {**OmegaConf.to_container(cfg.train, resolve=True), "steps": steps},
+        "loss": LOSS_DOC,
+        "seed": cfg.seed,
+    }

@@ -3,20 +3,14 @@
 import pytest
 import torch
 
-from sae.module import DictionaryModule
+from sae.module import TrainedDictionary
 from sae.toy import ToyData
 
 
-class FakeTrainer:
-    def __init__(self, optimizer):
-        self.optimizers = [optimizer]
-
-
-def killed_module(variant: str, hparams: dict, bias: float = -100.0) -> tuple[DictionaryModule, torch.Tensor, torch.optim.Optimizer]:
-    """A module on toy data with its first 16 atoms killed (encoder bias ``bias``) and marked dead."""
-    torch.manual_seed(0)
+def killed_module(variant: str, hparams: dict, bias: float = -100.0) -> tuple[TrainedDictionary, torch.Tensor, torch.optim.Optimizer]:
+    """A dictionary on toy data with its first 16 atoms killed (encoder bias ``bias``) and marked dead."""
     cfg = {"variant": variant, "d_in": 16, "n_features": 64, **hparams}
-    module = DictionaryModule(cfg, "toy", total_steps=100, dead_window=1000)
+    module = TrainedDictionary(None, "toy", cfg, seed=0, dead_window=1000)
     d = module.dictionary
     x = ToyData(n_features=32, d=16, avg_active=3).sample(2048)
     d.init_from_data(x)
@@ -30,13 +24,11 @@ def killed_module(variant: str, hparams: dict, bias: float = -100.0) -> tuple[Di
     return module, x, opt
 
 
-def test_resampling_revives_killed_atoms(monkeypatch):
+def test_resampling_revives_killed_atoms():
     module, x, opt = killed_module("relu", {"l1_coeff": 0.01})
-    monkeypatch.setattr(DictionaryModule, "trainer", property(lambda self: FakeTrainer(opt)))
-    monkeypatch.setattr(DictionaryModule, "log", lambda *a, **k: None)
     assert (module.dictionary.encode_normalised(x)[:, :16] == 0).all()
     before = module.dictionary.W_dec[16:].detach().clone()
-    module._resample(x)
+    assert module.resample(x, opt, duplicate_cos=0.99) >= 16
     codes = module.dictionary.encode_normalised(x)
     assert (codes[:, :16] > 0).any(dim=0).all()  # every killed atom fires again
     torch.testing.assert_close(module.dictionary.W_dec[16:], before)  # live atoms untouched
@@ -46,11 +38,9 @@ def test_resampling_revives_killed_atoms(monkeypatch):
 
 
 @pytest.mark.parametrize("variant", ["relu_tied", "relu"])
-def test_resampling_works_for_both_relu_variants(monkeypatch, variant):
+def test_resampling_works_for_both_relu_variants(variant):
     module, x, opt = killed_module(variant, {"l1_coeff": 0.01})
-    monkeypatch.setattr(DictionaryModule, "trainer", property(lambda self: FakeTrainer(opt)))
-    monkeypatch.setattr(DictionaryModule, "log", lambda *a, **k: None)
-    module._resample(x)
+    module.resample(x, opt, duplicate_cos=0.99)
     assert (module.dictionary.encode_normalised(x)[:, :16] > 0).any(dim=0).all()
 
 

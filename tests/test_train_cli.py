@@ -37,7 +37,8 @@ def test_checkpoint_round_trips(trained):
 
     module = DictionaryModule.load_from_checkpoint(trained / "checkpoints" / "last.ckpt", map_location="cpu")
     saved = load_file(str(trained / "sae.safetensors"))
-    for k, v in module.dictionary.state_dict().items():
+    (dictionary,) = module.dictionaries()
+    for k, v in dictionary.state_dict().items():
         torch.testing.assert_close(v, saved[k])
     assert bool(module.initialised)
 
