@@ -8,6 +8,7 @@ a Gaussian with a random correlation matrix, so features fire together while kee
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -22,6 +23,15 @@ from sae.metrics import mmcs, reconstruction_metrics, recovered_fraction
 TOY_HOOK = "toy"
 
 
+def toy_stream_seed(seed: int) -> int:
+    """The seed of the toy data's own generator for ``data.seed``.
+
+    Never ``seed`` itself: a dictionary initialised from torch's global generator seeded with the same number
+    would draw its random atoms from the same stream as the ground-truth directions, i.e. start at the answer.
+    """
+    return int.from_bytes(hashlib.blake2b(f"sae.toy:{seed}".encode(), digest_size=7).digest(), "little")
+
+
 class ToyData:
     """Ground truth and a seeded sampler of toy activations."""
 
@@ -32,7 +42,7 @@ class ToyData:
             raise ConfigError("; ".join(problems))
         probs = decay ** torch.arange(n_features, dtype=torch.float64)
         probs = probs * avg_active / probs.sum()
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(toy_stream_seed(seed))
         self.features = torch.nn.functional.normalize(torch.randn(n_features, d, generator=gen), dim=-1)
         self.probs = probs.float()
         self.correlation = self._random_correlation(n_features, gen) if correlated else None

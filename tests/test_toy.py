@@ -31,6 +31,15 @@ def test_correlated_toy_keeps_marginals_and_correlates():
     assert (corr - torch.eye(16)).abs().max() > 0.1
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ground_truth_is_not_the_dictionarys_initial_atoms(seed):
+    """`seed` seeds torch's global generator, which draws a dictionary's random atoms; the ground truth of
+    `data.seed` with the same number must come from another stream, or training starts at the answer."""
+    torch.manual_seed(seed)
+    fresh = build("relu_tied", 32, 64).decoder_weight().detach()
+    assert mmcs(ToyData(n_features=64, d=32, seed=seed).features, fresh) < 0.7
+
+
 def test_mmcs_of_itself_is_one_and_random_is_low(tmp_path):
     d = build("relu_tied", 32, 128, l1_coeff=0.01)
     sae.save_dictionary(d, tmp_path, {})
