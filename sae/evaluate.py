@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 from sae.baselines import BASELINES, fit
+from sae.comparison import compare, markdown, matched_k
 from sae.datamodule import ActivationDataModule
 from sae.dictionaries import Dictionary
 from sae.errors import ConfigError
@@ -165,7 +166,7 @@ def fit_baselines(x: torch.Tensor, kinds: list[str], hook: HookPoint, meta: dict
 
 def sparsified(baselines: list[Entry], l0s: list[float]) -> list[Entry]:
     """Each baseline kept to its top k codes, one k per distinct rounded L0 of the dictionaries at this hook."""
-    ks = sorted({max(1, round(v)) for v in l0s})
+    ks = sorted({matched_k(v) for v in l0s})
     return [
         Entry(f"{b.name}_topk{k}", f"{b.kind}_topk", b.dictionary.with_top_k(k), b.meta)
         for b in baselines for k in ks
@@ -191,7 +192,8 @@ def evaluate_hook(dm: ActivationDataModule, hook: HookPoint, dictionaries: list[
 
 def _row(entry: Entry, metrics: dict) -> dict:
     scalars = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
-    return {"name": entry.name, "kind": entry.kind, "layer": entry.hook.layer, "site": entry.hook.site, **scalars}
+    k = getattr(entry.dictionary, "k", None)  # codes kept per input: TopK dictionaries and top-k baselines
+    return {"name": entry.name, "kind": entry.kind, "layer": entry.hook.layer, "site": entry.hook.site, "k": k, **scalars}
 
 
 def write_entry(out: Path, entry: Entry, metrics: dict) -> None:
@@ -240,6 +242,10 @@ def evaluate(cfg: DictConfig) -> list[dict]:
         write_entry(out, entry, metrics)
     rows = [_row(e, m) for e, m in results]
     plot_all(out / "plots", rows, results)
+    if cfg.baselines:
+        matched = compare(rows)
+        write_csv(out / "comparison.csv", matched, list(matched[0]))
+        print(markdown(matched))
     write_csv(out / "eval.csv", rows)
     print(f"wrote {out / 'eval.csv'} ({len(rows)} rows) and {out / 'plots'}")
     return rows

@@ -67,21 +67,38 @@ def plot_frontier(rows: list[dict], path: Path, title: str) -> None:
     _save(fig, path, f"FVU vs L0 ({title})")
 
 
+def _line_groups(sparse: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """Rows per line of ``plot_by_layer``: per kind and k when every layer has the same set of k (a TopK sweep,
+    its top-k baselines at the same k), else per kind."""
+    ks = {layer: {r.get("k") for r in sparse if r["layer"] == layer} for layer in {r["layer"] for r in sparse}}
+    by_k = None not in set().union(*ks.values()) and len({frozenset(v) for v in ks.values()}) == 1
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for row in sparse:
+        groups[(row["kind"], f"k={row['k']}" if by_k else "")].append(row)
+    return groups
+
+
+LINESTYLES = ["-", "--", ":", "-."]
+
+
 def plot_by_layer(rows: list[dict], path: Path, title: str) -> None:
-    """CE loss recovered (zero ablation) and spliced KL per layer, one line per kind (mean over its rows).
+    """CE loss recovered (zero ablation) and spliced KL per layer: one line per kind (per kind and k in a sweep with
+    the same k at every layer), the mean over its rows at each layer.
 
     Dense baselines reconstruct exactly (KL 0 up to rounding), so only dictionaries and top-k baselines are drawn.
     """
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     sparse = [r for r in rows if r["kind"] == "dictionary" or r["kind"].endswith("_topk")]
-    for kind, kind_rows in sorted(_by_kind(sparse).items()):
-        layers = sorted({r["layer"] for r in kind_rows})
+    groups = _line_groups(sparse) if sparse else {}
+    labels = sorted({label for _, label in groups}, key=lambda s: (len(s), s))
+    for (kind, label), group in sorted(groups.items()):
+        layers = sorted({r["layer"] for r in group})
         for ax, metric in zip(axes, ("ce_loss_recovered", "kl_spliced")):
-            means = [sum(r[metric] for r in kind_rows if r["layer"] == l) / sum(r["layer"] == l for r in kind_rows) for l in layers]
-            ax.plot(layers, means, label=kind, **style(kind))
+            means = [sum(r[metric] for r in group if r["layer"] == l) / sum(r["layer"] == l for r in group) for l in layers]
+            ax.plot(layers, means, label=f"{kind} {label}".strip(), linestyle=LINESTYLES[labels.index(label) % 4], **style(kind))
     axes[0].set(xlabel="layer", ylabel="CE loss recovered (zero ablation)")
     axes[1].set(xlabel="layer", ylabel="KL(clean || spliced), nats/token", yscale="log")
-    axes[1].legend(fontsize=6)
+    axes[1].legend(fontsize=6, ncol=2)
     _save(fig, path, f"Spliced-LM quality by layer ({title})")
 
 

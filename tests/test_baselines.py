@@ -52,6 +52,14 @@ def test_ica_recovers_planted_sources():
     assert cos.max(0).values.min() > 0.95, cos
 
 
+def test_ica_warns_when_it_stops_before_converging():
+    from sae.baselines.ica import fast_ica
+
+    white = torch.distributions.Laplace(0.0, 1.0).sample((2000, 4))
+    with pytest.warns(UserWarning, match="did not converge in 1 iterations"):
+        fast_ica(white, seed=0, max_iter=1)
+
+
 def test_top_k_keeps_the_k_largest_codes():
     x = _data()
     basis = fit("pca", x)

@@ -12,8 +12,8 @@ from sae.evaluate import COLUMNS
 BASELINES = ["pca", "ica", "random", "neurons"]
 
 
-def _rows(out) -> list[dict]:
-    with open(out / "eval.csv") as f:
+def _rows(out, name: str = "eval.csv") -> list[dict]:
+    with open(out / name) as f:
         return list(csv.DictReader(f))
 
 
@@ -37,6 +37,10 @@ def test_run_with_all_baselines(topk_run):
         assert json.loads((out / row["name"] / "eval.json").read_text())["kind"] == row["kind"]
         if row["kind"].endswith("_topk"):
             assert float(row["l0"]) <= 8
+    [matched] = _rows(out, "comparison.csv")
+    dictionary = next(r for r in rows if r["kind"] == "dictionary")
+    assert matched["k"] == str(round(float(dictionary["l0"]))) and matched["kl_spliced_dictionary"] == dictionary["kl_spliced"]
+    assert {f"kl_spliced_{b}_topk" for b in BASELINES} <= set(matched) and "kl_spliced: dict / ica-k" in proc.stdout
     pca = next(r for r in rows if r["kind"] == "pca")
     assert float(pca["fvu"]) < 1e-6 and float(pca["kl_spliced"]) < 1e-5
     for png in ("frontier.png", "by_layer.png", f"density/{topk_run.name}.png"):

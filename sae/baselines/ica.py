@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from sae.baselines.base import LinearBasis, register_baseline
 
-MAX_ITER = 200
+MAX_ITER = 200  # scikit-learn's defaults, as the paper used
 TOL = 1e-4
 MIN_VARIANCE = 1e-6  # whitening drops directions with less than this fraction of the largest variance
 
@@ -26,17 +28,21 @@ def symmetric_decorrelation(w: torch.Tensor) -> torch.Tensor:
 
 
 def fast_ica(white: torch.Tensor, seed: int, max_iter: int = MAX_ITER, tol: float = TOL) -> torch.Tensor:
-    """Unmixing ``W`` ``[r, r]`` with orthonormal rows for whitened data ``[n, r]`` (Hyvärinen's fixed point, tanh)."""
+    """Unmixing ``W`` ``[r, r]`` with orthonormal rows for whitened data ``[n, r]`` (Hyvärinen's fixed point, tanh).
+
+    Warns, as scikit-learn does, when ``max_iter`` iterations end before the rows change by less than ``tol``.
+    """
     r = white.shape[1]
     gen = torch.Generator().manual_seed(seed)
     w = symmetric_decorrelation(torch.randn(r, r, generator=gen, dtype=white.dtype).to(white.device))
     for _ in range(max_iter):
         g = torch.tanh(white @ w.T)
         new = symmetric_decorrelation(g.T @ white / len(white) - (1 - g.pow(2)).mean(0)[:, None] * w)
-        converged = ((new * w).sum(1).abs() - 1).abs().max() < tol
+        change = ((new * w).sum(1).abs() - 1).abs().max().item()
         w = new
-        if converged:
-            break
+        if change < tol:
+            return w
+    warnings.warn(f"FastICA did not converge in {max_iter} iterations (last change {change:.2g}, tol {tol:g})", stacklevel=2)
     return w
 
 
