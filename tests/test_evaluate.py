@@ -96,3 +96,16 @@ def test_width_mismatch(topk_run, tmp_path):
 def test_unknown_baseline(topk_run):
     _single_error(run_cli("evaluate.py", f"run={topk_run}", "baselines=[nmf]", f"out={topk_run}/bad"), "unknown baselines ['nmf']")
     assert not (topk_run / "bad").exists()
+
+
+def test_each_hooks_unconverged_ica_is_named(capsys):
+    import torch
+
+    from sae.evaluate import fit_noting_warnings
+    from sae.hooks import HookPoint
+
+    gaussian = torch.randn(2000, 6, generator=torch.Generator().manual_seed(0))  # no independent components to find
+    for layer in (0, 1):
+        fit_noting_warnings("ica", gaussian, HookPoint(layer, "resid"), seed=0)
+    err = capsys.readouterr().err
+    assert "warning: ica at layers.0.resid: FastICA did not converge in 200 iterations" in err and "layers.1.resid" in err
