@@ -104,7 +104,7 @@ def test_each_hooks_unconverged_ica_is_named(capsys):
     from sae.evaluate import fit_noting_warnings
     from sae.hooks import HookPoint
 
-    gaussian = torch.randn(2000, 6, generator=torch.Generator().manual_seed(0))  # no independent components to find
+    gaussian = torch.randn(4000, 16, generator=torch.Generator().manual_seed(0))  # no independent components to find
     for layer in (0, 1):
         fit_noting_warnings("ica", gaussian, HookPoint(layer, "resid"), seed=0)
     err = capsys.readouterr().err
