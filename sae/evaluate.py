@@ -12,6 +12,8 @@ import io
 import json
 import math
 import os
+import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,11 +157,22 @@ def eval_contexts(dm: ActivationDataModule, meta: dict) -> torch.Tensor:
     return dm.heldout_contexts[: max(1, math.ceil(meta["data"].get("eval_tokens", 65536) / dm.context_length))]
 
 
+def fit_noting_warnings(kind: str, x: torch.Tensor, hook: HookPoint, seed: int):
+    """``fit``, with each warning of the fit (FastICA not converging) printed once per hook, naming it."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        basis = fit(kind, x, seed)
+    for w in caught:
+        print(f"warning: {kind} at {hook.name}: {w.message}", file=sys.stderr)
+    return basis
+
+
 def fit_baselines(x: torch.Tensor, kinds: list[str], hook: HookPoint, meta: dict, seed: int) -> list[Entry]:
     """Each baseline fitted on training activations ``x`` at ``hook``."""
     base = {"model": meta["model"], "hook": meta["hook"], "data": meta["data"]}
     return [
-        Entry(f"baselines/{hook.name}/{kind}", kind, fit(kind, x, seed), {**base, "baseline": kind, "fit_tokens": len(x)})
+        Entry(f"baselines/{hook.name}/{kind}", kind, fit_noting_warnings(kind, x, hook, seed),
+              {**base, "baseline": kind, "fit_tokens": len(x)})
         for kind in kinds
     ]
 

@@ -9,7 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import ScalarFormatter  # noqa: E402
+from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 
 COLORS = {"dictionary": "black", "pca": "tab:blue", "ica": "tab:orange", "random": "tab:green", "neurons": "tab:red"}
 FVU_TOP = 1.2  # the frontier's y axis stops here (top-k random directions can be far worse than no reconstruction)
@@ -40,7 +40,7 @@ def _save(fig, path: Path, title: str) -> None:
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # legends may sit outside the axes
     plt.close(fig)
 
 
@@ -59,11 +59,13 @@ def plot_frontier(rows: list[dict], path: Path, title: str) -> None:
             ax.plot([r["l0"] for r in kind_rows], [r["fvu"] for r in kind_rows], label=kind,
                     linestyle="-" if len(kind_rows) > 1 else "none", **style(kind))
         ax.set(xscale="log", title=f"layer {layer} {site}", xlabel="L0", ylim=(0, FVU_TOP))
+        ax.set_xticks(sorted({round(r["l0"]) for r in at_hook}))  # the L0s drawn, not crowded decades
         ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.xaxis.set_minor_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
     for row in axes:
         row[0].set_ylabel(f"FVU (axis cut at {FVU_TOP})")
-    axes[0][-1].legend(fontsize=6)
+    legend = {label: handle for ax in axes.flat for handle, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(legend.values(), legend.keys(), fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 0.92))
     _save(fig, path, f"FVU vs L0 ({title})")
 
 
@@ -98,7 +100,7 @@ def plot_by_layer(rows: list[dict], path: Path, title: str) -> None:
             ax.plot(layers, means, label=f"{kind} {label}".strip(), linestyle=LINESTYLES[labels.index(label) % 4], **style(kind))
     axes[0].set(xlabel="layer", ylabel="CE loss recovered (zero ablation)")
     axes[1].set(xlabel="layer", ylabel="KL(clean || spliced), nats/token", yscale="log")
-    axes[1].legend(fontsize=6, ncol=2)
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
     _save(fig, path, f"Spliced-LM quality by layer ({title})")
 
 

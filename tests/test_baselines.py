@@ -6,6 +6,7 @@ import torch
 import sae
 from sae.baselines import BASELINES, fit
 from sae.errors import ConfigError
+from sae.metrics import fvu
 
 
 def _data(n: int = 4000, d: int = 8, seed: int = 0) -> torch.Tensor:
@@ -28,6 +29,16 @@ def test_pca_orders_components_by_variance():
     variances = codes.var(0)
     assert torch.all(variances[:-1] >= variances[1:])
     assert codes.mean(0).abs().max() < 1e-2  # centred
+
+
+def test_random_directions_are_an_orthonormal_basis_whose_top_k_beats_the_mean():
+    x = _data(d=32)
+    basis = fit("random", x)
+    atoms = basis.decoder_weight().double()
+    torch.testing.assert_close(atoms @ atoms.T, torch.eye(32, dtype=torch.float64), atol=1e-6, rtol=0)
+    assert not torch.allclose(atoms.abs(), torch.eye(32, dtype=torch.float64), atol=0.5)  # not the neuron basis
+    for k in (1, 4, 16):
+        assert fvu(x, basis.with_top_k(k).decode(basis.with_top_k(k).encode(x))) < 1
 
 
 def test_neurons_are_the_coordinates():

@@ -110,3 +110,15 @@ def test_every_problem_in_one_line(topk_run, tmp_path):
         assert problem in line[0]
     assert not (tmp_path / "run" / "eval").exists()
 
+
+def test_each_hooks_unconverged_ica_is_named(capsys):
+    import torch
+
+    from sae.evaluate import fit_noting_warnings
+    from sae.hooks import HookPoint
+
+    gaussian = torch.randn(4000, 16, generator=torch.Generator().manual_seed(0))  # no independent components to find
+    for layer in (0, 1):
+        fit_noting_warnings("ica", gaussian, HookPoint(layer, "resid"), seed=0)
+    err = capsys.readouterr().err
+    assert "warning: ica at layers.0.resid: FastICA did not converge in 200 iterations" in err and "layers.1.resid" in err
