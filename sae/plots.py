@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 
 COLORS = {"dictionary": "black", "pca": "tab:blue", "ica": "tab:orange", "random": "tab:green", "neurons": "tab:red"}
-FVU_TOP = 1.2  # the frontier's y axis stops here (top-k random directions can be far worse than no reconstruction)
+FVU_TOP = 1.2  # the frontier's y axis stops here (a top-k baseline can reconstruct worse than the mean alone)
 
 
 def style(kind: str) -> dict:
