@@ -1,6 +1,6 @@
 """Sweep L1 coefficient x dictionary ratio on toy data and draw the interim report's heat maps.
 
-    python experiments/toy_sweep.py --out toy_sweep [--l1 0.01 0.03 0.1 0.3] [--ratios 0.5 1 2 4 8] [--steps 4000]
+    python experiments/toy_sweep.py --out toy_sweep [--l1 0.03 0.1 0.3 1] [--ratios 0.5 1 2 4 8] [--steps 4000]
         [override ...]
 
 Each cell is a real `train.py experiment=toy` run (in <out>/runs/l1=<l1>_ratio=<ratio>/). Writes
@@ -97,7 +97,7 @@ def heatmap(table: np.ndarray, l1s: list[float], ratios: list[float], title: str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("toy_sweep"))
-    parser.add_argument("--l1", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3])
+    parser.add_argument("--l1", type=float, nargs="+", default=[0.03, 0.1, 0.3, 1.0])  # brackets experiment=toy's 0.5
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5, 1, 2, 4, 8])
     parser.add_argument("--steps", type=int, default=4000, help="training steps of batch 256 per cell")
     argv = sys.argv[1:]

@@ -112,3 +112,28 @@ def resume_checkpoint(run_dir: str | Path, resume: bool) -> Path | None:
                           "resume=true to start")
     verify_checkpoint(last)
     return last
+
+
+def dictionary_from_checkpoint(path: str | Path, name: str | None = None):
+    """The dictionary as it was at a training checkpoint (``checkpoints/*.ckpt``), checked against its checksum;
+    ``name`` picks a member of a set (required when the run trained several)."""
+    import torch
+
+    from sae.dictionaries import build
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"no checkpoint at '{path}'")
+    verify_checkpoint(path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # Lightning's own format
+    members = checkpoint["hyper_parameters"]["dictionaries"]
+    names = [m["name"] for m in members]
+    if name is None and len(members) > 1:
+        raise ConfigError(f"{path} holds {len(members)} dictionaries ({', '.join(map(str, names))}): pass name=...")
+    if name is not None and name not in names:
+        raise ConfigError(f"{path} has no dictionary named '{name}' (it has: {', '.join(map(str, names))})")
+    index = names.index(name) if name is not None else 0
+    dictionary = build(**members[index]["dictionary"])
+    prefix = f"members.{index}.dictionary."
+    dictionary.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
+    return dictionary.eval()

@@ -32,6 +32,15 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def gather_batches(x: torch.Tensor, batch_rows: int) -> torch.Tensor:
+    """Every process's ``x``, whose rows are consecutive batches of ``batch_rows``, gathered batch by batch (batch 0
+    of rank 0, of rank 1, ..., then batch 1): the order one process that had the whole batches would hold them in."""
+    gathered = gather_rows(x)
+    if world_size() == 1:
+        return gathered
+    return gathered.view(world_size(), -1, batch_rows, x.shape[-1]).transpose(0, 1).reshape(-1, x.shape[-1])
+
+
 def gather_objects(obj: Any) -> list[Any]:
     """Every process's (picklable) ``obj``, in rank order."""
     if world_size() == 1:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -44,12 +46,19 @@ def recovered_fraction(reference: torch.Tensor, learned: torch.Tensor, threshold
     return (best_cosines(reference, learned) > threshold).float().mean().item()
 
 
-def dictionary_mmcs(a: Dictionary | str, b: Dictionary | str) -> float:
+def dictionary_mmcs(a: Dictionary | str | Path, b: Dictionary | str | Path) -> float:
     """MMCS of ``a``'s atoms against ``b``'s: the paper's proxy for convergence when no ground truth exists
-    (compare a dictionary with the next larger one). Dictionaries or run directories."""
+    (compare a dictionary with the next larger one). Dictionaries, run directories or training checkpoints
+    (``<run>/checkpoints/*.ckpt``, a run's only dictionary)."""
+    from sae.checkpoints import dictionary_from_checkpoint
     from sae.saving import load
 
-    a, b = (load(x) if not isinstance(x, Dictionary) else x for x in (a, b))
+    def resolve(x):
+        if isinstance(x, Dictionary):
+            return x
+        return dictionary_from_checkpoint(x) if str(x).endswith(".ckpt") else load(x)
+
+    a, b = resolve(a), resolve(b)
     with torch.no_grad():
         return mmcs(a.decoder_weight(), b.decoder_weight())
 
@@ -140,6 +149,7 @@ class _Tally:
         self.dictionary = dictionary.to(device)
         self.moments = _Moments()
         self.sq_err_norm, self.cosine, self.l2_ratio, self.ce, self.kl = 0.0, 0.0, 0.0, 0.0, 0.0
+        self.nonzero = 0  # inputs with a direction: cosine and l2_ratio are averaged over these
         self.l0s: list[torch.Tensor] = []
         self.fired = torch.zeros(dictionary.n_features, device=device)
 
@@ -149,8 +159,11 @@ class _Tally:
         x_hat = self.dictionary.decode(codes)
         self.moments.add(x, x_hat)
         self.sq_err_norm += ((x - x_hat) / self.dictionary.scale).pow(2).sum().item()
-        self.cosine += F.cosine_similarity(x_hat, x, dim=-1).sum().item()
-        self.l2_ratio += (x_hat.norm(dim=-1) / x.norm(dim=-1).clamp_min(1e-12)).sum().item()
+        norms = x.norm(dim=-1)
+        has_direction = norms > 0  # an all-zero input (a toy sample where nothing fires) has no ratio or angle
+        self.nonzero += int(has_direction.sum())
+        self.cosine += F.cosine_similarity(x_hat, x, dim=-1)[has_direction].sum().item()
+        self.l2_ratio += (x_hat.norm(dim=-1) / norms)[has_direction].sum().item()
         active = codes != 0
         self.l0s.append(active.sum(-1).cpu())
         self.fired += active.sum(0)
@@ -162,8 +175,8 @@ class _Tally:
         return {
             "mse": self.sq_err_norm / n,
             "fvu": self.moments.fvu(),
-            "cosine": self.cosine / n,
-            "l2_ratio": self.l2_ratio / n,
+            "cosine": self.cosine / max(self.nonzero, 1),
+            "l2_ratio": self.l2_ratio / max(self.nonzero, 1),
             "l0": l0s.mean().item(),
             **density_summary(self.fired, n),
             "n_tokens": n,

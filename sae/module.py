@@ -19,9 +19,10 @@ from torch import nn
 
 from sae.dictionaries import Dictionary, build
 from sae.dictionary_set import label, log_prefix
-from sae.distributed import broadcast_tensors_, gather_rows, sum_across_ranks, world_size
+from sae.distributed import broadcast_tensors_, gather_batches, gather_rows, sum_across_ranks, world_size
 from sae.errors import TrainingDiverged
 from sae.metrics import fvu
+from sae.resampling import resampling_plan
 
 
 def lr_factor(step: int, total: int, warmup: int, decay_frac: float) -> float:
@@ -32,19 +33,6 @@ def lr_factor(step: int, total: int, warmup: int, decay_frac: float) -> float:
     if decay_frac > 0 and step >= decay_start:
         return max(0.0, (total - step) / (total - decay_start))
     return 1.0
-
-
-def duplicate_atoms(atoms: torch.Tensor, threshold: float, chunk: int = 4096) -> torch.Tensor:
-    """Mask of atoms whose cosine similarity with a lower-indexed atom exceeds ``threshold`` (unit-norm rows)."""
-    n = len(atoms)
-    mask = torch.zeros(n, dtype=torch.bool, device=atoms.device)
-    for start in range(0, n, chunk):
-        cos = atoms[start : start + chunk] @ atoms.T  # [chunk, n]
-        rows = torch.arange(start, min(start + chunk, n), device=atoms.device)
-        cos[torch.arange(len(rows)), rows] = -1.0
-        lower = torch.arange(n, device=atoms.device)[None, :] < rows[:, None]
-        mask[rows] = (cos.masked_fill(~lower, -1.0) > threshold).any(dim=1)
-    return mask
 
 
 def seeded_build(dictionary_cfg: dict, seed: int) -> Dictionary:
@@ -63,13 +51,17 @@ class TrainedDictionary(nn.Module):
     under ``<name>/train/``).
     """
 
-    def __init__(self, name: str | None, input_key: str, dictionary_cfg: dict, seed: int = 0, dead_window: int = 500_000):
+    def __init__(self, name: str | None, input_key: str, dictionary_cfg: dict, seed: int = 0, dead_window: int = 500_000,
+                 resample_pool: int = 0):
         super().__init__()
         self.name, self.input_key, self.dead_window = name, input_key, dead_window
         self.dictionary = seeded_build(dictionary_cfg, seed)
         n = self.dictionary.n_features
         self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.long))
         self.register_buffer("fired_since_histogram", torch.zeros(n, dtype=torch.long))
+        # Not buffers: each process keeps its own, which DDP would overwrite with rank 0's (see ``pool_state``).
+        self.recent_inputs, self.recent_seen = torch.zeros(0, self.dictionary.d_in), 0
+        self.make_pool(resample_pool)
         self.generator = torch.Generator().manual_seed(seed)  # CPU: resampling draws on the CPU whatever the device
 
     @property
@@ -85,6 +77,7 @@ class TrainedDictionary(nn.Module):
     def training_loss(self, batch: dict[str, torch.Tensor], sparsity_weight: float) -> tuple[torch.Tensor, dict]:
         """This dictionary's loss on ``batch`` and its metrics (logged under ``prefix``); counts firing."""
         x = self.normalised_input(batch)
+        self.remember(x)
         out = self.dictionary.loss(x, dead=self.dead_mask())
         loss = out["mse"] + sparsity_weight * out["sparsity"] + out["aux"]
         active = out["codes"].detach() != 0
@@ -100,6 +93,39 @@ class TrainedDictionary(nn.Module):
         }
         return loss, {f"{self.prefix}/{k}": v for k, v in metrics.items()}
 
+    def make_pool(self, rows: int) -> None:
+        """Keep the last ``rows`` training inputs (normalised; this process's share), a ring that resampling
+        chooses from (``rows`` = 0: none, resampling uses the current batch)."""
+        self.recent_inputs, self.recent_seen = torch.zeros(rows, self.dictionary.d_in, device=self.recent_inputs.device), 0
+
+    def pool_state(self) -> dict:
+        """The pool for a checkpoint: every process's (``[processes, rows, d_in]``, on the CPU) and how many rows
+        each has seen."""
+        local = self.recent_inputs.to(self.dictionary.b_dec.device)[None]
+        return {"inputs": gather_rows(local).cpu(), "seen": self.recent_seen}
+
+    def load_pool_state(self, state: dict, rank: int) -> None:
+        self.recent_inputs = state["inputs"][rank].to(self.dictionary.b_dec.device)
+        self.recent_seen = state["seen"]
+
+    @torch.no_grad()
+    def remember(self, x: torch.Tensor) -> None:
+        """Keep ``x`` among the recent inputs resampling chooses from (nothing when the pool has size 0)."""
+        pool = len(self.recent_inputs)
+        if pool == 0:
+            return
+        if self.recent_inputs.device != x.device:
+            self.recent_inputs = self.recent_inputs.to(x.device)
+        x = x[-pool:]
+        rows = (self.recent_seen + torch.arange(len(x), device=x.device)) % pool
+        self.recent_inputs[rows] = x.to(self.recent_inputs.dtype)
+        self.recent_seen += len(x)
+
+    def resampling_inputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What resampling chooses from: the recent inputs (the pool), or ``batch`` when there is no pool yet."""
+        seen = min(self.recent_seen, len(self.recent_inputs))
+        return self.recent_inputs[:seen] if seen else self.normalised_input(batch)
+
     def track_firing(self, active: torch.Tensor) -> None:
         """Count firing from the ``[batch, n_features]`` mask of non-zero codes."""
         fired = sum_across_ranks(active.sum(0))
@@ -114,26 +140,23 @@ class TrainedDictionary(nn.Module):
         return density
 
     @torch.no_grad()
-    def resample(self, x: torch.Tensor, optimizer: torch.optim.Optimizer, duplicate_cos: float) -> int:
-        """Re-seed dead and duplicate atoms with inputs ``x`` (normalised) drawn with probability proportional to
-        their squared loss (Anthropic, "Towards Monosemanticity"); their Adam state is reset. Returns how many.
-        ``x`` is gathered from every process."""
-        x = gather_rows(x)
+    def resample(self, x: torch.Tensor, optimizer: torch.optim.Optimizer, duplicate_cos: float,
+                 batch_rows: int | None = None) -> int:
+        """Re-seed stale (dead and duplicate) atoms from the inputs ``x`` (normalised, consecutive batches of
+        ``batch_rows``; gathered from every process) that the dictionary leaves most unexplained
+        (``sae.resampling``); their Adam state is reset. Returns how many."""
+        x = gather_batches(x, batch_rows or len(x))
         d = self.dictionary
-        stale = self.dead_mask() | duplicate_atoms(d.decoder_weight(), duplicate_cos)
-        dead = stale.nonzero().squeeze(1)
-        if len(dead) == 0:
+        stale, directions = resampling_plan(d, x, self.dead_mask(), duplicate_cos, self.generator)
+        if len(stale) == 0:
             return 0
-        residual = x - d.decode_normalised(d.encode_normalised(x))
-        weights = residual.pow(2).sum(-1).pow(2).float().cpu()
-        picks = torch.multinomial(weights + 1e-12, len(dead), replacement=len(dead) > len(x), generator=self.generator)
-        d.reinit_atoms_(dead, residual[picks.to(x.device)])
+        d.reinit_atoms_(stale, directions)
         for param in d.atom_parameters():
             for buf in optimizer.state.get(param, {}).values():
                 if torch.is_tensor(buf) and buf.dim() > 0 and buf.shape[0] == d.n_features:
-                    buf[dead] = 0
-        self.tokens_since_fired[dead] = 0
-        return len(dead)
+                    buf[stale] = 0
+        self.tokens_since_fired[stale] = 0
+        return len(stale)
 
 
 class DictionaryModule(pl.LightningModule):
@@ -144,7 +167,8 @@ class DictionaryModule(pl.LightningModule):
     it has not fired for ``dead_window`` activations. Every ``resample_every`` steps (0: never) until
     ``resample_until`` of the run, each member's dead atoms are resampled, and so is one of each pair of atoms whose
     directions have cosine similarity above ``duplicate_cos`` (a duplicate atom fires, so it is never dead, but it
-    is capacity lost to the features no atom has found).
+    is capacity lost to the features no atom has found); the new directions come from the last ``resample_pool``
+    training inputs (``sae.resampling``).
     """
 
     def __init__(
@@ -161,6 +185,7 @@ class DictionaryModule(pl.LightningModule):
         resample_every: int = 0,
         resample_until: float = 0.5,
         duplicate_cos: float = 0.99,
+        resample_pool: int = 8192,
         histogram_every: int = 200,
         seed: int = 0,
     ):
@@ -178,6 +203,16 @@ class DictionaryModule(pl.LightningModule):
         """The members' dictionaries, in the order they were given."""
         return [member.dictionary for member in self.members]
 
+    def setup(self, stage: str) -> None:
+        # Before a checkpoint is restored, once the number of processes is known: each keeps its share of a pool
+        # of whole batches, so that the gathered pool is what one process would hold.
+        hp = self.hparams
+        if hp.resample_every and hp.resample_pool:
+            batch = self.trainer.datamodule.batch_size
+            rows = -(-hp.resample_pool // batch) * batch // self.trainer.world_size
+            for member in self.members:
+                member.make_pool(rows)
+
     def on_fit_start(self) -> None:
         if not self.initialised:
             sample = self.trainer.datamodule.sample(self.hparams.init_tokens)
@@ -188,10 +223,13 @@ class DictionaryModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["resample_generators"] = [member.generator.get_state() for member in self.members]
+        checkpoint["resample_pools"] = [member.pool_state() for member in self.members]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         for member, state in zip(self.members, checkpoint.get("resample_generators", [])):
             member.generator.set_state(state)
+        for member, state in zip(self.members, checkpoint.get("resample_pools", [])):
+            member.load_pool_state(state, self.global_rank)
 
     def on_train_start(self) -> None:
         self._loop_start = time.perf_counter()
@@ -239,7 +277,8 @@ class DictionaryModule(pl.LightningModule):
         if hp.resample_every and 0 < step and step % hp.resample_every == 0 and step <= hp.resample_until * hp.total_steps:
             optimizer = self.trainer.optimizers[0]
             for member in self.members:
-                count = member.resample(member.normalised_input(batch), optimizer, hp.duplicate_cos)
+                rows = len(batch[member.input_key])  # this process's share of a batch
+                count = member.resample(member.resampling_inputs(batch), optimizer, hp.duplicate_cos, rows)
                 self.log(f"{member.prefix}/resampled", float(count), on_step=True, on_epoch=False)
 
     def _log_density_histograms(self) -> None:

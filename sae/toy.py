@@ -63,12 +63,16 @@ class ToyData:
         return []
 
     @staticmethod
-    def _random_correlation(n: int, gen: torch.Generator, rank: int = 8) -> torch.Tensor:
-        """A random correlation matrix from a rank-``rank`` factor model plus 10% independent noise."""
-        factors = torch.randn(n, rank, generator=gen, dtype=torch.float64)
-        cov = factors @ factors.T / rank + 0.1 * torch.eye(n, dtype=torch.float64)
-        std = cov.diagonal().sqrt()
-        return cov / std[:, None] / std[None, :]
+    def _random_correlation(n: int, gen: torch.Generator) -> torch.Tensor:
+        """The interim report's random correlation matrix: a symmetric matrix of uniform [0, 1) entries, its
+        diagonal raised until it is positive definite, scaled to unit diagonal (weak, mostly positive
+        correlations: features tend to fire together)."""
+        m = torch.rand(n, n, generator=gen, dtype=torch.float64)
+        m = (m + m.T) / 2
+        lowest = torch.linalg.eigvalsh(m)[0].item()
+        m += (max(0.0, -1.001 * lowest) + 1e-3) * torch.eye(n, dtype=torch.float64)
+        std = m.diagonal().sqrt()
+        return m / std[:, None] / std[None, :]
 
     def _firing(self, n: int, gen: torch.Generator) -> torch.Tensor:
         if self.correlation is None:

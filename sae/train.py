@@ -77,7 +77,8 @@ def _run_problems(cfg: DictConfig) -> list[str]:
     _check(t.lr > 0, f"train.lr={t.lr} must be > 0", problems)
     for key in ("init_tokens", "dead_window", "checkpoint_every_n_steps", "log_every_n_steps"):
         _check(t[key] >= 1, f"train.{key}={t[key]} must be >= 1", problems)
-    _check(t.warmup_steps >= 0 and t.resample_every >= 0, "train.warmup_steps and train.resample_every must be >= 0", problems)
+    for key in ("warmup_steps", "resample_every", "resample_pool"):
+        _check(t[key] >= 0, f"train.{key}={t[key]} must be >= 0", problems)
     for key in ("lr_decay_frac", "sparsity_warmup_frac", "resample_until"):
         _check(0 <= t[key] <= 1, f"train.{key}={t[key]} must be in [0, 1]", problems)
     _check(d.eval_tokens >= 1, f"data.eval_tokens={d.eval_tokens} must be >= 1", problems)
@@ -299,7 +300,7 @@ def _train(cfg: DictConfig, run: RunInfo, plans: list[DictionaryPlan], checkpoin
     module = DictionaryModule(
         [_member_config(plan) for plan in plans], steps, t.lr, tuple(t.betas), t.warmup_steps, t.lr_decay_frac,
         t.sparsity_warmup_frac, t.dead_window, t.init_tokens, t.resample_every, t.resample_until, t.duplicate_cos,
-        seed=cfg.seed,
+        t.resample_pool, seed=cfg.seed,
     )
     logger = make_logger(cfg.logger, run)
     checkpoints = ModelCheckpoint(dirpath=str(run.dir / "checkpoints"), every_n_train_steps=t.checkpoint_every_n_steps, save_last=True)

@@ -126,3 +126,14 @@ def test_mean_reconstruction_is_mean_ablation():
     m = heldout_metrics(model, d, hook, ids, [0], batch_size=4, progress=False)
     assert m["ce_spliced"] == pytest.approx(m["ce_mean_ablation"], rel=1e-6)
     assert m["fvu"] == pytest.approx(1.0, rel=1e-4)
+
+
+def test_all_zero_inputs_leave_cosine_and_l2_ratio_alone():
+    """A toy sample where nothing fires is all zeros: it has no angle or length ratio, so it is left out of both
+    averages (it used to put ||x_hat|| / 1e-12 into the l2_ratio mean)."""
+    from sae.metrics import reconstruction_metrics
+
+    x = torch.randn(8, 16)
+    x[3] = 0.0
+    m = reconstruction_metrics(Half(16, 16), x)
+    assert m["l2_ratio"] == pytest.approx(0.5, abs=1e-6) and m["cosine"] == pytest.approx(1.0, abs=1e-6)

@@ -78,6 +78,8 @@ def test_small_toy_run_recovers_planted_features(tmp_path, variant):
     if variant == "topk":
         assert m["frac_recovered"] > 0.95
     assert sae.load(tmp_path).n_features == 64 and (tmp_path / "ground_truth.safetensors").is_file()
+    # the paper's proxy works on training checkpoints too: the last one holds the dictionary that was saved
+    assert dictionary_mmcs(tmp_path / "checkpoints" / "last.ckpt", tmp_path) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_toy_sweep_writes_table_and_heat_maps(tmp_path):

@@ -56,16 +56,20 @@ class Dictionary(nn.Module):
         """Point atoms ``idx`` along ``directions`` (normalised activations) and give them a fresh encoder.
 
         As in Anthropic's "Towards Monosemanticity": the decoder row becomes the unit direction, an untied
-        encoder row the same direction at 0.2x the mean norm of the live encoder rows, the encoder bias 0.
+        encoder row the same direction at 0.2x the mean norm of the live encoder rows, the encoder bias 0. A tied
+        encoder row is the unit atom itself, so there the bias is what keeps the new atom from firing on every
+        input that leans its way: it starts at the median bias of the live atoms.
         """
         unit = unit_rows(directions)
+        alive = torch.ones(self.n_features, dtype=torch.bool, device=unit.device)
+        alive[idx] = False
         self.W_dec[idx] = unit
         if "W_enc" in self._parameters:
-            alive = torch.ones(self.n_features, dtype=torch.bool, device=unit.device)
-            alive[idx] = False
             norm = self.W_enc[alive].norm(dim=-1).mean() if alive.any() else torch.tensor(1.0)
             self.W_enc[idx] = unit * 0.2 * norm
-        self.b_enc[idx] = 0.0
+            self.b_enc[idx] = 0.0
+        else:
+            self.b_enc[idx] = self.b_enc[alive].median() if alive.any() else 0.0
 
     # --- shared -----------------------------------------------------------------------------------------
     def decode_normalised(self, codes: torch.Tensor) -> torch.Tensor:
