@@ -25,6 +25,8 @@ class Dictionary(nn.Module):
     """
 
     variant: ClassVar[str] = ""
+    reseed_encoder_scale: ClassVar[float] = 1.0  # see ``reinit_atoms_``
+    reseed_median_bias: ClassVar[bool] = True
 
     def __init__(self, d_in: int, n_features: int):
         super().__init__()
@@ -55,10 +57,10 @@ class Dictionary(nn.Module):
     def reinit_atoms_(self, idx: torch.Tensor, directions: torch.Tensor) -> None:
         """Point atoms ``idx`` along ``directions`` (normalised activations) and give them a fresh encoder.
 
-        As in Anthropic's "Towards Monosemanticity": the decoder row becomes the unit direction, an untied
-        encoder row the same direction at 0.2x the mean norm of the live encoder rows, the encoder bias 0. A tied
-        encoder row is the unit atom itself, so there the bias is what keeps the new atom from firing on every
-        input that leans its way: it starts at the median bias of the live atoms.
+        The decoder row becomes the unit direction, an untied encoder row the same direction at
+        ``reseed_encoder_scale`` times the mean norm of the live encoder rows, and the encoder bias the live atoms'
+        median (``reseed_median_bias``, so the new atom fires about as selectively as a typical one) or 0. A tied
+        encoder row is the unit atom itself.
         """
         unit = unit_rows(directions)
         alive = torch.ones(self.n_features, dtype=torch.bool, device=unit.device)
@@ -66,10 +68,9 @@ class Dictionary(nn.Module):
         self.W_dec[idx] = unit
         if "W_enc" in self._parameters:
             norm = self.W_enc[alive].norm(dim=-1).mean() if alive.any() else torch.tensor(1.0)
-            self.W_enc[idx] = unit * 0.2 * norm
-            self.b_enc[idx] = 0.0
-        else:
-            self.b_enc[idx] = self.b_enc[alive].median() if alive.any() else 0.0
+            self.W_enc[idx] = unit * self.reseed_encoder_scale * norm
+        median = self.b_enc[alive].median() if alive.any() else 0.0
+        self.b_enc[idx] = median if self.reseed_median_bias else 0.0
 
     # --- shared -----------------------------------------------------------------------------------------
     def decode_normalised(self, codes: torch.Tensor) -> torch.Tensor:

@@ -107,6 +107,8 @@ class TopKDictionary(Dictionary):
     """
 
     variant = "topk"
+    # Anthropic's re-seeding: a small encoder row and bias 0 (AuxK trains a re-seeded latent until it competes)
+    reseed_encoder_scale, reseed_median_bias = 0.2, False
 
     def __init__(self, d_in: int, n_features: int, k: int = 32, aux_coeff: float = 1 / 32, k_aux: int | None = None):
         super().__init__(d_in, n_features)
