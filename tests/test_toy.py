@@ -73,8 +73,8 @@ def test_small_toy_run_recovers_planted_features(tmp_path, variant):
     truth = ToyData(n_features=32, d=32).features
     torch.manual_seed(0)
     random_mmcs = mmcs(truth, build(variant, 32, 64).decoder_weight().detach())
-    # measured at 1,500 steps: relu_tied 0.89, topk 0.999, a random dictionary 0.40
-    assert m["mmcs"] > random_mmcs + 0.35
+    # measured at 1,500 steps: relu_tied 0.97, topk 0.999, a random dictionary 0.40
+    assert m["mmcs"] > max(0.9, random_mmcs + 0.35)
     if variant == "topk":
         assert m["frac_recovered"] > 0.95
     assert sae.load(tmp_path).n_features == 64 and (tmp_path / "ground_truth.safetensors").is_file()
