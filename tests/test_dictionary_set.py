@@ -9,7 +9,9 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
 from conftest import ROOT, run_cli, tiny_overrides
+from sae.checkpoints import dictionary_from_checkpoint
 from sae.errors import ConfigError
+from sae.metrics import dictionary_mmcs
 from sae.train import RunInfo, train, validate
 
 # three hooks (two sites), three variants; resampling every 4 steps, with atoms at cosine > 0.3 counting as
@@ -78,6 +80,12 @@ def test_set_from_the_command_line_then_evaluate(tiny_lm_dir, tiny_text, tmp_pat
     assert not (tmp_path / "sae.json").exists()
     header = next(csv.reader(open(tmp_path / "csv" / "metrics.csv")))
     assert {"a/train/loss", f"{names[1]}/train/l0", "a/heldout/fvu", "train/lr"} <= set(header)
+    # a member read back from the training checkpoint is the dictionary that was saved (which one: by name)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError, match="holds 2 dictionaries"):
+        dictionary_from_checkpoint(last)
+    for name in names:
+        assert dictionary_mmcs(dictionary_from_checkpoint(last, name=name), tmp_path / name) == pytest.approx(1.0, abs=1e-5)
     evaluated = run_cli("evaluate.py", f"run={tmp_path}")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "eval" / "eval.csv")))
