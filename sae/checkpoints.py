@@ -54,10 +54,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
         _write_digests(path, [new])
 
-    def load_checkpoint(self, path, *args, **kwargs) -> dict[str, Any]:
+    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         verify_checkpoint(path)
-        try:
-            return super().load_checkpoint(path, *args, **kwargs)
+        location = {} if map_location is None else {"map_location": map_location}
+        try:  # tensors and plain containers only, whatever the caller asks: loading a checkpoint never runs code
+            return super().load_checkpoint(path, **location, weights_only=True)
         except Exception as err:
             raise ConfigError(f"{_corrupted(path)} ({type(err).__name__}: {err})".replace("\n", " ")) from err
 
@@ -125,7 +126,7 @@ def dictionary_from_checkpoint(path: str | Path, name: str | None = None):
     if not path.is_file():
         raise ConfigError(f"no checkpoint at '{path}'")
     verify_checkpoint(path)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # Lightning's own format
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers only: no pickled code
     members = checkpoint["hyper_parameters"]["dictionaries"]
     names = [m["name"] for m in members]
     if name is None and len(members) > 1:

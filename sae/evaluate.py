@@ -136,7 +136,6 @@ def validate(cfg: DictConfig) -> list[Entry]:
     return entries
 
 
-
 def group_key(entry: Entry) -> str:
     return json.dumps({"model": entry.meta["model"], "data": entry.meta["data"]}, sort_keys=True)
 

@@ -5,8 +5,8 @@ and resampling generator, and a loss that touches only its own parameters. The s
 and Adam's update is elementwise, so one optimizer over all parameters takes each dictionary's own step.
 
 With several processes (DDP) firing is counted over all of them, the normalisation is rank 0's, and resampling
-draws from the gathered batch with a generator in the same state everywhere, so every process makes the same
-change. The generators' states are saved in checkpoints, so a resumed run resamples alike.
+draws from the gathered pools of recent inputs with a generator in the same state everywhere, so every process
+makes the same change. Generators and pools are saved in checkpoints, so a resumed run resamples alike.
 """
 
 from __future__ import annotations
@@ -274,7 +274,11 @@ class DictionaryModule(pl.LightningModule):
         # a run resumed from it resamples here just as the uninterrupted one does.
         hp = self.hparams
         step = self.global_step  # optimizer steps done so far
-        if hp.resample_every and 0 < step and step % hp.resample_every == 0 and step <= hp.resample_until * hp.total_steps:
+        if step > hp.resample_until * hp.total_steps:  # no resampling left: stop copying inputs into the pools
+            for member in self.members:
+                if len(member.recent_inputs):
+                    member.make_pool(0)
+        elif hp.resample_every and 0 < step and step % hp.resample_every == 0:
             optimizer = self.trainer.optimizers[0]
             for member in self.members:
                 rows = len(batch[member.input_key])  # this process's share of a batch

@@ -24,7 +24,7 @@ TOY = [
 
 
 def _final_state(run_dir) -> dict:
-    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
 
 
 def test_two_processes_match_one(tmp_path):
