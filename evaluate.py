@@ -1,18 +1,25 @@
-"""Evaluate dictionaries and baselines on held-out text: `python evaluate.py run=<dir> [baselines=[pca,ica,random,neurons]]`."""
+"""Evaluate dictionaries, or run a study on them: `python evaluate.py run=<dir> [analysis=<study>] [overrides]`."""
+
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
+from sae.cli import check_command_line
 from sae.errors import exit_on_config_error
+from sae.evaluation.config import MOVED  # importing registers the config schema
+
+CONF = Path(__file__).resolve().parent / "conf"
 
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
 @exit_on_config_error
 def main(cfg: DictConfig) -> None:
-    from sae.evaluate import evaluate
+    from sae.evaluation.studies import run_analysis
 
-    evaluate(cfg)
+    run_analysis(cfg)
 
 
 if __name__ == "__main__":
+    check_command_line(CONF, "evaluate", MOVED)
     main()

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sae.errors import ConfigError, exit_on_config_error  # noqa: E402
+from sae.training.config import register_schemas  # noqa: E402
 
 
 def cell_name(l1: float, ratio: float) -> str:
@@ -33,6 +34,7 @@ def cell_config(l1: float, ratio: float, steps: int, overrides: list[str]):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    register_schemas()
     try:
         with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
             return compose("config", overrides=[
@@ -45,8 +47,9 @@ def cell_config(l1: float, ratio: float, steps: int, overrides: list[str]):
 
 def validate_cells(cells: dict, out: Path) -> None:
     """Check every cell's config and run directory before training any; all problems in one ConfigError."""
-    from sae.checkpoints import resume_checkpoint
-    from sae.train import check_launch, config_problems, validate
+    from sae.io.checkpoints import resume_checkpoint
+    from sae.training.run import check_launch
+    from sae.training.validation import config_problems, validate
 
     problems = []
     for name, cfg in cells.items():
@@ -64,7 +67,7 @@ def validate_cells(cells: dict, out: Path) -> None:
 
 
 def run_info(out: Path, name: str):
-    from sae.train import RunInfo
+    from sae.training.run import RunInfo
 
     return RunInfo(out / "runs" / name, name, group=out.name, sweep=True)
 
@@ -109,7 +112,7 @@ def main() -> None:
     validate_cells(cells, args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    from sae.train import train
+    from sae.training.run import train
 
     for l1 in args.l1:
         for ratio in args.ratios:

@@ -1,7 +1,7 @@
 """Throughput benchmark: training steps against this machine's GEMM peak, and the LM's share of the work.
 
 ``python -m sae.bench`` prints one figure per line and, last, one JSON object with every figure. A train step is
-``Dictionary.loss`` + backward + an Adam step on one batch of normalised activations (what ``DictionaryModule``
+the objective (``sae.training.objectives``) + backward + an Adam step on one batch of normalised activations (what ``DictionaryModule``
 does, without Lightning or its logging); it is counted as 10·d·D FLOP per activation (encode, decode and three
 backward products of 2·d·D each). The set comparison (``ensemble_speedup``) runs the real training code: a set of
 dictionaries in one run against one run per dictionary over the same tokens.
@@ -18,11 +18,13 @@ from typing import Callable
 import torch
 
 from sae.dictionaries import build
-from sae.hooks import HookPoint, read_activations
+from sae.lm.hooks import HookPoint
+from sae.lm.reader import capture
+from sae.training.objectives import reconstruction_loss
 
-ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = ROOT.parent / "shared" / "fixtures"
-HPARAMS = {"relu_tied": {"l1_coeff": 0.04}, "topk": {"k": 32}}
+CONF = Path("conf")  # the application's config groups: run from the project's root, as the README's commands are
+FIXTURES = Path("..") / "shared" / "fixtures"
+HPARAMS = {"relu_tied": {"l1_coeff": 0.04}, "topk": {"k": 32, "aux_coeff": 1 / 32, "k_aux": None}}
 
 
 def best_seconds(fn: Callable[[], object], repeats: int) -> float:
@@ -50,12 +52,15 @@ def train_step(variant: str, d: int, n_features: int, seed: int = 0, bf16: bool 
     torch.manual_seed(seed)
     dictionary = build(variant, d, n_features, **HPARAMS[variant])
     optimizer = torch.optim.Adam(dictionary.parameters(), lr=1e-4)
-    loss_fn = torch.compile(dictionary.loss) if compiled else dictionary.loss
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        return reconstruction_loss(dictionary, x)[0]
+
+    loss_fn = torch.compile(loss) if compiled else loss
 
     def step(x: torch.Tensor) -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = loss_fn(x)
-        (out["mse"] + out["sparsity"] + out["aux"]).float().backward()
+            value = loss_fn(x)
+        value.float().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -83,8 +88,8 @@ def option_figures(d: int, n_features: int, batch: int, repeats: int, fp32: dict
 
 def lm_figures(model_dir: Path, text: Path, batch: int, repeats: int) -> dict:
     """Activations/s of block 3 (cut-off forward) against a full forward with unembedding, on ``batch`` tokens."""
-    from sae.model import load_model, load_tokenizer
-    from sae.text import load_documents, pack_contexts
+    from sae.lm.model import load_model, load_tokenizer
+    from sae.lm.text import load_documents, pack_contexts
 
     model, tokenizer = load_model(str(model_dir)), load_tokenizer(str(model_dir))
     contexts = pack_contexts(load_documents("files", str(text))[:200], tokenizer, 256)
@@ -92,13 +97,13 @@ def lm_figures(model_dir: Path, text: Path, batch: int, repeats: int) -> dict:
     tokens = ids.numel()
     with torch.inference_mode():
         full = best_seconds(lambda: model(input_ids=ids, use_cache=False), repeats)
-    cut = best_seconds(lambda: read_activations(model, [HookPoint(3)], ids), repeats)
+    cut = best_seconds(lambda: capture(model, [HookPoint(3)], ids), repeats)
     return {"full_forward_tokens_per_s": tokens / full, "block3_acts_per_s": tokens / cut, "lm_over_full_forward": full / cut,
             "lm_tokens": tokens}
 
 
 def ensemble_figures(model_dir: Path, text: Path, n_dicts: int, tokens: int, eval_tokens: int, overrides: list[str]) -> dict:
-    """The first ``n_dicts`` dictionaries of ``experiment=six_layers`` trained by ``sae.train.train`` in one run (one LM
+    """The first ``n_dicts`` dictionaries of ``experiment=six_layers`` trained by ``sae.training.run.train`` in one run (one LM
     forward per batch) against one run each over the same tokens (a separate run is exactly the set member's own
     config, so it sees the same batches). Every run, shared or separate, is timed from start to finish: its own
     model load, tokenization, initialisation, training loop and held-out evaluation; the training loops alone are
@@ -108,15 +113,11 @@ def ensemble_figures(model_dir: Path, text: Path, n_dicts: int, tokens: int, eva
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from sae.dictionary_set import resolve
-    from sae.train import RunInfo, train
+    from sae.training.config import register_schemas
+    from sae.training.plan import resolve
+    from sae.training.run import RunInfo, train
 
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=[
-            "experiment=six_layers", f"model.name_or_path={model_dir}", "data=text_files", f"data.path={text}",
-            "logger=csv", f"train.tokens={tokens}", f"data.eval_tokens={eval_tokens}", *overrides])
-    with open_dict(cfg):
-        cfg.dictionaries = cfg.dictionaries[:n_dicts]
+    register_schemas()
 
     def timed(run_cfg, directory: Path) -> tuple[float, float]:
         start = time.perf_counter()
@@ -124,7 +125,13 @@ def ensemble_figures(model_dir: Path, text: Path, n_dicts: int, tokens: int, eva
         seconds = time.perf_counter() - start
         return seconds, json.loads((directory / "status.json").read_text())["seconds"]["train_loop"]
 
-    with tempfile.TemporaryDirectory() as tmp:
+    # inside the application's config search path, as train.py runs (the set names another variant)
+    with initialize_config_dir(config_dir=str(CONF.resolve()), version_base="1.3"), tempfile.TemporaryDirectory() as tmp:
+        cfg = compose("config", overrides=[
+            "experiment=six_layers", f"model.name_or_path={model_dir}", "data=text_files", f"data.path={text}",
+            "logger=csv", f"train.tokens={tokens}", f"data.eval_tokens={eval_tokens}", *overrides])
+        with open_dict(cfg):
+            cfg.dictionaries = cfg.dictionaries[:n_dicts]
         shared, shared_loop = timed(cfg, Path(tmp) / "shared")
         separate = [timed(plan.cfg, Path(tmp) / f"alone-{i}") for i, plan in enumerate(resolve(cfg))]
     separate_total, separate_loops = sum(s for s, _ in separate), sum(loop for _, loop in separate)
@@ -151,8 +158,9 @@ def run(args: argparse.Namespace) -> dict:
         fp32 = {variant: figures[f"{variant}_acts_per_s"] for variant in HPARAMS}
         figures.update(option_figures(d, n_features, batch, repeats, fp32))
     figures.update(lm_over_full_forward=None, ensemble_speedup=None)
-    if args.no_lm or not FIXTURES.is_dir():
-        print("LM figures skipped (--no-lm, or ../shared/fixtures absent): lm_over_full_forward, ensemble_speedup null")
+    if args.no_lm or not FIXTURES.is_dir() or not CONF.is_dir():
+        print("LM figures skipped (--no-lm, or ../shared/fixtures or ./conf absent: run from the project's root): "
+              "lm_over_full_forward, ensemble_speedup null")
         return figures
     model_dir, text = FIXTURES / "neox-owt-14m", FIXTURES / "text" / "openwebtext-1k.jsonl"
     figures.update(lm_figures(model_dir, text, batch, repeats))

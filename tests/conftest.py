@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -11,6 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import sae.evaluation.config  # noqa: F401  (importing registers evaluate.yaml's schema)
+import sae.training.config  # noqa: F401  (importing registers the training config's schemas)
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures"
@@ -84,7 +88,60 @@ def tiny_overrides(lm_dir: Path, text: Path, run_dir: Path, *extra: str) -> list
     """A real training config shrunk to seconds: tiny LM, tiny text, few tokens, CSV logging."""
     return [
         f"model.name_or_path={lm_dir}", "data=text_files", f"data.path={text}", "data.context_length=32",
-        "data.lm_batch_size=8", "data.buffer_size=1024", "data.eval_tokens=512", "train.tokens=4096",
-        "train.batch_size=128", "train.warmup_steps=2", "train.init_tokens=512", "train.checkpoint_every_n_steps=10",
+        "stream.lm_batch_size=8", "stream.buffer_size=1024", "data.eval_tokens=512", "train.tokens=4096",
+        "train.batch_size=128", "train.warmup_steps=2", "train.init_tokens=512", "trainer.checkpoint_every_n_steps=10",
         "hook.layer=1", "logger=csv", f"hydra.run.dir={run_dir}", *extra,
     ]
+
+
+@contextlib.contextmanager
+def hydra_conf():
+    """The application's config search path, as inside ``train.py`` (needed where a set names another variant)."""
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        yield
+
+
+@pytest.fixture
+def hydra_app():
+    """Run the test inside the application's config search path, as ``train.py``'s code runs."""
+    with hydra_conf():
+        yield
+
+
+def compose_config(overrides: list[str], config_name: str = "config", hydra: bool = False):
+    """The composed config of ``overrides`` (``hydra.*`` ones dropped unless ``hydra``), as the entry point sees it."""
+    from hydra import compose
+    from hydra.core.global_hydra import GlobalHydra
+
+    kept = overrides if hydra else [o for o in overrides if not o.startswith("hydra.")]
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name, overrides=kept, return_hydra_config=hydra)
+    with hydra_conf():
+        return compose(config_name, overrides=kept, return_hydra_config=hydra)
+
+
+def text_settings(path, context_length: int = 32, heldout_fraction: float = 0.1):
+    from sae.lm.session import TextSettings
+
+    return TextSettings(source="files", path=str(path), text_column="text", split="train",
+                        context_length=context_length, heldout_fraction=heldout_fraction)
+
+
+def make_lm_datamodule(lm_dir, text, hooks, context_length: int = 32, lm_batch_size: int = 8, buffer_size: int = 256,
+                  batch_size: int = 64, seed: int = 0, cache_dir=None, cache_dtype: str = "float16"):
+    """A set-up ActivationDataModule over a session of ``lm_dir`` and ``text`` (no Trainer: on the CPU)."""
+    from sae.data.datamodule import ActivationDataModule, StreamSettings
+    from sae.lm.session import LMSession
+
+    session = LMSession(str(lm_dir), text_settings(text, context_length), lm_batch_size=lm_batch_size, seed=seed)
+    stream = StreamSettings(lm_batch_size=lm_batch_size, buffer_size=buffer_size,
+                            cache_dir=None if cache_dir is None else str(cache_dir), cache_dtype=cache_dtype)
+    dm = ActivationDataModule(session, hooks, stream, batch_size, seed)
+    dm.setup()
+    return dm
+
+
+# settings for building each variant by hand in a test (the one default of each is in conf/sae/<variant>.yaml)
+TEST_HPARAMS = {"relu_tied": {"l1_coeff": 0.0}, "relu": {"l1_coeff": 0.0}, "topk": {"k": 4, "aux_coeff": 1 / 32, "k_aux": None}}

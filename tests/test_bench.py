@@ -17,7 +17,7 @@ def test_bench_runs_tiny_and_prints_json(tmp_path):
     done = subprocess.run([sys.executable, "-m", "sae.bench", "--d", "16", "--features", "64", "--batch", "256",
                            "--repeats", "1", "--dicts", "2", "--ensemble-tokens", "4096",
                            "--ensemble-eval-tokens", "256", "--override", f"data.path={small_text}",
-                           "data.buffer_size=2048", "train.batch_size=256", "train.init_tokens=1024"],
+                           "stream.buffer_size=2048", "train.batch_size=256", "train.init_tokens=1024"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(done.stdout.strip().splitlines()[-1])

@@ -1,5 +1,7 @@
 """Dictionary variants. Add one by writing a module here with a ``@register``-ed class and a YAML in conf/sae/."""
 
+import inspect
+
 from sae.dictionaries import relu, topk  # noqa: F401  (importing registers the variants)
 from sae.dictionaries.base import VARIANTS, Dictionary, register
 
@@ -12,4 +14,10 @@ def build(variant: str, d_in: int, n_features: int, **hparams) -> Dictionary:
 
     if variant not in VARIANTS:
         raise ConfigError(f"unknown dictionary variant '{variant}'; choose sae={'|'.join(VARIANTS)}")
-    return VARIANTS[variant](d_in, n_features, **hparams)
+    cls = VARIANTS[variant]
+    wanted = [n for n, p in inspect.signature(cls.__init__).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    missing, unknown = [n for n in wanted if n not in hparams], sorted(set(hparams) - set(wanted))
+    if missing or unknown:
+        raise ConfigError(f"variant '{variant}' takes the settings {wanted} (defaults: conf/sae/{variant}.yaml); "
+                          f"missing {missing}, unknown {unknown}")
+    return cls(d_in, n_features, **hparams)

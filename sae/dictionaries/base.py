@@ -21,7 +21,7 @@ class Dictionary(nn.Module):
 
     ``encode``/``decode`` work in the model's own units on ``[..., d_in]`` tensors; inside, activations are
     divided by the scalar ``scale`` (set by ``init_from_data`` so that held-in activations have unit mean squared
-    distance from their mean). Training works on normalised activations through ``loss``.
+    distance from their mean). Training works on normalised activations through ``train_terms``.
     """
 
     variant: ClassVar[str] = ""
@@ -87,19 +87,18 @@ class Dictionary(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 
-    def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Training loss on normalised activations ``x`` ``[batch, d_in]``.
+    def train_terms(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """What training needs of this dictionary on normalised activations ``x`` ``[batch, d_in]``.
 
-        ``mse`` = mean over the batch of the squared L2 error summed over dimensions; ``sparsity`` is the
-        variant's penalty (``l1_coeff`` times the batch mean of the codes' L1 norm for ReLU variants); ``aux``
-        an auxiliary term that may use the mask of ``dead`` features (AuxK for TopK, else 0);
-        ``loss`` = ``mse`` + ``sparsity`` + ``aux``.
+        ``x_hat``: the reconstruction (with gradient); ``codes``: the codes (detached, for firing counts);
+        ``sparsity``: the variant's penalty with its coefficient (``l1_coeff`` times the batch mean of the codes' L1
+        norm for ReLU variants; the trainer ramps it in); ``aux``: an auxiliary term that may use the mask of
+        ``dead`` features (AuxK for TopK, else 0). The objective (``sae.training.objectives``) turns these into the
+        loss.
         """
         codes = self.encode_normalised(x)
-        x_hat = self.decode_normalised(codes)
-        mse = (x_hat - x).pow(2).sum(-1).mean()
-        sparsity, aux = self.sparsity_loss(codes), x.new_zeros(())
-        return {"loss": mse + sparsity + aux, "mse": mse, "sparsity": sparsity, "aux": aux, "codes": codes, "x_hat": x_hat}
+        return {"x_hat": self.decode_normalised(codes), "codes": codes.detach(), "sparsity": self.sparsity_loss(codes),
+                "aux": x.new_zeros(())}
 
     @torch.no_grad()
     def init_from_data(self, x: torch.Tensor) -> None:

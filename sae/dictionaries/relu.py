@@ -10,11 +10,13 @@ from sae.dictionaries.base import Dictionary, encoder_affine, random_atoms, regi
 
 @register
 class ReLUDictionary(Dictionary):
-    """codes = ReLU(W_enc (x - b_dec) + b_enc); x_hat = W_dec^T codes + b_dec, with unit-norm rows of W_dec."""
+    """codes = ReLU(W_enc (x - b_dec) + b_enc); x_hat = W_dec^T codes + b_dec, with unit-norm rows of W_dec.
+
+    ``l1_coeff`` has no default here: the one default is ``conf/sae/<variant>.yaml``'s."""
 
     variant = "relu"
 
-    def __init__(self, d_in: int, n_features: int, l1_coeff: float = 1e-3):
+    def __init__(self, d_in: int, n_features: int, *, l1_coeff: float):
         super().__init__(d_in, n_features)
         self.l1_coeff = l1_coeff
         self.W_dec = nn.Parameter(random_atoms(n_features, d_in))
@@ -46,8 +48,8 @@ class TiedReLUDictionary(ReLUDictionary):
 
     variant = "relu_tied"
 
-    def __init__(self, d_in: int, n_features: int, l1_coeff: float = 1e-3):
-        super().__init__(d_in, n_features, l1_coeff)
+    def __init__(self, d_in: int, n_features: int, *, l1_coeff: float):
+        super().__init__(d_in, n_features, l1_coeff=l1_coeff)
         del self.W_enc
 
     def encoder_weight(self) -> torch.Tensor:

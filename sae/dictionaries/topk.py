@@ -1,6 +1,6 @@
 """TopK dictionaries: keep the ``k`` largest pre-activations per input (Gao et al. 2024), no L1 penalty, AuxK.
 
-Training (``loss``) never forms a dense code matrix with gradient: the codes are ``(values, indices)`` pairs,
+Training (``train_terms``) never forms a dense code matrix with gradient: the codes are ``(values, indices)`` pairs,
 decoded with an embedding bag, and both backward passes touch only the ``k`` chosen atoms per input, so the one
 dense product of a step is the encoder's forward.
 """
@@ -103,14 +103,15 @@ class TopKDictionary(Dictionary):
 
     AuxK: dead features (as the trainer reports them) reconstruct the residual error through their own top
     ``k_aux`` pre-activations; that error, divided by the residual's variance and weighted by ``aux_coeff``,
-    is the ``aux`` loss, so dead features get gradient and come back.
+    is the ``aux`` loss, so dead features get gradient and come back (``k_aux`` None: ``d_in / 2``). The settings
+    have no defaults here: the one default of each is ``conf/sae/topk.yaml``'s.
     """
 
     variant = "topk"
     # Anthropic's re-seeding: a small encoder row and bias 0 (AuxK trains a re-seeded latent until it competes)
     reseed_encoder_scale, reseed_median_bias = 0.2, False
 
-    def __init__(self, d_in: int, n_features: int, k: int = 32, aux_coeff: float = 1 / 32, k_aux: int | None = None):
+    def __init__(self, d_in: int, n_features: int, *, k: int, aux_coeff: float, k_aux: int | None):
         super().__init__(d_in, n_features)
         self.k, self.aux_coeff = k, aux_coeff
         self.k_aux = k_aux if k_aux is not None else max(1, d_in // 2)
@@ -130,17 +131,15 @@ class TopKDictionary(Dictionary):
     def decoder_weight(self) -> torch.Tensor:
         return unit_rows(self.W_dec)
 
-    def loss(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def train_terms(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         bias, atoms = self.encoder_bias(), self.decoder_weight()
         with torch.no_grad():
             pre = x @ self.W_enc.T + bias
         values, indices = sparse_topk(pre, x, self.W_enc, bias, self.k)
         x_hat = sparse_decode(indices, values, atoms) + self.b_dec
-        mse = (x_hat - x).pow(2).sum(-1).mean()
         aux = self._aux_loss(pre, x, bias, atoms, x - x_hat.detach(), dead)
         codes = densify(indices, values.detach(), self.n_features)
-        zero = x.new_zeros(())
-        return {"loss": mse + aux, "mse": mse, "sparsity": zero, "aux": aux, "codes": codes, "x_hat": x_hat}
+        return {"x_hat": x_hat, "codes": codes, "sparsity": x.new_zeros(()), "aux": aux}
 
     def _aux_loss(self, pre: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, atoms: torch.Tensor,
                   residual: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor:

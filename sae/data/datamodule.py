@@ -1,0 +1,164 @@
+"""LightningDataModules whose training batches come from a resumable stream; the LM one reads live activations.
+
+Resuming is exact: Lightning saves the datamodule's ``state_dict`` in every checkpoint and restores it with
+``load_state_dict`` before training resumes. The state is the stream's state after the last batch actually
+trained on (the training loop fetches one batch ahead), one entry per process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from sae.data.cache import ActivationCache, CacheSettings, prepare_caches
+from sae.data.stream import ActivationStream, ContextOrder, ResumableStream
+from sae.distributed import gather_objects
+from sae.errors import ConfigError
+from sae.lm.hooks import HookPoint
+from sae.lm.reader import Batch, token_mask
+from sae.lm.session import LMSession
+
+SEQ = "_seq"  # key of a batch's sequence number, removed before the batch reaches the module
+
+
+class _Iterate(IterableDataset):
+    """An iterable dataset over ``make()``'s iterator (a fresh one per ``iter``)."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self.make()
+
+
+class StreamDataModule(pl.LightningDataModule):
+    """Training batches of ``batch_size // world_size`` rows per process from ``make_stream`` (a subclass's),
+    resumable exactly through ``state_dict``/``load_state_dict``."""
+
+    def __init__(self, batch_size: int):
+        super().__init__()
+        self.batch_size = batch_size  # over all processes
+        self.rank, self.world_size = 0, 1
+        self._resume: dict | None = None
+        self._pending: dict[int, dict] = {}
+        self._trained: dict | None = None
+
+    def make_stream(self) -> ResumableStream:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.trainer is not None:
+            self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
+        if self.batch_size % self.world_size:
+            raise ConfigError(f"train.batch_size={self.batch_size} is not divisible by the {self.world_size} processes")
+
+    def _tagged(self) -> Iterator[Batch]:
+        stream = self.make_stream()
+        if self._resume is not None:
+            stream.load_state_dict(self._resume)
+        for seq, batch in enumerate(stream):
+            self._pending[seq] = stream.state_dict()
+            yield {**batch, SEQ: seq}
+
+    def train_dataloader(self) -> DataLoader:
+        self._pending, self._trained = {}, None
+        return DataLoader(_Iterate(self._tagged), batch_size=None, num_workers=0)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Runs when the batch is about to be trained on (not when it was fetched): record the stream's state."""
+        if isinstance(batch, dict) and SEQ in batch:
+            seq = batch.pop(SEQ)
+            self._trained = self._pending.pop(seq)
+            self._pending = {k: v for k, v in self._pending.items() if k > seq}
+        return batch
+
+    def state_dict(self) -> dict:
+        state = self._trained if self._trained is not None else self._resume
+        if state is None:
+            return {}
+        return {"ranks": gather_objects(state)}
+
+    def load_state_dict(self, state: dict) -> None:
+        ranks = state["ranks"]
+        if len(ranks) != self.world_size:
+            raise ConfigError(
+                f"the checkpoint was written by {len(ranks)} training processes, this run has {self.world_size}: "
+                f"resume with the same train.devices"
+            )
+        self._resume = ranks[self.rank]
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    """How activations become training batches (the ``stream`` group)."""
+
+    lm_batch_size: int = 32
+    """Contexts per LM forward."""
+    buffer_size: int = 131072
+    """Activations shuffled together (per process) before they are cut into batches."""
+    cache_dir: str | None = None
+    """A directory: activations are written there by the first run and read by later ones."""
+    cache_dtype: str = "float16"
+    """How cached activations are stored: float16, bfloat16 or float32."""
+
+
+class ActivationDataModule(StreamDataModule):
+    """Training batches of shuffled activations of a session's training contexts at ``hooks``.
+
+    In ``setup`` the session moves to the trainer's device, so LM and dictionary share the accelerator. With
+    several processes each reads its own share of the contexts into its own buffer of ``buffer_size`` rows. With a
+    ``cache_dir``, hooks are read from (and first written to) an on-disk cache each (``sae.data.cache``); the LM
+    runs only for the hooks without one.
+    """
+
+    def __init__(self, session: LMSession, hooks: list[HookPoint], stream: StreamSettings, batch_size: int, seed: int = 0):
+        super().__init__(batch_size)
+        self.session, self.hooks, self.stream, self.seed = session, hooks, stream, seed
+        self.caches: dict[HookPoint, ActivationCache] | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        self.session.prepare_text()
+        if len(self.session.train_contexts) < self.world_size:
+            raise ConfigError(f"{len(self.session.train_contexts)} training contexts cannot be shared by "
+                              f"{self.world_size} processes: give more text or fewer trainer.devices")
+        if self.trainer is not None:
+            self.session.to(self.trainer.strategy.root_device)
+        if self.caches is None:
+            settings = self._cache_settings()
+            self.caches = prepare_caches(settings, self.hooks, self.session.model, self.session.train_contexts,
+                                         self.stream.lm_batch_size) if settings else {}
+
+    def _cache_settings(self) -> CacheSettings | None:
+        if self.stream.cache_dir is None:
+            return None
+        s = self.session
+        return CacheSettings(Path(self.stream.cache_dir), self.stream.cache_dtype, s.model_name, s.model_dtype,
+                             s.text.as_record())
+
+    def read(self, indices: torch.Tensor) -> Batch:
+        """Activations of the training contexts ``indices`` at every hook (the stream's ``ReadContexts``): the
+        cache where a hook has one, a live forward of the LM for the others."""
+        input_ids = self.session.train_contexts[indices]
+        live = [hook for hook in self.hooks if hook not in self.caches]
+        batch = self.session.read(live, input_ids) if live else {}
+        if self.caches:
+            keep = token_mask(input_ids, self.session.special_ids)
+            device = self.session.device
+            batch.update({hook.name: cache.read(indices)[keep].to(device) for hook, cache in self.caches.items()})
+        return {hook.name: batch[hook.name] for hook in self.hooks}
+
+    def sample(self, n: int) -> Batch:
+        """About ``n`` training activations per hook (for initialising normalisation), from a separate order of all
+        the contexts (the same in every process)."""
+        return self.session.sample(self.hooks, n, read=self.read)
+
+    def make_stream(self) -> ActivationStream:
+        order = ContextOrder(len(self.session.train_contexts), self.seed, self.rank, self.world_size)
+        return ActivationStream(self.read, order, self.stream.lm_batch_size, self.stream.buffer_size,
+                                self.batch_size // self.world_size, self.seed)

@@ -1,0 +1,67 @@
+"""The typed schema of ``conf/evaluate.yaml``'s top level, registered with Hydra's ConfigStore.
+
+The ``analysis`` group is open-ended (each study declares its own settings beside its ``_target_``); the
+overrides of a dictionary's recorded ``model``, ``data`` and ``stream`` are typed here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelOverrides:
+    name_or_path: Optional[str] = None
+    dtype: Optional[str] = None
+
+
+@dataclass
+class DataOverrides:
+    source: Optional[str] = None
+    path: Optional[str] = None
+    text_column: Optional[str] = None
+    split: Optional[str] = None
+    context_length: Optional[int] = None
+    heldout_fraction: Optional[float] = None
+
+
+@dataclass
+class StreamOverrides:
+    lm_batch_size: Optional[int] = None
+
+
+@dataclass
+class EvaluateConfig:
+    run: str = MISSING
+    """A run, dictionary, multirun sweep or SAELens directory; every dictionary under it is used."""
+    out: str = MISSING
+    """Where the study writes."""
+    baseline_tokens: int = MISSING
+    """Training activations the baselines are fitted on."""
+    eval_tokens: Optional[int] = MISSING
+    """Held-out tokens (null: each dictionary's data.eval_tokens)."""
+    device: str = MISSING
+    """auto (CUDA when there is one), cpu or cuda."""
+    seed: int = MISSING
+    """ICA's and the random baseline's initialisation, the fitting sample's context order."""
+    model: ModelOverrides = field(default_factory=ModelOverrides)
+    data: DataOverrides = field(default_factory=DataOverrides)
+    stream: StreamOverrides = field(default_factory=StreamOverrides)
+    analysis: Any = MISSING
+    """The study: conf/analysis/<name>.yaml (its _target_ and settings)."""
+
+
+MOVED = {
+    "baselines": "analysis.baselines",
+    "features.baselines": "analysis.baselines",
+    "features.figures": "analysis.figures",
+    **{f"features.settings.{k}": f"analysis.settings.{k}" for k in (
+        "top_k", "window", "quantiles", "per_quantile", "min_count", "causal_contexts", "logit_tokens", "hist_tokens", "bins")},
+    "data.lm_batch_size": "stream.lm_batch_size",
+}
+
+ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)

@@ -1,0 +1,189 @@
+"""Reconstruction and sparsity metrics, MMCS, and the next-token CE and KL of spliced logits against clean ones."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from sae.dictionaries import Dictionary
+from sae.io.checkpoints import dictionary_from_checkpoint
+from sae.io.saving import load
+
+DENSE_DENSITY = 0.1  # a feature firing on more than this fraction of tokens is dense
+DENSITY_BINS = 24  # log10 feature-density histogram: bins between log10(1 / n_tokens) and 0
+L0_BINS = 32
+
+
+def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Fraction of variance unexplained, centred: sum ||x - x_hat||^2 / sum ||x - mean(x)||^2."""
+    return (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+
+
+def l0(codes: torch.Tensor) -> torch.Tensor:
+    """Mean number of non-zero codes per input."""
+    return (codes != 0).float().sum(-1).mean()
+
+
+def best_cosines(reference: torch.Tensor, learned: torch.Tensor) -> torch.Tensor:
+    """For each ``reference`` row, the maximum cosine similarity to any ``learned`` row."""
+    cos = F.normalize(reference.float(), dim=-1) @ F.normalize(learned.float(), dim=-1).T
+    return cos.max(dim=1).values
+
+
+def mmcs(reference: torch.Tensor, learned: torch.Tensor) -> float:
+    """Mean max cosine similarity: how well ``learned`` directions cover the ``reference`` ones (1 = all found)."""
+    return best_cosines(reference, learned).mean().item()
+
+
+def recovered_fraction(reference: torch.Tensor, learned: torch.Tensor, threshold: float = 0.9) -> float:
+    """Fraction of ``reference`` rows matched by a ``learned`` row with cosine similarity above ``threshold``."""
+    return (best_cosines(reference, learned) > threshold).float().mean().item()
+
+
+def dictionary_mmcs(a: Dictionary | str | Path, b: Dictionary | str | Path) -> float:
+    """MMCS of ``a``'s atoms against ``b``'s: the paper's proxy for convergence when no ground truth exists
+    (compare a dictionary with the next larger one). Dictionaries, run directories or training checkpoints
+    (``<run>/checkpoints/*.ckpt``, a run's only dictionary)."""
+    def resolve(x):
+        if isinstance(x, Dictionary):
+            return x
+        return dictionary_from_checkpoint(x) if str(x).endswith(".ckpt") else load(x)
+
+    a, b = resolve(a), resolve(b)
+    with torch.no_grad():
+        return mmcs(a.decoder_weight(), b.decoder_weight())
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Dot product over the last dimension, ``[..., V] x [..., V] -> [...]``, as a batched matmul (no temporary)."""
+    return (a.unsqueeze(-2) @ b.unsqueeze(-1)).squeeze(-1).squeeze(-1)
+
+
+class NextTokenScorer:
+    """Summed next-token CE of any logits, and KL(clean || them), against one batch's clean logits.
+
+    Positions ``[:, :-1]`` predict ``input_ids[:, 1:]``. With clean logits c (log-sum-exp C, softmax p) and logits z
+    (log-sum-exp L): CE = L - z[target] and KL = (L - C) sum p - sum p (z - c). Scoring costs one log-sum-exp and one
+    dot product per position (the vocabulary-wide work dominates on a CPU); working with z - c keeps float32 exact
+    enough for the small KLs of good reconstructions.
+    """
+
+    def __init__(self, clean_logits: torch.Tensor, input_ids: torch.Tensor):
+        self.targets = input_ids[:, 1:].unsqueeze(-1)
+        self.clean = clean_logits[:, :-1].float()
+        self.clean_lse = torch.logsumexp(self.clean, -1)
+        self.p = (self.clean - self.clean_lse.unsqueeze(-1)).exp()
+        self.p_sum = self.p.sum(-1)
+
+    def ce(self, logits: torch.Tensor) -> float:
+        z = logits[:, :-1].float()
+        return (torch.logsumexp(z, -1) - z.gather(-1, self.targets).squeeze(-1)).double().sum().item()
+
+    def ce_and_kl(self, logits: torch.Tensor) -> tuple[float, float]:
+        z = logits[:, :-1].float()
+        lse = torch.logsumexp(z, -1)
+        ce = (lse - z.gather(-1, self.targets).squeeze(-1)).double().sum().item()
+        kl = ((lse - self.clean_lse) * self.p_sum - _row_dot(self.p, z - self.clean)).double().sum().item()
+        return ce, kl
+
+
+def histogram(values: torch.Tensor, bins: int, low: float, high: float) -> dict[str, list[float]]:
+    """Equal-width histogram of ``values`` over ``[low, high]``, as JSON-ready ``edges`` and ``counts``."""
+    counts, edges = torch.histogram(values.double().cpu(), bins=bins, range=(low, high))
+    return {"edges": edges.tolist(), "counts": counts.tolist()}
+
+
+def density_summary(fired: torch.Tensor, n_tokens: int) -> dict:
+    """Dead and dense fractions and the log10 density histogram of features that fired ``fired`` times."""
+    density = fired.double() / n_tokens
+    live = density[density > 0]
+    return {
+        "dead_frac": (density == 0).double().mean().item(),
+        "dense_frac": (density > DENSE_DENSITY).double().mean().item(),
+        "log10_density_hist": histogram(live.log10(), DENSITY_BINS, -math.log10(n_tokens), 0.0),
+    }
+
+
+class Moments:
+    """Running sums for centred FVU over many batches (float64)."""
+
+    def __init__(self):
+        self.n, self.sum_x, self.sum_sq, self.sum_err = 0, 0.0, 0.0, 0.0
+
+    def add(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
+        x64 = x.double()
+        self.n += len(x)
+        self.sum_x = self.sum_x + x64.sum(0)
+        self.sum_sq += x64.pow(2).sum().item()
+        self.sum_err += (x64 - x_hat.double()).pow(2).sum().item()
+
+    def fvu(self) -> float:
+        total_var = self.sum_sq - (self.sum_x.pow(2).sum() / self.n).item()
+        return self.sum_err / max(total_var, 1e-12)
+
+
+class Tally:
+    """One dictionary's running sums over held-out batches: reconstruction, sparsity and spliced-LM loss."""
+
+    def __init__(self, dictionary: Dictionary, device: torch.device):
+        self.dictionary = dictionary.to(device)
+        self.moments = Moments()
+        self.sq_err_norm, self.cosine, self.l2_ratio, self.ce, self.kl = 0.0, 0.0, 0.0, 0.0, 0.0
+        self.nonzero = 0  # inputs with a direction: cosine and l2_ratio are averaged over these
+        self.l0s: list[torch.Tensor] = []
+        self.fired = torch.zeros(dictionary.n_features, device=device)
+
+    def add_reconstruction(self, x: torch.Tensor) -> torch.Tensor:
+        """Add ``x`` ``[n, d_in]`` (model units) and its reconstruction to the sums; return the reconstruction."""
+        codes = self.dictionary.encode(x)
+        x_hat = self.dictionary.decode(codes)
+        self.moments.add(x, x_hat)
+        self.sq_err_norm += ((x - x_hat) / self.dictionary.scale).pow(2).sum().item()
+        norms = x.norm(dim=-1)
+        has_direction = norms > 0  # an all-zero input (a toy sample where nothing fires) has no ratio or angle
+        self.nonzero += int(has_direction.sum())
+        self.cosine += F.cosine_similarity(x_hat, x, dim=-1)[has_direction].sum().item()
+        self.l2_ratio += (x_hat.norm(dim=-1) / norms)[has_direction].sum().item()
+        active = codes != 0
+        self.l0s.append(active.sum(-1).cpu())
+        self.fired += active.sum(0)
+        return x_hat
+
+    def reconstruction_summary(self) -> dict:
+        n = self.moments.n
+        l0s = torch.cat(self.l0s).double()
+        return {
+            "mse": self.sq_err_norm / n,
+            "fvu": self.moments.fvu(),
+            "cosine": self.cosine / max(self.nonzero, 1),
+            "l2_ratio": self.l2_ratio / max(self.nonzero, 1),
+            "l0": l0s.mean().item(),
+            **density_summary(self.fired, n),
+            "n_tokens": n,
+            "l0_hist": histogram(l0s, L0_BINS, 0.0, max(l0s.max().item(), 1.0)),
+        }
+
+    def summary(self, ce: dict[str, float], n_pred: int) -> dict:
+        spliced = self.ce / n_pred
+        return {
+            **self.reconstruction_summary(),
+            "ce_clean": ce["clean"],
+            "ce_spliced": spliced,
+            "ce_zero_ablation": ce["zero"],
+            "ce_mean_ablation": ce["mean"],
+            "ce_loss_recovered": (ce["zero"] - spliced) / (ce["zero"] - ce["clean"]),
+            "kl_spliced": self.kl / n_pred,
+            "ppl_clean": math.exp(ce["clean"]),
+            "ppl_spliced": math.exp(spliced),
+        }
+
+
+@torch.no_grad()
+def reconstruction_metrics(dictionary: Dictionary, x: torch.Tensor) -> dict:
+    """The reconstruction and sparsity part of the held-out metrics, on activations ``x`` ``[n, d_in]``."""
+    tally = Tally(dictionary, x.device)
+    tally.add_reconstruction(x)
+    return tally.reconstruction_summary()

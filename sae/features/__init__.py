@@ -1,0 +1,1 @@
+"""Features: per-feature records, logit effects, monosemanticity scores and the dashboard (``analysis=features``)."""

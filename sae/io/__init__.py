@@ -1,0 +1,1 @@
+"""Files: dictionaries on disk (safetensors + JSON), training checkpoints, SAELens interop, atomic writes."""

@@ -1,0 +1,165 @@
+"""The spliced forward: the LM run once with an edit of the activation at some hooks.
+
+Every intervention of the project goes through ``spliced_forward``: the held-out metrics (reconstruction, zero and
+mean ablation spliced in), the causal logit effects of a feature, feature patching, circuit ablations and the KL
+training objective. An edit sees the activation arriving at its hook (after every upstream edit) and the mask of
+ordinary-text positions, and returns the activation the rest of the model sees; edits change ordinary-text
+positions only (BOS, EOS and padding keep the model's own, as in training).
+
+Gradients follow the caller: under ``torch.no_grad()`` nothing is recorded; with autograd on, gradients flow
+through the frozen later blocks into whatever the edits used (a dictionary's parameters, codes given to a patch).
+
+Edits in model units (a dictionary's ``encode``/``decode`` apply its normalisation themselves):
+
+- ``Reconstruct(d)``: ``x -> decode(encode(x))``;
+- ``PatchCodes(d, features, codes)``: ``x -> x + Σ_{j∈F} (codes_j − c_j) · d_j`` with ``c = encode(x)`` and ``d_j``
+  the atoms in model units: the error ``x − decode(c)`` is kept, so patching no feature leaves ``x`` exactly;
+- ``Ablate(d, features)``: ``x -> x − Σ_{j∈F} c_j · d_j`` (the error and the other features kept);
+- ``AddDelta(delta)``, ``Replace(values)``: a given change, or given values (zeros, a mean) at ordinary positions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from sae.dictionaries import Dictionary
+from sae.lm.hooks import HookPoint, intervene
+from sae.lm.reader import model_device, token_mask
+
+Edit = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (activation [b, s, w], keep [b, s]) -> activation
+
+
+def _at_ordinary(keep: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    return torch.where(keep.unsqueeze(-1), new.to(old.dtype), old)
+
+
+def _as_dictionary_input(dictionary: Dictionary, x: torch.Tensor) -> torch.Tensor:
+    """``x`` in the dictionary's dtype (a bf16 LM's activation meets a float32 dictionary)."""
+    return x.to(dictionary.b_dec.dtype)
+
+
+def atoms_in_model_units(dictionary: Dictionary) -> torch.Tensor:
+    """``[n_features, d_in]``: what one unit of each code adds to the activation."""
+    return dictionary.decoder_weight() * dictionary.scale
+
+
+def feature_mask(features: torch.Tensor | Sequence[int], n_features: int, device: torch.device) -> torch.Tensor:
+    """A float ``[n_features]`` 0/1 mask from a boolean mask or a list of indices."""
+    features = torch.as_tensor(features, device=device)
+    if features.dtype == torch.bool:
+        return features.float()
+    return torch.zeros(n_features, device=device).index_fill_(0, features.long(), 1.0)
+
+
+@dataclass
+class Reconstruct:
+    """The dictionary's reconstruction in place of the activation."""
+
+    dictionary: Dictionary
+
+    def __call__(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return _at_ordinary(keep, self.dictionary(_as_dictionary_input(self.dictionary, x)), x)
+
+
+@dataclass
+class PatchCodes:
+    """Set the codes of ``features`` to ``codes`` (``[batch, seq, n_features]``, e.g. another input's), keeping
+    this input's reconstruction error and its other codes. ``base_codes`` holds the codes it found (``c``)."""
+
+    dictionary: Dictionary
+    features: torch.Tensor | Sequence[int]
+    codes: torch.Tensor
+    base_codes: torch.Tensor | None = field(default=None, repr=False)
+
+    def __call__(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        d, x_in = self.dictionary, _as_dictionary_input(self.dictionary, x)
+        self.base_codes = d.encode(x_in)
+        mask = feature_mask(self.features, d.n_features, x.device).to(x_in.dtype)
+        delta = ((self.codes.to(self.base_codes) - self.base_codes) * mask) @ atoms_in_model_units(d)
+        return _at_ordinary(keep, x_in + delta, x)
+
+
+@dataclass
+class Ablate:
+    """Remove the contribution ``c_j · d_j`` of each of ``features``; the error and every other code stay.
+    ``base_codes`` holds the codes it found."""
+
+    dictionary: Dictionary
+    features: torch.Tensor | Sequence[int]
+    base_codes: torch.Tensor | None = field(default=None, repr=False)
+
+    def __call__(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        d, x_in = self.dictionary, _as_dictionary_input(self.dictionary, x)
+        self.base_codes = d.encode(x_in)
+        mask = feature_mask(self.features, d.n_features, x.device).to(x_in.dtype)
+        return _at_ordinary(keep, x_in - (self.base_codes * mask) @ atoms_in_model_units(d), x)
+
+
+@dataclass
+class AddDelta:
+    """Add ``delta`` (broadcastable to the activation) at ordinary positions."""
+
+    delta: torch.Tensor
+
+    def __call__(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return _at_ordinary(keep, x + self.delta.to(x), x)
+
+
+@dataclass
+class Replace:
+    """``values`` (broadcastable to the activation: zeros, a mean activation, another run's) at ordinary positions."""
+
+    values: torch.Tensor
+
+    def __call__(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        return _at_ordinary(keep, self.values.to(x).expand_as(x), x)
+
+
+@dataclass
+class Spliced:
+    """What a spliced forward returns: next-token ``logits`` (``[batch, seq, vocab]``, or ``[n, vocab]`` at the
+    positions asked for) and the activation that arrived at each hook asked for (before that hook's own edit)."""
+
+    logits: torch.Tensor
+    activations: dict[HookPoint, torch.Tensor]
+
+
+def spliced_forward(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    edits: Mapping[HookPoint, Edit],
+    special_ids: list[int],
+    read: Sequence[HookPoint] = (),
+    at: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> Spliced:
+    """Run ``model`` on ``input_ids`` once with each ``edits[hook]`` applied at its hook.
+
+    ``read``: hooks whose arriving activation is returned. ``at``: ``(rows, positions)`` to unembed only those
+    positions (the final hidden states are gathered first, sparing the vocabulary-wide product elsewhere)."""
+    input_ids = input_ids.to(model_device(model))
+    keep = token_mask(input_ids, special_ids)
+    seen: dict[HookPoint, torch.Tensor] = {}
+
+    def at_hook(hook: HookPoint):
+        def fn(x: torch.Tensor) -> torch.Tensor | None:
+            if hook in read:
+                seen[hook] = x
+            return edits[hook](x, keep) if hook in edits else None
+
+        return fn
+
+    with contextlib.ExitStack() as stack:
+        for hook in dict.fromkeys([*edits, *read]):
+            stack.enter_context(intervene(model, hook, at_hook(hook)))
+        if at is None:
+            logits = model(input_ids=input_ids, use_cache=False).logits
+        else:
+            hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+            rows, positions = (t.to(hidden.device) for t in at)
+            logits = model.get_output_embeddings()(hidden[rows, positions])
+    return Spliced(logits, seen)

@@ -1,0 +1,201 @@
+"""Typed schemas of the training config's fixed groups, registered with Hydra's ConfigStore.
+
+Each group's YAML (``conf/<group>/*.yaml``) names its schema first in its defaults list and holds the values: the
+schema gives each field its type and its meaning (here), the YAML its one default. A value of the wrong type on
+the command line (``train.tokens=abc``) then fails as Hydra composes the config, and ``sae.cli`` reports that in one
+line. The open-ended groups stay untyped: ``sae`` (a variant takes the settings it declares; checked by
+``sae.training.validation``), ``experiment`` (presets may set anything) and ``dictionaries``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = MISSING
+    """A hub id or a local model directory."""
+    dtype: str = MISSING
+    """The LM's weights: float32, bfloat16 or float16 (activations are read as float32)."""
+
+
+@dataclass
+class HookConfig:
+    layer: int = MISSING
+    """The block, 0-based."""
+    site: str = MISSING
+    """resid (block output), mlp (MLP neurons after the nonlinearity), mlp_out or attn_out."""
+
+
+@dataclass
+class TextDataConfig:
+    source: str = MISSING
+    """files (local .txt/.jsonl/.parquet) or hub (a Hugging Face dataset)."""
+    path: str = MISSING
+    """A file or glob, or a hub dataset id."""
+    split: str = MISSING
+    """The dataset split (hub datasets)."""
+    text_column: str = MISSING
+    """The column holding the text."""
+    context_length: int = MISSING
+    """Tokens per packed context, BOS included (BOS/EOS/pad positions are never trained on)."""
+    heldout_fraction: float = MISSING
+    """The last fraction of documents, held out for the final metrics."""
+    eval_tokens: int = MISSING
+    """Held-out tokens for metrics.json (at most; all held-out text if fewer)."""
+
+
+@dataclass
+class ToyDataConfig:
+    source: str = MISSING
+    """Always toy."""
+    n_features: int = MISSING
+    """Planted ground-truth directions."""
+    d: int = MISSING
+    """Their dimension (the dictionary's input width)."""
+    avg_active: float = MISSING
+    """Mean number of features firing per sample."""
+    decay: float = MISSING
+    """Feature i fires with probability proportional to decay**i."""
+    correlated: bool = MISSING
+    """Features fire together through a random correlation matrix."""
+    seed: int = MISSING
+    """Seeds the ground truth and the sample stream."""
+    eval_tokens: int = MISSING
+    """Fresh samples for metrics.json."""
+
+
+@dataclass
+class StreamConfig:
+    lm_batch_size: int = MISSING
+    """Contexts per LM forward."""
+    buffer_size: int = MISSING
+    """Activations shuffled together (per process) before they are cut into batches."""
+    cache_dir: Optional[str] = MISSING
+    """A directory: activations are written there by the first run, read by later ones (null: none)."""
+    cache_dtype: str = MISSING
+    """How cached activations are stored: float16, bfloat16 or float32."""
+
+
+@dataclass
+class TrainConfig:
+    tokens: int = MISSING
+    """Activation vectors to train on; the run lasts tokens / batch_size steps."""
+    batch_size: int = MISSING
+    """Activations per optimiser step (over all processes)."""
+    lr: float = MISSING
+    """Adam's learning rate after warm-up."""
+    betas: list[float] = MISSING
+    """Adam's betas."""
+    warmup_steps: int = MISSING
+    """Linear learning-rate warm-up."""
+    lr_decay_frac: float = MISSING
+    """Linear decay to 0 over this last fraction of the steps."""
+    sparsity_warmup_frac: float = MISSING
+    """The sparsity term ramps in linearly over this first fraction of the steps."""
+    dead_window: int = MISSING
+    """A feature is dead after this many activations without firing."""
+    init_tokens: int = MISSING
+    """Activations that set the normalisation scale and the decoder bias."""
+    resample_every: int = MISSING
+    """Steps between resampling stale atoms (0: never)."""
+    resample_until: float = MISSING
+    """No resampling after this fraction of the run."""
+    duplicate_cos: float = MISSING
+    """When resampling, also re-seed one of each pair of atoms this similar."""
+    resample_pool: int = MISSING
+    """Resampling re-seeds atoms from this many of the latest training inputs."""
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = MISSING
+    """auto, cpu or gpu (Lightning's)."""
+    devices: Any = MISSING
+    """Devices (processes) training one dictionary: a number, a list, or auto."""
+    num_nodes: int = MISSING
+    """Machines."""
+    strategy: str = MISSING
+    """auto, or ddp for several devices."""
+    precision: str = MISSING
+    """Lightning's precision, e.g. 32-true or bf16-mixed."""
+    log_every_n_steps: int = MISSING
+    """Steps between logged training metrics."""
+    checkpoint_every_n_steps: int = MISSING
+    """Steps between checkpoints (checkpoints/last.ckpt, what resume=true continues from)."""
+
+
+@dataclass
+class WandbLoggerConfig:
+    kind: str = MISSING
+    """wandb."""
+    project: str = MISSING
+    entity: Optional[str] = MISSING
+    group: Optional[str] = MISSING
+    """null: the sweep's directory name in a multirun, else none."""
+    mode: str = MISSING
+    """auto (online when logged in), online, offline or disabled."""
+
+
+@dataclass
+class CsvLoggerConfig:
+    kind: str = MISSING
+    """csv."""
+
+
+@dataclass
+class RunConfig:
+    """The top level of ``conf/config.yaml``."""
+
+    seed: int = MISSING
+    """Seeds the dictionary's initialisation, the context order, the shuffle and resampling."""
+    resume: bool = MISSING
+    """Continue the run in hydra.run.dir from its checkpoints/last.ckpt."""
+    dictionaries: Any = MISSING
+    """null, or a list of {name, hook, sae} entries trained together (sae.training.plan)."""
+    # the groups, each typed by its own schema (``sae`` is open-ended)
+    model: Any = MISSING
+    hook: Any = MISSING
+    sae: Any = MISSING
+    data: Any = MISSING
+    stream: Any = MISSING
+    train: Any = MISSING
+    trainer: Any = MISSING
+    logger: Any = MISSING
+
+
+# Keys that moved when the data and train groups were split into the objects they configure: the old name on the
+# command line gets one line naming the new one (sae.cli).
+MOVED = {
+    **{f"data.{k}": f"stream.{k}" for k in ("lm_batch_size", "buffer_size", "cache_dir", "cache_dtype")},
+    **{f"train.{k}": f"trainer.{k}" for k in ("accelerator", "devices", "num_nodes", "strategy", "precision",
+                                             "log_every_n_steps", "checkpoint_every_n_steps")},
+}
+
+SCHEMAS = {
+    ("model", "model_schema"): ModelConfig,
+    ("hook", "hook_schema"): HookConfig,
+    ("data", "text_schema"): TextDataConfig,
+    ("data", "toy_schema"): ToyDataConfig,
+    ("stream", "stream_schema"): StreamConfig,
+    ("train", "train_schema"): TrainConfig,
+    ("trainer", "trainer_schema"): TrainerConfig,
+    ("logger", "wandb_schema"): WandbLoggerConfig,
+    ("logger", "csv_schema"): CsvLoggerConfig,
+    (None, "run_schema"): RunConfig,
+}
+
+
+def register_schemas() -> None:
+    """Store every schema in Hydra's ConfigStore (idempotent), before a config is composed."""
+    store = ConfigStore.instance()
+    for (group, name), node in SCHEMAS.items():
+        store.store(group=group, name=name, node=node)
+
+
+register_schemas()

@@ -1,0 +1,313 @@
+"""LightningModule: a set of dictionaries trained with Adam, each on one hook's activations of the same batches.
+
+Each dictionary of the set trains exactly as it would alone: its own seeded initialisation, dead-feature counters
+and resampling generator, and a loss that touches only its own parameters. The set's loss is the sum of theirs,
+and Adam's update is elementwise, so one optimizer over all parameters takes each dictionary's own step.
+
+With several processes (DDP) firing is counted over all of them, the normalisation is rank 0's, and resampling
+draws from the gathered pools of recent inputs with a generator in the same state everywhere, so every process
+makes the same change. Generators and pools are saved in checkpoints, so a resumed run resamples alike.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from sae.dictionaries import Dictionary, build
+from sae.distributed import broadcast_tensors_, gather_batches, gather_rows, sum_across_ranks, world_size
+from sae.errors import TrainingDiverged
+from sae.evaluation.metrics import fvu
+from sae.training.objectives import reconstruction_loss
+from sae.training.plan import label, log_prefix
+from sae.training.resampling import resampling_plan
+
+
+def lr_factor(step: int, total: int, warmup: int, decay_frac: float) -> float:
+    """Linear warm-up over ``warmup`` steps, constant, then linear decay to 0 over the last ``decay_frac``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    decay_start = total * (1 - decay_frac)
+    if decay_frac > 0 and step >= decay_start:
+        return max(0.0, (total - step) / (total - decay_start))
+    return 1.0
+
+
+def seeded_build(dictionary_cfg: dict, seed: int) -> Dictionary:
+    """Build a dictionary from ``seed`` alone, whatever the global random state (so a set's members do not depend
+    on one another)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build(**dictionary_cfg)
+
+
+class TrainedDictionary(nn.Module):
+    """One dictionary of a run with its training state: which batch key feeds it, how long each feature has gone
+    without firing, and its own generator for resampling.
+
+    ``name`` is ``None`` for a run's only dictionary (logged under ``train/``), else its name in the set (logged
+    under ``<name>/train/``).
+    """
+
+    def __init__(self, name: str | None, input_key: str, dictionary_cfg: dict, seed: int = 0, dead_window: int = 500_000,
+                 resample_pool: int = 0):
+        super().__init__()
+        self.name, self.input_key, self.dead_window = name, input_key, dead_window
+        self.dictionary = seeded_build(dictionary_cfg, seed)
+        n = self.dictionary.n_features
+        self.register_buffer("tokens_since_fired", torch.zeros(n, dtype=torch.long))
+        self.register_buffer("fired_since_histogram", torch.zeros(n, dtype=torch.long))
+        # Not buffers: each process keeps its own, which DDP would overwrite with rank 0's (see ``pool_state``).
+        self.recent_inputs, self.recent_seen = torch.zeros(0, self.dictionary.d_in), 0
+        self.make_pool(resample_pool)
+        self.generator = torch.Generator().manual_seed(seed)  # CPU: resampling draws on the CPU whatever the device
+
+    @property
+    def prefix(self) -> str:
+        return log_prefix(self.name, "train")
+
+    def dead_mask(self) -> torch.Tensor:
+        return self.tokens_since_fired >= self.dead_window
+
+    def normalised_input(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return batch[self.input_key] / self.dictionary.scale
+
+    def training_loss(self, batch: dict[str, torch.Tensor], sparsity_weight: float) -> tuple[torch.Tensor, dict]:
+        """This dictionary's loss on ``batch`` and its metrics (logged under ``prefix``); counts firing."""
+        x = self.normalised_input(batch)
+        self.remember(x)
+        loss, out = reconstruction_loss(self.dictionary, x, self.dead_mask(), sparsity_weight)
+        active = out["codes"].detach() != 0
+        self.track_firing(active)
+        metrics = {
+            "loss": loss.detach(),
+            "mse": out["mse"].detach(),
+            "sparsity": out["sparsity"].detach(),
+            "aux": out["aux"].detach(),
+            "fvu": fvu(x, out["x_hat"].detach()),
+            "l0": active.sum(-1, dtype=torch.float32).mean(),
+            "dead_frac": self.dead_mask().float().mean(),
+        }
+        return loss, {f"{self.prefix}/{k}": v for k, v in metrics.items()}
+
+    def make_pool(self, rows: int) -> None:
+        """Keep the last ``rows`` training inputs (normalised; this process's share), a ring that resampling
+        chooses from (``rows`` = 0: none, resampling uses the current batch)."""
+        self.recent_inputs, self.recent_seen = torch.zeros(rows, self.dictionary.d_in, device=self.recent_inputs.device), 0
+
+    def pool_state(self) -> dict:
+        """The pool for a checkpoint: every process's (``[processes, rows, d_in]``, on the CPU) and how many rows
+        each has seen."""
+        local = self.recent_inputs.to(self.dictionary.b_dec.device)[None]
+        return {"inputs": gather_rows(local).cpu(), "seen": self.recent_seen}
+
+    def load_pool_state(self, state: dict, rank: int) -> None:
+        self.recent_inputs = state["inputs"][rank].to(self.dictionary.b_dec.device)
+        self.recent_seen = state["seen"]
+
+    @torch.no_grad()
+    def remember(self, x: torch.Tensor) -> None:
+        """Keep ``x`` among the recent inputs resampling chooses from (nothing when the pool has size 0)."""
+        pool = len(self.recent_inputs)
+        if pool == 0:
+            return
+        if self.recent_inputs.device != x.device:
+            self.recent_inputs = self.recent_inputs.to(x.device)
+        x = x[-pool:]
+        rows = (self.recent_seen + torch.arange(len(x), device=x.device)) % pool
+        self.recent_inputs[rows] = x.to(self.recent_inputs.dtype)
+        self.recent_seen += len(x)
+
+    def resampling_inputs(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """What resampling chooses from: the recent inputs (the pool), or ``batch`` when there is no pool yet."""
+        seen = min(self.recent_seen, len(self.recent_inputs))
+        return self.recent_inputs[:seen] if seen else self.normalised_input(batch)
+
+    def track_firing(self, active: torch.Tensor) -> None:
+        """Count firing from the ``[batch, n_features]`` mask of non-zero codes."""
+        fired = sum_across_ranks(active.sum(0))
+        self.tokens_since_fired += len(active) * world_size()  # every process's batch has the same size
+        self.tokens_since_fired[fired > 0] = 0
+        self.fired_since_histogram += fired
+
+    def take_density(self, tokens: int) -> torch.Tensor:
+        """Each feature's firing density since the last call (over ``tokens`` activations); restarts the count."""
+        density = self.fired_since_histogram.float().cpu() / tokens
+        self.fired_since_histogram.zero_()
+        return density
+
+    @torch.no_grad()
+    def resample(self, x: torch.Tensor, optimizer: torch.optim.Optimizer, duplicate_cos: float,
+                 batch_rows: int | None = None) -> int:
+        """Re-seed stale (dead and duplicate) atoms from the inputs ``x`` (normalised, consecutive batches of
+        ``batch_rows``; gathered from every process) that the dictionary leaves most unexplained
+        (``sae.training.resampling``); their Adam state is reset. Returns how many."""
+        x = gather_batches(x, batch_rows or len(x))
+        d = self.dictionary
+        stale, directions = resampling_plan(d, x, self.dead_mask(), duplicate_cos, self.generator)
+        if len(stale) == 0:
+            return 0
+        d.reinit_atoms_(stale, directions)
+        for param in d.atom_parameters():
+            for buf in optimizer.state.get(param, {}).values():
+                if torch.is_tensor(buf) and buf.dim() > 0 and buf.shape[0] == d.n_features:
+                    buf[stale] = 0
+        self.tokens_since_fired[stale] = 0
+        return len(stale)
+
+
+class DictionaryModule(pl.LightningModule):
+    """Trains a set of dictionaries on batches ``{input_key: [batch, d_in]}``.
+
+    ``dictionaries``: one ``{"name", "input_key", "dictionary": {variant, d_in, n_features, ...}}`` per member (a
+    single member named ``None`` for an ordinary run). Every member is built from ``seed``. A feature is dead when
+    it has not fired for ``dead_window`` activations. Every ``resample_every`` steps (0: never) until
+    ``resample_until`` of the run, each member's dead atoms are resampled, and so is one of each pair of atoms whose
+    directions have cosine similarity above ``duplicate_cos`` (a duplicate atom fires, so it is never dead, but it
+    is capacity lost to the features no atom has found); the new directions come from the last ``resample_pool``
+    training inputs (``sae.training.resampling``).
+    """
+
+    def __init__(
+        self,
+        dictionaries: list[dict],
+        total_steps: int,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 100,
+        lr_decay_frac: float = 0.2,
+        sparsity_warmup_frac: float = 0.05,
+        dead_window: int = 500_000,
+        init_tokens: int = 65_536,
+        resample_every: int = 0,
+        resample_until: float = 0.5,
+        duplicate_cos: float = 0.99,
+        resample_pool: int = 8192,
+        histogram_every: int = 200,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.members = nn.ModuleList(
+            TrainedDictionary(m["name"], m["input_key"], m["dictionary"], seed, dead_window) for m in dictionaries
+        )
+        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+        self._last_time = None
+        self._loop_start = None
+        self.train_loop_seconds = 0.0
+
+    def dictionaries(self) -> list[Dictionary]:
+        """The members' dictionaries, in the order they were given."""
+        return [member.dictionary for member in self.members]
+
+    def setup(self, stage: str) -> None:
+        # Before a checkpoint is restored, once the number of processes is known: each keeps its share of a pool
+        # of whole batches, so that the gathered pool is what one process would hold.
+        hp = self.hparams
+        if hp.resample_every and hp.resample_pool:
+            batch = self.trainer.datamodule.batch_size
+            rows = -(-hp.resample_pool // batch) * batch // self.trainer.world_size
+            for member in self.members:
+                member.make_pool(rows)
+
+    def on_fit_start(self) -> None:
+        if not self.initialised:
+            sample = self.trainer.datamodule.sample(self.hparams.init_tokens)
+            for member in self.members:
+                member.dictionary.init_from_data(sample[member.input_key].to(self.device))
+                broadcast_tensors_([*member.dictionary.parameters(), *member.dictionary.buffers()])
+            self.initialised.fill_(True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["resample_generators"] = [member.generator.get_state() for member in self.members]
+        checkpoint["resample_pools"] = [member.pool_state() for member in self.members]
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        for member, state in zip(self.members, checkpoint.get("resample_generators", [])):
+            member.generator.set_state(state)
+        for member, state in zip(self.members, checkpoint.get("resample_pools", [])):
+            member.load_pool_state(state, self.global_rank)
+
+    def on_train_start(self) -> None:
+        self._loop_start = time.perf_counter()
+
+    def on_train_end(self) -> None:
+        self.train_loop_seconds = time.perf_counter() - self._loop_start
+
+    def sparsity_weight(self) -> float:
+        ramp = self.hparams.sparsity_warmup_frac * self.hparams.total_steps
+        return min(1.0, (self.global_step + 1) / ramp) if ramp > 0 else 1.0
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        weight = self.sparsity_weight()
+        losses, metrics = [], {}
+        for member in self.members:
+            loss, member_metrics = member.training_loss(batch, weight)
+            losses.append(loss)
+            metrics.update(member_metrics)
+        total = torch.stack(losses).sum()
+        if not torch.isfinite(total):
+            self._diverged(losses)
+        metrics["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
+        self.log_dict(metrics, on_step=True, on_epoch=False)
+        if len(self.members) == 1:
+            self.log("l0", metrics["train/l0"], prog_bar=True, logger=False)
+            self.log("fvu", metrics["train/fvu"], prog_bar=True, logger=False)
+        self._log_speed(len(next(iter(batch.values()))))
+        if (self.global_step + 1) % self.hparams.histogram_every == 0:
+            self._log_density_histograms()
+        return total
+
+    def _diverged(self, losses: list[torch.Tensor]) -> None:
+        member, loss = next((m, loss) for m, loss in zip(self.members, losses) if not torch.isfinite(loss))
+        raise TrainingDiverged(
+            f"{label(member.name)}the loss became {loss.item()} at step {self.global_step}: the learning rate "
+            f"(train.lr={self.hparams.lr}) is probably too high, or activations overflow (model.dtype); "
+            "the last good checkpoint is checkpoints/last.ckpt in the run directory"
+        )
+
+    def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        # Between optimizer steps, like after the previous batch, but after that step's checkpoint was written:
+        # a run resumed from it resamples here just as the uninterrupted one does.
+        hp = self.hparams
+        step = self.global_step  # optimizer steps done so far
+        if step > hp.resample_until * hp.total_steps:  # no resampling left: stop copying inputs into the pools
+            for member in self.members:
+                if len(member.recent_inputs):
+                    member.make_pool(0)
+        elif hp.resample_every and 0 < step and step % hp.resample_every == 0:
+            optimizer = self.trainer.optimizers[0]
+            for member in self.members:
+                rows = len(batch[member.input_key])  # this process's share of a batch
+                count = member.resample(member.resampling_inputs(batch), optimizer, hp.duplicate_cos, rows)
+                self.log(f"{member.prefix}/resampled", float(count), on_step=True, on_epoch=False)
+
+    def _log_density_histograms(self) -> None:
+        tokens = self.hparams.histogram_every * self.trainer.datamodule.batch_size
+        densities = {member.prefix: member.take_density(tokens) for member in self.members}
+        logger = self.logger
+        if logger is not None and type(logger).__name__ == "WandbLogger":
+            import wandb
+
+            logger.experiment.log({
+                **{f"{prefix}/log10_feature_density": wandb.Histogram(torch.log10(d.clamp_min(1e-7)).numpy())
+                   for prefix, d in densities.items()},
+                "trainer/global_step": self.global_step,
+            })
+
+    def _log_speed(self, n: int) -> None:
+        now = time.perf_counter()
+        if self._last_time is not None:
+            self.log("acts_per_s", n / max(now - self._last_time, 1e-9), prog_bar=True, on_step=True, on_epoch=False)
+        self._last_time = now
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.Adam(self.members.parameters(), lr=hp.lr, betas=tuple(hp.betas))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: lr_factor(step, hp.total_steps, hp.warmup_steps, hp.lr_decay_frac)
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,140 @@
+"""Metrics against hand computations, and splicing a perfect reconstruction changes nothing."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import tiny_model
+from sae.dictionaries import Dictionary
+from sae.lm.hooks import HookPoint
+from sae.evaluation.heldout import heldout_metrics
+from sae.evaluation.metrics import NextTokenScorer, fvu, l0
+
+
+def test_fvu_is_centred():
+    rng = np.random.default_rng(0)
+    x = 1000.0 + rng.normal(size=(500, 8))
+    x_hat = x + 0.1 * rng.normal(size=x.shape)
+    by_hand = ((x - x_hat) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()
+    got = fvu(torch.tensor(x), torch.tensor(x_hat)).item()
+    assert got == pytest.approx(by_hand, rel=1e-9)
+    assert got > 0.005  # the uncentred ratio would be ~1e-8 with a mean of 1000
+    assert fvu(torch.tensor(x), torch.tensor(x).mean(0).expand(500, 8)).item() == pytest.approx(1.0)
+
+
+def test_l0():
+    codes = torch.tensor([[0.0, 1.0, 2.0], [0.0, 0.0, 0.5]])
+    assert l0(codes).item() == 1.5
+
+
+def test_next_token_ce_and_kl_by_hand():
+    clean, other = torch.randn(2, 4, 5), torch.randn(2, 4, 5)
+    ids = torch.tensor([[0, 3, 1, 4], [2, 2, 0, 1]])
+    logp, logq = torch.log_softmax(clean, -1)[:, :-1], torch.log_softmax(other, -1)[:, :-1]
+    ce_by_hand = -logq.gather(-1, ids[:, 1:, None]).sum()
+    kl_by_hand = (logp.exp() * (logp - logq)).sum()
+    scorer = NextTokenScorer(clean, ids)
+    ce, kl = scorer.ce_and_kl(other)
+    assert ce == pytest.approx(ce_by_hand.item(), rel=1e-6) and scorer.ce(other) == ce
+    assert kl == pytest.approx(kl_by_hand.item(), rel=1e-5)
+    assert scorer.ce_and_kl(clean)[1] == pytest.approx(0.0, abs=1e-5)
+
+
+class Identity(Dictionary):
+    """codes = x, atoms = the standard basis: a perfect reconstruction."""
+
+    variant = "identity-test"
+
+    def encode_normalised(self, x):
+        return x
+
+    def decoder_weight(self):
+        return torch.eye(self.d_in)
+
+
+class Zero(Identity):
+    def encode_normalised(self, x):
+        return torch.zeros_like(x)
+
+
+def _contexts():
+    ids = torch.randint(2, 20, (6, 16), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = 0
+    return ids
+
+
+def test_perfect_reconstruction_splices_to_clean_loss():
+    model, hook = tiny_model(), HookPoint(1, "resid")
+    m = heldout_metrics(model, Identity(32, 32), hook, _contexts(), [0], batch_size=4, progress=False)
+    assert m["ce_spliced"] == m["ce_clean"]
+    assert m["fvu"] == pytest.approx(0.0, abs=1e-12) and m["mse"] == 0.0
+    assert m["ce_zero_ablation"] != m["ce_clean"]
+    assert m["ce_loss_recovered"] == pytest.approx(1.0)
+    assert m["n_tokens"] == 6 * 15 and m["dead_frac"] == 0.0
+
+
+def test_zero_reconstruction_is_zero_ablation():
+    model, hook = tiny_model(), HookPoint(0, "mlp")
+    m = heldout_metrics(model, Zero(64, 64), hook, _contexts(), [0], batch_size=4, progress=False)
+    assert m["ce_spliced"] == pytest.approx(m["ce_zero_ablation"])
+    assert m["ce_loss_recovered"] == pytest.approx(0.0, abs=1e-9)
+    assert m["l0"] == 0.0 and m["dead_frac"] == 1.0
+
+
+class Half(Identity):
+    """x_hat = x / 2: cosine 1, l2_ratio 1/2, every feature fires on every token."""
+
+    def decoder_weight(self):
+        return 0.5 * torch.eye(self.d_in)
+
+
+def test_reconstruction_metrics_by_hand():
+    from sae.lm.reader import capture as read_activations
+
+    model, hook, ids = tiny_model(), HookPoint(1, "resid"), _contexts()
+    x = read_activations(model, [hook], ids)[hook][:, 1:].reshape(-1, 32).double()
+    m = heldout_metrics(model, Half(32, 32), hook, ids, [0], batch_size=4, progress=False)
+    assert m["fvu"] == pytest.approx((0.25 * x.pow(2).sum() / (x - x.mean(0)).pow(2).sum()).item(), rel=1e-5)
+    assert m["cosine"] == pytest.approx(1.0, abs=1e-6) and m["l2_ratio"] == pytest.approx(0.5, abs=1e-6)
+    assert m["l0"] == 32 and m["dead_frac"] == 0.0 and m["dense_frac"] == 1.0
+    assert m["l0_hist"]["counts"][-1] == len(x) and sum(m["l0_hist"]["counts"]) == len(x)
+    assert m["ppl_clean"] == pytest.approx(np.exp(m["ce_clean"])) and m["ppl_spliced"] == pytest.approx(np.exp(m["ce_spliced"]))
+    assert m["kl_spliced"] > 0 and m["ce_spliced"] != m["ce_clean"]
+
+
+def test_density_summary_by_hand():
+    from sae.evaluation.metrics import density_summary
+
+    s = density_summary(torch.tensor([0.0, 1.0, 5.0, 10.0]), n_tokens=10)
+    assert s["dead_frac"] == 0.25 and s["dense_frac"] == 0.5  # densities 0, 0.1, 0.5, 1; dense means > 0.1
+    hist = s["log10_density_hist"]
+    assert hist["edges"][0] == pytest.approx(-1.0) and hist["edges"][-1] == 0.0 and sum(hist["counts"]) == 3
+
+
+class Mean(Identity):
+    """Every input reconstructs to a fixed vector (set to the held-out mean in the test)."""
+
+    def encode_normalised(self, x):
+        return torch.zeros_like(x)
+
+
+def test_mean_reconstruction_is_mean_ablation():
+    from sae.lm.reader import read_rows
+
+    model, hook, ids = tiny_model(), HookPoint(2, "resid"), _contexts()
+    d = Mean(32, 32)
+    d.b_dec.data = read_rows(model, [hook], ids, [0])[hook.name].mean(0)
+    m = heldout_metrics(model, d, hook, ids, [0], batch_size=4, progress=False)
+    assert m["ce_spliced"] == pytest.approx(m["ce_mean_ablation"], rel=1e-6)
+    assert m["fvu"] == pytest.approx(1.0, rel=1e-4)
+
+
+def test_all_zero_inputs_leave_cosine_and_l2_ratio_alone():
+    """A toy sample where nothing fires is all zeros: it has no angle or length ratio, so it is left out of both
+    averages (it used to put ||x_hat|| / 1e-12 into the l2_ratio mean)."""
+    from sae.evaluation.metrics import reconstruction_metrics
+
+    x = torch.randn(8, 16)
+    x[3] = 0.0
+    m = reconstruction_metrics(Half(16, 16), x)
+    assert m["l2_ratio"] == pytest.approx(0.5, abs=1e-6) and m["cosine"] == pytest.approx(1.0, abs=1e-6)

@@ -1,0 +1,56 @@
+"""Documents, the held-out split and packed contexts."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import FIXTURES, make_tokenizer, needs_fixtures
+from sae.errors import ConfigError
+from sae.lm.text import load_documents, pack_contexts, special_ids, split_heldout
+
+
+def test_heldout_is_the_last_tenth():
+    docs = [f"doc {i}" for i in range(1000)]
+    split = split_heldout(docs, 0.1)
+    assert split.heldout == docs[900:] and split.train == docs[:900]
+
+
+@needs_fixtures
+def test_owt_heldout_is_the_100_documents_the_lm_never_saw():
+    path = FIXTURES / "text" / "openwebtext-1k.jsonl"
+    docs = load_documents("files", str(path))
+    lines = [json.loads(line)["text"] for line in path.read_text().splitlines()]
+    assert split_heldout(docs, 0.1).heldout == lines[900:]
+
+
+def test_pack_contexts_start_with_bos_and_keep_token_order(tmp_path):
+    tok = make_tokenizer(tmp_path)
+    docs = ["the cat sat on the mat", "a dog ran under a big log and then it was quick"]
+    ctx = pack_contexts(docs, tok, context_length=6)
+    assert ctx.shape[1] == 6 and (ctx[:, 0] == tok.bos_token_id).all()
+    stream = [t for d in tok(docs, add_special_tokens=False)["input_ids"] for t in (*d, tok.eos_token_id)]
+    assert ctx[:, 1:].flatten().tolist() == stream[: ctx[:, 1:].numel()]
+    assert special_ids(tok) == [0]
+
+
+def test_txt_files_split_into_paragraphs(tmp_path):
+    (tmp_path / "a.txt").write_text("first paragraph\nstill first\n\nsecond paragraph\n")
+    assert len(load_documents("files", str(tmp_path / "*.txt"))) == 2
+
+
+@pytest.mark.parametrize("setup,message", [
+    (lambda p: None, "matches no file"),
+    (lambda p: (p / "x.jsonl").write_text(json.dumps({"text": "  "}) + "\n"), "holds no text"),
+    (lambda p: (p / "x.jsonl").write_text(json.dumps({"body": "hello"}) + "\n"), "text_column 'text' is not in"),
+    (lambda p: (p / "x.csv").write_text("text\nhello\n"), "unsupported type"),
+])
+def test_bad_text_files(tmp_path, setup, message):
+    setup(tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        load_documents("files", str(tmp_path / "x.*"))
+
+
+def test_too_little_text_for_a_context(tmp_path):
+    with pytest.raises(ConfigError, match="fewer than one context"):
+        pack_contexts(["the cat"], make_tokenizer(tmp_path), context_length=64)
