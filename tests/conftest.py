@@ -135,7 +135,8 @@ def make_lm_datamodule(lm_dir, text, hooks, context_length: int = 32, lm_batch_s
     from sae.data.datamodule import ActivationDataModule, StreamSettings
     from sae.lm.session import LMSession
 
-    session = LMSession(str(lm_dir), text_settings(text, context_length), lm_batch_size=lm_batch_size, seed=seed)
+    session = LMSession(str(lm_dir), text_settings(text, context_length), model_dtype="float32", lm_batch_size=lm_batch_size,
+                        seed=seed)
     stream = StreamSettings(lm_batch_size=lm_batch_size, buffer_size=buffer_size,
                             cache_dir=None if cache_dir is None else str(cache_dir), cache_dtype=cache_dtype)
     dm = ActivationDataModule(session, hooks, stream, batch_size, seed)
@@ -145,3 +146,24 @@ def make_lm_datamodule(lm_dir, text, hooks, context_length: int = 32, lm_batch_s
 
 # settings for building each variant by hand in a test (the one default of each is in conf/sae/<variant>.yaml)
 TEST_HPARAMS = {"relu_tied": {"l1_coeff": 0.0}, "relu": {"l1_coeff": 0.0}, "topk": {"k": 4, "aux_coeff": 1 / 32, "k_aux": None}}
+
+
+def toy_data(**settings):
+    """ToyData with conf/data/toy.yaml's settings, ``settings`` overriding them (a test's shape)."""
+    from omegaconf import OmegaConf
+
+    from sae.data.toy import ToyData
+
+    yaml = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "data" / "toy.yaml"))
+    keys = ("n_features", "d", "avg_active", "decay", "correlated", "seed")
+    return ToyData(**{**{k: yaml[k] for k in keys}, **settings})
+
+
+def feature_settings(**settings):
+    """The features analysis' Settings from conf/analysis/features.yaml, ``settings`` overriding them."""
+    from omegaconf import OmegaConf
+
+    from sae.features.records import Settings
+
+    yaml = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "analysis" / "features.yaml"))["settings"]
+    return Settings(**{**yaml, "seed": 0, **settings})

@@ -95,15 +95,15 @@ class StreamDataModule(pl.LightningDataModule):
 
 @dataclass(frozen=True)
 class StreamSettings:
-    """How activations become training batches (the ``stream`` group)."""
+    """How activations become training batches (the ``stream`` group; the one default of each: its YAML)."""
 
-    lm_batch_size: int = 32
+    lm_batch_size: int
     """Contexts per LM forward."""
-    buffer_size: int = 131072
+    buffer_size: int
     """Activations shuffled together (per process) before they are cut into batches."""
-    cache_dir: str | None = None
-    """A directory: activations are written there by the first run and read by later ones."""
-    cache_dtype: str = "float16"
+    cache_dir: str | None
+    """A directory: activations are written there by the first run and read by later ones (None: no cache)."""
+    cache_dtype: str
     """How cached activations are stored: float16, bfloat16 or float32."""
 
 

@@ -31,10 +31,9 @@ def toy_stream_seed(seed: int) -> int:
 
 
 class ToyData:
-    """Ground truth and a seeded sampler of toy activations."""
+    """Ground truth and a seeded sampler of toy activations (the settings' one default each: ``conf/data/toy.yaml``)."""
 
-    def __init__(self, n_features: int = 512, d: int = 256, avg_active: float = 5.0, decay: float = 0.99,
-                 correlated: bool = False, seed: int = 0):
+    def __init__(self, *, n_features: int, d: int, avg_active: float, decay: float, correlated: bool, seed: int):
         problems = self.problems(n_features, d, avg_active, decay)
         if problems:
             raise ConfigError("; ".join(problems))

@@ -143,8 +143,8 @@ def session_for(meta: dict, device: torch.device | str, seed: int) -> LMSession:
     model, data = meta["model"], meta["data"]
     stream = meta.get("stream") or {}
     lm_batch_size = stream.get("lm_batch_size") or data.get("lm_batch_size") or 32  # older sae.json kept it in data
-    return LMSession(model["name_or_path"], TextSettings.from_record(data), model.get("dtype") or "float32",
-                     device, lm_batch_size, seed)
+    return LMSession(model["name_or_path"], TextSettings.from_record(data), model_dtype=model.get("dtype") or "float32",
+                     lm_batch_size=lm_batch_size, seed=seed, device=device)
 
 
 def eval_tokens(meta: dict) -> int:

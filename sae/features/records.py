@@ -22,18 +22,18 @@ from sae.lm.session import LMSession
 
 @dataclass(frozen=True)
 class Settings:
-    """How much to collect per feature (``features.*`` in ``conf/evaluate.yaml``)."""
+    """How much to collect per feature (``analysis.settings.*``; the one default of each: ``conf/analysis/features.yaml``)."""
 
-    top_k: int = 20  # top-activating contexts
-    window: int = 10  # tokens shown either side of the firing token
-    quantiles: int = 5  # activation quantile bins sampled
-    per_quantile: int = 2  # contexts sampled per bin
-    min_count: int = 10  # a feature is live (scored) when it fires on at least this many tokens
-    causal_contexts: int = 8  # top contexts ablated for the causal logit effect
-    logit_tokens: int = 10  # tokens listed per logit table
-    hist_tokens: int = 5  # tokens shown in the stacked activation histogram (the rest is "other")
-    bins: int = 20
-    seed: int = 0
+    top_k: int  # top-activating contexts
+    window: int  # tokens shown either side of the firing token
+    quantiles: int  # activation quantile bins sampled
+    per_quantile: int  # contexts sampled per bin
+    min_count: int  # a feature is live (scored) when it fires on at least this many tokens
+    causal_contexts: int  # top contexts ablated for the causal logit effect
+    logit_tokens: int  # tokens listed per logit table
+    hist_tokens: int  # tokens shown in the stacked activation histogram (the rest is "other")
+    bins: int
+    seed: int  # the quantile samples' order
 
 
 @torch.no_grad()

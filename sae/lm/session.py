@@ -59,8 +59,8 @@ class LMSession:
     """One frozen LM over one text: ``tokenizer``, ``special_ids``, ``train_contexts`` and ``heldout_contexts``
     (``[n, context_length]`` token ids), ``model``, and reading activations with ``read`` and ``sample``."""
 
-    def __init__(self, model_name: str, text: TextSettings, model_dtype: str = "float32",
-                 device: str | torch.device = "cpu", lm_batch_size: int = 32, seed: int = 0):
+    def __init__(self, model_name: str, text: TextSettings, *, model_dtype: str, lm_batch_size: int, seed: int,
+                 device: str | torch.device = "cpu"):
         self.model_name, self.model_dtype, self.text = model_name, model_dtype, text
         self.device, self.lm_batch_size, self.seed = torch.device(device), lm_batch_size, seed
         self._model: nn.Module | None = None
@@ -72,8 +72,9 @@ class LMSession:
         """A session around a model already in memory (a notebook's, a test's), with the contexts it is given."""
         context_length = (train_contexts if train_contexts is not None else heldout_contexts)
         text = TextSettings("memory", "", "text", "train", context_length.shape[1] if context_length is not None else 0, 0.0)
-        session = cls(getattr(model.config, "_name_or_path", ""), text, str(next(model.parameters()).dtype).split(".")[-1],
-                      next(model.parameters()).device, lm_batch_size, seed)
+        parameter = next(model.parameters())
+        session = cls(getattr(model.config, "_name_or_path", ""), text, model_dtype=str(parameter.dtype).split(".")[-1],
+                      lm_batch_size=lm_batch_size, seed=seed, device=parameter.device)
         session._model, session.__dict__["special_ids"] = model, list(special_ids)
         session.__dict__["_contexts"] = (train_contexts, heldout_contexts)
         if tokenizer is not None:

@@ -48,12 +48,13 @@ class TrainedDictionary(nn.Module):
     """One dictionary of a run with its training state: which batch key feeds it, how long each feature has gone
     without firing, and its own generator for resampling.
 
-    ``name`` is ``None`` for a run's only dictionary (logged under ``train/``), else its name in the set (logged
+    ``resample_pool`` rows of recent inputs are kept for resampling (0: none; the module sizes the pool from
+    ``train.resample_pool`` once the number of processes is known). ``name`` is ``None`` for a run's only dictionary (logged under ``train/``), else its name in the set (logged
     under ``<name>/train/``).
     """
 
-    def __init__(self, name: str | None, input_key: str, dictionary_cfg: dict, seed: int = 0, dead_window: int = 500_000,
-                 resample_pool: int = 0):
+    def __init__(self, name: str | None, input_key: str, dictionary_cfg: dict, *, seed: int, dead_window: int,
+                 resample_pool: int):
         super().__init__()
         self.name, self.input_key, self.dead_window = name, input_key, dead_window
         self.dictionary = seeded_build(dictionary_cfg, seed)
@@ -173,26 +174,28 @@ class DictionaryModule(pl.LightningModule):
 
     def __init__(
         self,
+        *,
         dictionaries: list[dict],
         total_steps: int,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 100,
-        lr_decay_frac: float = 0.2,
-        sparsity_warmup_frac: float = 0.05,
-        dead_window: int = 500_000,
-        init_tokens: int = 65_536,
-        resample_every: int = 0,
-        resample_until: float = 0.5,
-        duplicate_cos: float = 0.99,
-        resample_pool: int = 8192,
+        lr: float,
+        betas: tuple[float, float],
+        warmup_steps: int,
+        lr_decay_frac: float,
+        sparsity_warmup_frac: float,
+        dead_window: int,
+        init_tokens: int,
+        resample_every: int,
+        resample_until: float,
+        duplicate_cos: float,
+        resample_pool: int,
+        seed: int,
         histogram_every: int = 200,
-        seed: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters()
         self.members = nn.ModuleList(
-            TrainedDictionary(m["name"], m["input_key"], m["dictionary"], seed, dead_window) for m in dictionaries
+            TrainedDictionary(m["name"], m["input_key"], m["dictionary"], seed=seed, dead_window=dead_window, resample_pool=0)
+            for m in dictionaries
         )
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
         self._last_time = None

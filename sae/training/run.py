@@ -78,7 +78,7 @@ def lm_setup(cfg: DictConfig, plans: list[DictionaryPlan]) -> Setup:
     """Live (or cached) activations of the configured LM at every hook of the set; metrics on held-out text."""
     hooks = list(dict.fromkeys(plan.hook for plan in plans))
     stream = StreamSettings(**cfg.stream)
-    session = LMSession(cfg.model.name_or_path, TextSettings.from_record(cfg.data), cfg.model.dtype,
+    session = LMSession(cfg.model.name_or_path, TextSettings.from_record(cfg.data), model_dtype=cfg.model.dtype,
                         lm_batch_size=stream.lm_batch_size, seed=cfg.seed)
     session.prepare_text()
     datamodule = ActivationDataModule(session, hooks, stream, cfg.train.batch_size, cfg.seed)
@@ -97,7 +97,8 @@ def lm_setup(cfg: DictConfig, plans: list[DictionaryPlan]) -> Setup:
 def toy_setup(cfg: DictConfig, run: RunInfo) -> Setup:
     """Toy superposition data; the ground truth is saved as ``ground_truth.safetensors`` and MMCS is tracked."""
     d = cfg.data
-    toy = ToyData(d.n_features, d.d, d.avg_active, d.decay, d.correlated, d.seed)
+    toy = ToyData(n_features=d.n_features, d=d.d, avg_active=d.avg_active, decay=d.decay, correlated=d.correlated,
+                  seed=d.seed)
     if is_lead_process():
         run.dir.mkdir(parents=True, exist_ok=True)
         toy.save(run.dir / GROUND_TRUTH)

@@ -99,7 +99,7 @@ def test_the_key_changes_with_model_files_data_context_length_and_hook(tiny_lm_d
     other_text.write_text("\n".join([json.dumps({"text": "the cat sat on the mat"})] + lines[1:]) + "\n")  # one training document
 
     def key(text=tiny_text, context_length=32, hook=HOOKS[0]):
-        session = LMSession(str(model_dir), text_settings(text, context_length))
+        session = LMSession(str(model_dir), text_settings(text, context_length), model_dtype="float32", lm_batch_size=8, seed=0)
         settings = CacheSettings(tmp_path, "float16", str(model_dir), "float32", {"context_length": context_length})
         return cache_key(key_material(settings, hook, session.train_contexts, model_fingerprint(str(model_dir))))
 

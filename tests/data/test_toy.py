@@ -6,15 +6,14 @@ import pytest
 import torch
 
 import sae
-from conftest import TEST_HPARAMS, run_cli
+from conftest import TEST_HPARAMS, run_cli, toy_data
 from sae.dictionaries import build
 from sae.errors import ConfigError
 from sae.evaluation.metrics import dictionary_mmcs, mmcs, recovered_fraction
-from sae.data.toy import ToyData
 
 
 def test_toy_statistics():
-    toy = ToyData(n_features=64, d=32, avg_active=4, decay=0.97, seed=1)
+    toy = toy_data(n_features=64, d=32, avg_active=4, decay=0.97, seed=1)
     torch.testing.assert_close(toy.features.norm(dim=-1), torch.ones(64))
     codes_active = (toy.sample(20000) @ toy.features.T).shape
     assert codes_active == (20000, 64)
@@ -24,7 +23,7 @@ def test_toy_statistics():
 
 
 def test_correlated_toy_keeps_marginals_and_correlates():
-    toy = ToyData(n_features=64, d=32, avg_active=4, correlated=True, seed=2)
+    toy = toy_data(n_features=64, d=32, avg_active=4, correlated=True, seed=2)
     firing = toy._firing(40000, torch.Generator().manual_seed(0)).float()
     torch.testing.assert_close(firing.mean(0), toy.probs, atol=0.01, rtol=0.1)
     corr = torch.corrcoef(firing[:, :16].T)
@@ -37,14 +36,14 @@ def test_ground_truth_is_not_the_dictionarys_initial_atoms(seed):
     `data.seed` with the same number must come from another stream, or training starts at the answer."""
     torch.manual_seed(seed)
     fresh = build("relu_tied", 32, 64, l1_coeff=0.0).decoder_weight().detach()
-    assert mmcs(ToyData(n_features=64, d=32, seed=seed).features, fresh) < 0.7
+    assert mmcs(toy_data(n_features=64, d=32, seed=seed).features, fresh) < 0.7
 
 
 def test_mmcs_of_itself_is_one_and_random_is_low(tmp_path):
     d = build("relu_tied", 32, 128, l1_coeff=0.01)
     sae.save_dictionary(d, tmp_path, {})
     assert dictionary_mmcs(tmp_path, d) == pytest.approx(1.0)
-    toy = ToyData(n_features=64, d=32)
+    toy = toy_data(n_features=64, d=32)
     assert mmcs(toy.features, d.decoder_weight().detach()) < 0.7
     assert recovered_fraction(toy.features, toy.features[:32]) == 0.5
 
@@ -58,7 +57,7 @@ def test_bad_toy_settings(tmp_path, data):
 
 def test_more_active_than_features():
     with pytest.raises(ConfigError, match="cannot be reached"):
-        ToyData(n_features=8, d=4, avg_active=9)
+        toy_data(n_features=8, d=4, avg_active=9)
 
 
 @pytest.mark.parametrize("variant", ["relu_tied", "topk"])
@@ -70,7 +69,7 @@ def test_small_toy_run_recovers_planted_features(tmp_path, variant):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((tmp_path / "metrics.json").read_text())
-    truth = ToyData(n_features=32, d=32).features
+    truth = toy_data(n_features=32, d=32).features
     torch.manual_seed(0)
     random_mmcs = mmcs(truth, build(variant, 32, 64, **TEST_HPARAMS[variant]).decoder_weight().detach())
     # measured at 1,500 steps: relu_tied 0.97, topk 0.999, a random dictionary 0.40

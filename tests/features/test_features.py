@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import WORDS, make_tokenizer, run_cli, tiny_model
+from conftest import feature_settings, WORDS, make_tokenizer, run_cli, tiny_model
 from sae.dictionaries import build
 from sae.features.records import Collector, Settings
 from sae.lm.hooks import HookPoint
@@ -74,7 +74,7 @@ def test_collection_on_planted_feature(tiny_text):
     tokenizer = make_tokenizer(Path(tiny_text).parent / "tok")
     docs = [json.loads(line)["text"] for line in Path(tiny_text).read_text().splitlines()]
     contexts = pack_contexts(docs[-6:], tokenizer, 32)
-    collector = Collector(LMSession.of_model(model, [0]), dictionary, HOOK, contexts, Settings(top_k=5, window=3, causal_contexts=3))
+    collector = Collector(LMSession.of_model(model, [0]), dictionary, HOOK, contexts, feature_settings(top_k=5, window=3, causal_contexts=3))
     rec = collector.record(0)
     ordinary = token_mask(contexts, [0])
     planted = (contexts == PLANTED) & ordinary

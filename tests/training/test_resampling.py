@@ -3,18 +3,20 @@
 import pytest
 import torch
 
+from conftest import toy_data
+
+from sae.data.toy import ToyData
 from sae.training.module import TrainedDictionary
 from sae.training.objectives import reconstruction_loss
 from sae.training.resampling import pick_inputs, unexplained
-from sae.data.toy import ToyData
 
 
 def killed_module(variant: str, hparams: dict, bias: float = -100.0) -> tuple[TrainedDictionary, torch.Tensor, torch.optim.Optimizer]:
     """A dictionary on toy data with its first 16 atoms killed (encoder bias ``bias``) and marked dead."""
     cfg = {"variant": variant, "d_in": 16, "n_features": 64, **hparams}
-    module = TrainedDictionary(None, "toy", cfg, seed=0, dead_window=1000)
+    module = TrainedDictionary(None, "toy", cfg, seed=0, dead_window=1000, resample_pool=0)
     d = module.dictionary
-    x = ToyData(n_features=32, d=16, avg_active=3).sample(2048)
+    x = toy_data(n_features=32, d=16, avg_active=3).sample(2048)
     d.init_from_data(x)
     x = x / d.scale
     with torch.no_grad():
@@ -28,7 +30,7 @@ def killed_module(variant: str, hparams: dict, bias: float = -100.0) -> tuple[Tr
 
 def resample_until_none_dead(module: TrainedDictionary, opt: torch.optim.Optimizer, tries: int = 10) -> int:
     """Resample as the schedule does: each call sees new inputs and re-seeds the dead atoms it finds inputs for."""
-    toy, revived = ToyData(n_features=32, d=16, avg_active=3), 0
+    toy, revived = toy_data(n_features=32, d=16, avg_active=3), 0
     for t in range(tries):
         revived += module.resample(toy.sample(2048, torch.Generator().manual_seed(t)) / module.dictionary.scale, opt, 0.99)
         if not module.dead_mask().any():
@@ -114,9 +116,9 @@ def test_when_nothing_is_explained_every_input_is_a_candidate():
 def planted_module(n: int = 96, d: int = 64, pool: int = 0) -> tuple[TrainedDictionary, ToyData, torch.optim.Optimizer]:
     """A tied dictionary whose atoms are the ground truth except that the last duplicates atom 3: the last feature
     has no atom."""
-    toy = ToyData(n_features=n, d=d, avg_active=3, seed=3)
+    toy = toy_data(n_features=n, d=d, avg_active=3, seed=3)
     module = TrainedDictionary(None, "toy", {"variant": "relu_tied", "d_in": d, "n_features": n, "l1_coeff": 0.1},
-                               dead_window=10**9, resample_pool=pool)
+                               seed=0, dead_window=10**9, resample_pool=pool)
     dictionary = module.dictionary
     dictionary.init_from_data(toy.sample(4096))
     with torch.no_grad():
@@ -165,7 +167,8 @@ def test_resampling_draws_from_the_pool_of_recent_inputs(pool):
 
 
 def test_remember_keeps_the_latest_inputs():
-    module = TrainedDictionary(None, "toy", {"variant": "relu", "d_in": 2, "n_features": 4, "l1_coeff": 0.0}, resample_pool=4)
+    module = TrainedDictionary(None, "toy", {"variant": "relu", "d_in": 2, "n_features": 4, "l1_coeff": 0.0}, seed=0,
+                               dead_window=1000, resample_pool=4)
     module.remember(torch.arange(6.0).view(3, 2))
     module.remember(torch.arange(6.0, 12.0).view(3, 2))
     kept = sorted(module.resampling_inputs({}).tolist())

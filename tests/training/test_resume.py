@@ -14,12 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, make_lm_datamodule, run_cli, tiny_overrides
+from conftest import ROOT, make_lm_datamodule, run_cli, tiny_overrides, toy_data
 from sae.io.checkpoints import LAST, AtomicCheckpointIO, resume_checkpoint, write_status
 from sae.data.datamodule import ActivationDataModule
 from sae.errors import ConfigError
 from sae.lm.hooks import HookPoint
-from sae.data.toy import ToyData, ToyDataModule
+from sae.data.toy import ToyDataModule
 
 
 def consume(dm, n: int) -> list[dict]:
@@ -37,7 +37,7 @@ def lm_datamodule(lm_dir, text) -> ActivationDataModule:
 
 
 def toy_datamodule() -> ToyDataModule:
-    return ToyDataModule(ToyData(n_features=32, d=16, avg_active=3, seed=1), batch_size=32, chunk=4)
+    return ToyDataModule(toy_data(n_features=32, d=16, avg_active=3, seed=1), batch_size=32, chunk=4)
 
 
 @pytest.mark.parametrize("kind", ["lm", "toy"])
