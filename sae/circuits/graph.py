@@ -276,7 +276,7 @@ def _node_row(node: Node, dashboard: str, html_dir: Path | None) -> str:
         note = "reconstruction error: no dashboard page" if node.kind == "error" else "what the circuit explains"
     else:
         link = f"<a class='dashboard' href='{html.escape(href)}'>{html.escape(node_title(node))}</a>"
-        exists = html_dir is None or (html_dir / href).is_file()
+        exists = html_dir is None or Path(os.path.normpath(html_dir / href)).is_file()  # the folder may not exist yet
         note = "" if exists else "<span class='missing'>(page not built: run analysis=features)</span>"
     tokens = html.escape(", ".join(_show(t) for t in node.top_tokens))
     explanation = html.escape(node.explanation) if node.explanation else ""

@@ -59,6 +59,7 @@ def plot_patching(rows: Iterable[Mapping], path: Path, title: str, order: str = 
             ax.axhline(value, color="gray", linewidth=0.8)
             ax.axhline(target_fraction * value, color="gray", linewidth=0.8, linestyle=":")
     left.set_xscale("symlog", linthresh=1.0)
+    left.set_xlim(left=0)
     left.set_xlabel("features patched")
     right.set_xlabel("edit size: mean ||x' - x|| over positions")
     left.set_ylabel("KL(patched || counterfactual) at the final position")
