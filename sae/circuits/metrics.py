@@ -19,6 +19,11 @@ import torch
 import torch.nn.functional as F
 
 
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """At least float32 (half-precision logits are widened; float64 stays float64)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def final_position(logits: torch.Tensor) -> torch.Tensor:
     """``[b, T, V]`` -> ``[b, V]`` at the last position (pairs are batched by length, so it is every row's last)."""
     return logits[:, -1] if logits.dim() == 3 else logits
@@ -26,8 +31,8 @@ def final_position(logits: torch.Tensor) -> torch.Tensor:
 
 def kl_patched_to_counterfactual(patched_logits: torch.Tensor, counterfactual_logits: torch.Tensor) -> torch.Tensor:
     """Per pair ``[b]``: KL(patched || counterfactual) of the next-token distributions at the final position."""
-    log_p = F.log_softmax(final_position(patched_logits).float(), dim=-1)
-    log_q = F.log_softmax(final_position(counterfactual_logits).float(), dim=-1)
+    log_p = F.log_softmax(wide(final_position(patched_logits)), dim=-1)
+    log_q = F.log_softmax(wide(final_position(counterfactual_logits)), dim=-1)
     return (log_p.exp() * (log_p - log_q)).sum(-1)
 
 
@@ -38,7 +43,7 @@ def mean_kl(patched_logits: torch.Tensor, counterfactual_logits: torch.Tensor) -
 
 def logit_difference(logits: torch.Tensor, base_answer: torch.Tensor, counterfactual_answer: torch.Tensor) -> torch.Tensor:
     """Per pair ``[b]``: logit of the counterfactual answer minus logit of the base answer, at the final position."""
-    last = final_position(logits).float()
+    last = wide(final_position(logits))
     rows = torch.arange(last.shape[0], device=last.device)
     return last[rows, counterfactual_answer] - last[rows, base_answer]
 
@@ -52,7 +57,7 @@ def fraction_restored(patched: torch.Tensor | float, base: torch.Tensor | float,
 
 def edit_size(patched_x: torch.Tensor, base_x: torch.Tensor, mask: torch.Tensor | None = None) -> float:
     """Mean over positions of ``||x' − x||`` (the last dim is the model's width); ``mask`` keeps some positions."""
-    norms = (patched_x.float() - base_x.float()).norm(dim=-1)
+    norms = (wide(patched_x) - wide(base_x)).norm(dim=-1)
     if mask is not None:
         norms = norms[mask]
     return float(norms.mean()) if norms.numel() else 0.0
@@ -87,7 +92,7 @@ class PairTotals:
         self.ld_base += float(logit_difference(base_logits, base_answer, counterfactual_answer).sum())
         self.ld_cf += float(logit_difference(counterfactual_logits, base_answer, counterfactual_answer).sum())
         if patched_x is not None and base_x is not None:
-            norms = (patched_x.float() - base_x.float()).norm(dim=-1)
+            norms = (wide(patched_x) - wide(base_x)).norm(dim=-1)
             self.edit_sum, self.edit_count = self.edit_sum + float(norms.sum()), self.edit_count + norms.numel()
 
     def result(self) -> dict[str, float]:

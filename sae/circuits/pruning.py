@@ -98,6 +98,14 @@ def greedy_prune(metric: Metric, n_features: int, thresholds: Sequence[float] | 
     return curve
 
 
+def attribution_sums(delta_codes: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``Σ (c̄ − c) · ∂metric/∂c`` per feature ``[n_features]`` (float64), summing every leading dim; signed, so
+    that sums over batches can be added before the magnitude is taken."""
+    if delta_codes.shape != grad.shape:
+        raise ValueError(f"delta_codes {tuple(delta_codes.shape)} and grad {tuple(grad.shape)} differ")
+    return (delta_codes.double() * grad.double()).reshape(-1, delta_codes.shape[-1]).sum(0)
+
+
 def attribution_scores(delta_codes: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """``|Σ (c̄ − c) · ∂metric/∂c|`` per feature ``[n_features]``, summing every leading dim (pairs, positions).
 
@@ -105,9 +113,7 @@ def attribution_scores(delta_codes: torch.Tensor, grad: torch.Tensor) -> torch.T
     to the codes at the base run, both ``[..., n_features]``: the sum is the first-order change of the metric when
     one feature is patched at every position, and its magnitude the rank (a feature that raises KL also matters).
     """
-    if delta_codes.shape != grad.shape:
-        raise ValueError(f"delta_codes {tuple(delta_codes.shape)} and grad {tuple(grad.shape)} differ")
-    return (delta_codes.double() * grad.double()).reshape(-1, delta_codes.shape[-1]).sum(0).abs().float()
+    return attribution_sums(delta_codes, grad).abs().float()
 
 
 def size_grid(n_features: int, points: int = 24) -> list[int]:
