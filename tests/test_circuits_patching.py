@@ -4,6 +4,7 @@ The model is reached through a ``run(ids, edit)`` callable built here on ``sae.h
 splice provides the same callable in the study.
 """
 
+import dataclasses
 import random
 
 import pytest
@@ -143,6 +144,12 @@ def test_curves_end_to_end(setup):
     each = patching_curves(problem, CurveSettings(orderings=("greedy",), thresholds=(1e-3,), select_on="each"),
                            method="relu", hook=HOOK.name)
     assert {r["order"] for r in each} == {"all", "ABBA", "BABA"} and len(each) == 6
+    fast = patching_curves(problem, dataclasses.replace(settings, lookahead=7), method="relu", hook=HOOK.name,
+                           model="tiny test model")
+    assert [(r["n_features"], r["order"], r["ordering"]) for r in fast] == [(r["n_features"], r["order"], r["ordering"]) for r in rows]
+    assert [r["kl"] for r in fast] == pytest.approx([r["kl"] for r in rows], rel=1e-9, abs=1e-12)
+    masks = [torch.rand(64) < 0.5 for _ in range(3)]
+    assert problem.kl_many(masks, "ABBA") == pytest.approx([problem.kl(m, "ABBA") for m in masks], rel=1e-9)
     capped = patching_curves(problem, CurveSettings(orderings=("greedy",), orders=("all",), thresholds=(1e-3,),
                                                     max_candidates=5), method="relu", hook=HOOK.name)
     assert capped[0]["n_features"] == 5

@@ -201,3 +201,20 @@ def test_batches_group_by_length(words):
     assert [b.index.tolist() for b in grouped] == [[1, 3], [0], [2]]
     assert grouped[0].counterfactual_ids.tolist() == [list(pairs[1].counterfactual_ids), list(pairs[3].counterfactual_ids)]
     assert grouped[0].base_answer.tolist() == [words.convert_tokens_to_ids("on")] * 2
+
+
+@needs_fixtures
+def test_task_configs(pythia, tmp_path):
+    from omegaconf import OmegaConf
+
+    from conftest import ROOT
+
+    ioi = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "task" / "ioi.yaml"))
+    assert set(ioi) == {"kind", "vocabulary", "split", "templates", "n_pairs", "seed", "prepend_bos"}
+    task = build_task({**ioi, "vocabulary": str(IOI_VOCABULARY)}, pythia)
+    assert len(task.pairs) == ioi["n_pairs"] and task.split == "train"
+    assert len(build_task({**ioi, "n_pairs": 10}, pythia).pairs) == 10  # the packaged default vocabulary
+    pairs = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "task" / "pairs.yaml"))
+    assert set(pairs) == {"kind", "path", "prepend_bos"} and pairs["path"] == "???"
+    write_pairs(tmp_path / "p.jsonl", task.pairs[:5], pythia)
+    assert build_task({**pairs, "path": str(tmp_path / "p.jsonl")}, pythia).pairs == task.pairs[:5]

@@ -33,7 +33,7 @@ def kl_patched_to_counterfactual(patched_logits: torch.Tensor, counterfactual_lo
     """Per pair ``[b]``: KL(patched || counterfactual) of the next-token distributions at the final position."""
     log_p = F.log_softmax(wide(final_position(patched_logits)), dim=-1)
     log_q = F.log_softmax(wide(final_position(counterfactual_logits)), dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0.0)  # rounding can dip a hair below 0
 
 
 def mean_kl(patched_logits: torch.Tensor, counterfactual_logits: torch.Tensor) -> torch.Tensor:

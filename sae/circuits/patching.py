@@ -143,6 +143,26 @@ class PatchingProblem:
             raise ConfigError(f"no pairs of order {order!r}")
         return total / n
 
+    @torch.no_grad()
+    def kl_many(self, masks: Sequence[torch.Tensor], order: str = "all") -> list[float]:
+        """``kl`` of several patched sets, each batch of pairs run once for all of them (masks stacked on the rows)."""
+        k = len(masks)
+        totals, n = torch.zeros(k, dtype=torch.float64), 0
+        for batch in self.batches:
+            rows = [i for i, o in enumerate(batch.orders) if order == "all" or o == order]
+            if not rows:
+                continue
+            r = torch.tensor(rows, device=self.device)
+            ids = batch.pairs.base_ids[r].repeat(k, 1)
+            delta = torch.cat([self.edit(batch, m)[r] for m in masks])
+            logits = wide(final_position(self.run(ids, lambda x: x + delta.to(x.dtype))))
+            kl = kl_patched_to_counterfactual(logits, batch.cf_logits[r].repeat(k, 1)).reshape(k, len(rows))
+            totals += kl.sum(1).double().cpu()
+            n += len(rows)
+        if n == 0:
+            raise ConfigError(f"no pairs of order {order!r}")
+        return (totals / n).tolist()
+
     def unpatched(self, orders: Sequence[str] = ("all",)) -> dict[str, dict[str, float]]:
         return self.evaluate(torch.zeros(self.n_features, dtype=torch.bool), orders)
 
@@ -184,6 +204,7 @@ class CurveSettings:
     seed: int = 0
     live_only: bool = True
     max_candidates: int | None = None
+    lookahead: int = 1  # greedy visits evaluated per batched forward (1: one at a time)
     sizes: tuple[int, ...] | None = None
     points: int = 24
 
@@ -203,7 +224,7 @@ class CurveSettings:
                    thresholds=tuple(log_thresholds(int(taus.get("n", 50)), float(taus.get("low", 1e-5)),
                                                    float(taus.get("high", 1.0)))),
                    seed=int(greedy.get("seed", 0)), live_only=bool(greedy.get("live_only", True)),
-                   max_candidates=greedy.get("max_candidates"),
+                   max_candidates=greedy.get("max_candidates"), lookahead=int(greedy.get("lookahead", 1)),
                    sizes=None if sizes is None else tuple(int(s) for s in sizes),
                    points=int(attribution.get("points", 24)))
 
@@ -247,7 +268,9 @@ def patching_curves(problem: PatchingProblem, settings: CurveSettings, *, method
             points = greedy_prune(lambda patched: problem.kl(patched, chosen_on), problem.n_features,
                                   settings.thresholds, settings.seed, stats, candidates,
                                   None if progress is None else
-                                  lambda i, tau, n: progress(f"{method} {hook} greedy ({chosen_on}): tau {tau:.2g}, {n} features"))
+                                  lambda i, tau, n: progress(f"{method} {hook} greedy ({chosen_on}): tau {tau:.2g}, {n} features"),
+                                  metric_many=lambda masks: problem.kl_many(masks, chosen_on),
+                                  lookahead=settings.lookahead)
             measured = orders if settings.select_on == "all" else [chosen_on]
             rows += _rows(points, measured, unpatched, ordering="greedy", **key)
     if "attribution" in settings.orderings:

@@ -66,36 +66,55 @@ def _point(patched: torch.Tensor, value: float, threshold: float | None, evaluat
 
 def greedy_prune(metric: Metric, n_features: int, thresholds: Sequence[float] | None = None, seed: int = 0,
                  stats: Stats | None = None, candidates: torch.Tensor | None = None,
-                 progress: Callable[[int, float, int], None] | None = None) -> list[CurvePoint]:
+                 progress: Callable[[int, float, int], None] | None = None,
+                 metric_many: Callable[[list[torch.Tensor]], Sequence[float]] | None = None,
+                 lookahead: int = 1) -> list[CurvePoint]:
     """The curve of greedy pruning: the starting point (every candidate patched), then one point per threshold.
 
     ``candidates`` (a boolean mask, default all) limits the start set, e.g. to features whose codes differ between
     the two runs somewhere (the others cannot matter). ``stats(patched)`` adds the caller's numbers (edit size,
     logit difference) to each recorded point; it is called once per point, not per visit. ``progress(i, τ, |F|)``
     is told after each threshold.
+
+    With ``metric_many`` (the metric of several masks at once, e.g. one batched forward) and ``lookahead`` k > 1,
+    the next k visits are evaluated together, each as if the earlier ones were kept; the first accepted removal
+    invalidates the rest, which are re-evaluated. The result is the same as the one-at-a-time walk; only the
+    number of evaluations (``CurvePoint.evaluations``) grows, while the number of batched calls falls.
     """
     schedule = _check_thresholds(log_thresholds() if thresholds is None else thresholds)
     patched = torch.ones(n_features, dtype=torch.bool) if candidates is None else candidates.clone().bool().cpu()
     if patched.shape != (n_features,):
         raise ConfigError(f"candidates has shape {tuple(patched.shape)}, expected ({n_features},)")
+    if lookahead < 1:
+        raise ConfigError(f"greedy lookahead={lookahead} must be at least 1")
+    step = lookahead if metric_many is not None else 1
     rng = random.Random(seed)
     current, evaluations = float(metric(patched.clone())), 1
     curve = [_point(patched, current, None, evaluations, stats)]
     for i, tau in enumerate(schedule):
         order = [int(j) for j in patched.nonzero().flatten()]
         rng.shuffle(order)
-        for j in order:
-            patched[j] = False
-            trial = float(metric(patched.clone()))
-            evaluations += 1
-            if trial - current < tau:
-                current = trial
-            else:
-                patched[j] = True
+        position = 0
+        while position < len(order):
+            chunk = order[position:position + step]
+            trials = [_without(patched, j) for j in chunk]
+            values = [float(metric(trials[0]))] if len(trials) == 1 else [float(v) for v in metric_many(trials)]
+            evaluations += len(trials)
+            for j, value in zip(chunk, values):
+                position += 1
+                if value - current < tau:
+                    patched[j], current = False, value
+                    break  # the later trials assumed j patched: evaluate them again
         curve.append(_point(patched, current, tau, evaluations, stats))
         if progress is not None:
             progress(i, tau, int(patched.sum()))
     return curve
+
+
+def _without(patched: torch.Tensor, j: int) -> torch.Tensor:
+    trial = patched.clone()
+    trial[j] = False
+    return trial
 
 
 def attribution_sums(delta_codes: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
