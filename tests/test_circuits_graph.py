@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae.circuits.graph import (GRAPH_SCHEMA, CircuitGraph, Node, error_id, feature_id, html_page, read_json, to_dot,
-                                write_all, write_html, write_json)
+from sae.circuits.graph import (GRAPH_SCHEMA, CircuitGraph, Node, error_id, feature_id, html_page, read_json, write_all, write_html, write_json)
 from sae.circuits.scores import (against_random, completeness_left, faithfulness, fraction_surviving, ranks, same_top_k,
                                  spearman, top_k)
 from sae.errors import ConfigError

@@ -21,7 +21,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping
 
 from sae.circuits.files import write_text_atomic
 from sae.errors import ConfigError
