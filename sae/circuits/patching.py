@@ -1,0 +1,297 @@
+"""Feature patching over prompt pairs at one hook with one dictionary (or baseline): the intervention, its metrics
+for any patched set, the live features, the attribution scores, and the curves of both orderings.
+
+The intervention (issue 14, item 2), at every position of the base run::
+
+    x' = x + decode(c ⊕_F c̄) − decode(c)          (c ⊕_F c̄: the base codes with F's entries taken from c̄)
+
+which for a linear decoder is ``x + Σ_{j∈F} (c̄_j − c_j) d_j`` with ``d_j`` the atoms in model units. The base
+run's reconstruction error ``x − decode(c)`` is kept: patching nothing gives the base run exactly and patching
+everything gives the counterfactual's reconstruction plus the base error.
+
+The model is reached through one callable, ``run(ids, edit) -> logits``: run the LM on ``ids`` ``[b, T]`` and, at
+the hook, replace the activation ``x`` ``[b, T, d]`` by ``edit(x)`` (``edit`` None: leave it); it must keep the
+autograd graph (attribution differentiates through it). Everything else here uses only the dictionary's public
+``encode`` and ``decode``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from sae.circuits.curves import curve_rows
+from sae.circuits.metrics import PairTotals, final_position, kl_patched_to_counterfactual, wide
+from sae.circuits.pruning import (CurvePoint, attribution_curve, attribution_sums, greedy_prune, log_thresholds, ranked,
+                                  size_grid)
+from sae.circuits.tasks import PairBatch, PromptPair, batches
+from sae.errors import ConfigError
+
+Runner = Callable[[torch.Tensor, Callable[[torch.Tensor], torch.Tensor] | None], torch.Tensor]
+
+
+@dataclass
+class CachedBatch:
+    """One batch of pairs with everything the patched runs reuse: base activations, both runs' codes, the base
+    reconstruction and both runs' final-position logits."""
+
+    pairs: PairBatch
+    orders: list[str]
+    x: torch.Tensor  # [b, T, d] base activations at the hook
+    codes: torch.Tensor  # [b, T, n] base codes
+    cf_codes: torch.Tensor  # [b, T, n] counterfactual codes
+    recon: torch.Tensor  # [b, T, d] decode(codes)
+    base_logits: torch.Tensor  # [b, V] final position
+    cf_logits: torch.Tensor  # [b, V]
+
+
+def _capture(run: Runner, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The clean run's final logits and its activation at the hook."""
+    seen: list[torch.Tensor] = []
+
+    def keep(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.detach())
+        return x
+
+    logits = wide(final_position(run(ids, keep)).detach())
+    if len(seen) != 1:
+        raise RuntimeError(f"the hook fired {len(seen)} times in one forward, expected once")
+    return logits, seen[0]
+
+
+def _dtype(dictionary) -> torch.dtype:
+    """The dtype the dictionary computes in (its first floating tensor), activations are cast to it."""
+    tensors = [*dictionary.parameters(), *dictionary.buffers()] if isinstance(dictionary, torch.nn.Module) else []
+    return next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
+
+
+class PatchingProblem:
+    """The pairs' clean runs, cached once, and the patched run for any set of features."""
+
+    def __init__(self, run: Runner, dictionary, pairs: Sequence[PromptPair], batch_size: int = 64,
+                 device: torch.device | str = "cpu"):
+        if not pairs:
+            raise ConfigError("no prompt pairs to patch")
+        self.run, self.dictionary, self.device = run, dictionary, torch.device(device)
+        self.batches: list[CachedBatch] = []
+        with torch.no_grad():
+            for batch in batches(list(pairs), batch_size):
+                batch = PairBatch(**{f.name: getattr(batch, f.name).to(self.device) for f in dataclasses.fields(batch)})
+                base_logits, x = _capture(run, batch.base_ids)
+                cf_logits, x_cf = _capture(run, batch.counterfactual_ids)
+                dtype = _dtype(dictionary)
+                codes, cf_codes = dictionary.encode(x.to(dtype)), dictionary.encode(x_cf.to(dtype))
+                self.batches.append(CachedBatch(batch, [pairs[int(i)].order for i in batch.index], x, codes, cf_codes,
+                                                dictionary.decode(codes), base_logits, cf_logits))
+        self.n_features = self.batches[0].codes.shape[-1]
+        self.n_pairs = len(pairs)
+
+    # ---------------------------------------------------------------- the intervention
+
+    def mixed_codes(self, batch: CachedBatch, patched: torch.Tensor) -> torch.Tensor:
+        """Base codes with the patched features' entries from the counterfactual; a float ``patched`` in [0, 1]
+        interpolates (``c + w (c̄ − c)``, used to check the attribution by finite differences)."""
+        w = patched.to(self.device, batch.codes.dtype)
+        return batch.codes + w * (batch.cf_codes - batch.codes)
+
+    def edit(self, batch: CachedBatch, patched: torch.Tensor) -> torch.Tensor:
+        """``x' − x = decode(mixed) − decode(c)`` ``[b, T, d]`` at every position."""
+        return self.dictionary.decode(self.mixed_codes(batch, patched)) - batch.recon
+
+    def patched_logits(self, batch: CachedBatch, patched: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final logits of the patched base run and its edit; nothing patched runs the model untouched."""
+        if not bool(patched.any()):
+            logits = wide(final_position(self.run(batch.pairs.base_ids, None)))
+            return logits, torch.zeros_like(batch.recon)
+        delta = self.edit(batch, patched)
+        logits = wide(final_position(self.run(batch.pairs.base_ids, lambda x: x + delta.to(x.dtype))))
+        return logits, delta
+
+    # ---------------------------------------------------------------- metrics
+
+    @torch.no_grad()
+    def evaluate(self, patched: torch.Tensor, orders: Sequence[str] = ("all",)) -> dict[str, dict[str, float]]:
+        """KL(patched || counterfactual), logit difference restored and edit size per order, in one pass."""
+        totals = {order: PairTotals() for order in orders}
+        for batch in self.batches:
+            logits, delta = self.patched_logits(batch, patched)
+            zero = torch.zeros_like(delta)
+            for order, total in totals.items():
+                rows = [i for i, o in enumerate(batch.orders) if order == "all" or o == order]
+                if rows:
+                    r = torch.tensor(rows, device=self.device)
+                    p = batch.pairs
+                    total.add(logits[r], batch.base_logits[r], batch.cf_logits[r], p.base_answer[r],
+                              p.counterfactual_answer[r], delta[r], zero[r])
+        return {order: total.result() for order, total in totals.items() if total.n}
+
+    @torch.no_grad()
+    def kl(self, patched: torch.Tensor, order: str = "all") -> float:
+        """The pruning metric: mean KL(patched || counterfactual) over the pairs of ``order``."""
+        total, n = 0.0, 0
+        for batch in self.batches:
+            rows = [i for i, o in enumerate(batch.orders) if order == "all" or o == order]
+            if rows:
+                logits, _ = self.patched_logits(batch, patched)
+                r = torch.tensor(rows, device=self.device)
+                total += float(kl_patched_to_counterfactual(logits[r], batch.cf_logits[r]).sum())
+                n += len(rows)
+        if n == 0:
+            raise ConfigError(f"no pairs of order {order!r}")
+        return total / n
+
+    @torch.no_grad()
+    def kl_many(self, masks: Sequence[torch.Tensor], order: str = "all") -> list[float]:
+        """``kl`` of several patched sets, each batch of pairs run once for all of them (masks stacked on the rows)."""
+        k = len(masks)
+        totals, n = torch.zeros(k, dtype=torch.float64), 0
+        for batch in self.batches:
+            rows = [i for i, o in enumerate(batch.orders) if order == "all" or o == order]
+            if not rows:
+                continue
+            r = torch.tensor(rows, device=self.device)
+            ids = batch.pairs.base_ids[r].repeat(k, 1)
+            delta = torch.cat([self.edit(batch, m)[r] for m in masks])
+            logits = wide(final_position(self.run(ids, lambda x: x + delta.to(x.dtype))))
+            kl = kl_patched_to_counterfactual(logits, batch.cf_logits[r].repeat(k, 1)).reshape(k, len(rows))
+            totals += kl.sum(1).double().cpu()
+            n += len(rows)
+        if n == 0:
+            raise ConfigError(f"no pairs of order {order!r}")
+        return (totals / n).tolist()
+
+    def unpatched(self, orders: Sequence[str] = ("all",)) -> dict[str, dict[str, float]]:
+        return self.evaluate(torch.zeros(self.n_features, dtype=torch.bool), orders)
+
+    def orders(self) -> list[str]:
+        return ["all", *dict.fromkeys(o for b in self.batches for o in b.orders if o)]
+
+    @torch.no_grad()
+    def live(self) -> torch.Tensor:
+        """Features whose codes differ between the two runs at some position of some pair (only they can matter)."""
+        differs = torch.zeros(self.n_features, dtype=torch.bool, device=self.device)
+        for batch in self.batches:
+            differs |= (batch.codes != batch.cf_codes).flatten(0, -2).any(0)
+        return differs.cpu()
+
+    def attribution(self, signed: bool = False) -> torch.Tensor:
+        """``|Σ (c̄ − c) · ∂KL/∂c|`` per feature, the gradient of the mean KL over all pairs at the base run."""
+        sums = torch.zeros(self.n_features, dtype=torch.float64)
+        for batch in self.batches:
+            codes = batch.codes.detach().clone().requires_grad_(True)
+            delta = self.dictionary.decode(codes) - self.dictionary.decode(codes.detach())  # zero, with a gradient
+            logits = wide(final_position(self.run(batch.pairs.base_ids, lambda x: x + delta.to(x.dtype))))
+            loss = kl_patched_to_counterfactual(logits, batch.cf_logits).sum() / self.n_pairs
+            (grad,) = torch.autograd.grad(loss, codes)
+            sums += attribution_sums(batch.cf_codes - batch.codes, grad).cpu()
+        return sums.float() if signed else sums.abs().float()
+
+
+# -------------------------------------------------------------------------------------------- the study's curves
+
+
+@dataclass(frozen=True)
+class CurveSettings:
+    """How the patched sets are chosen (conf/analysis/patching.yaml's ``greedy``, ``attribution``, ``orders``...)."""
+
+    orderings: tuple[str, ...] = ("greedy", "attribution")
+    orders: tuple[str, ...] = ("all", "ABBA", "BABA")
+    select_on: str = "all"  # all | each
+    thresholds: tuple[float, ...] = tuple(log_thresholds())
+    seed: int = 0
+    live_only: bool = True
+    max_candidates: int | None = None
+    lookahead: int = 1  # greedy visits evaluated per batched forward (1: one at a time)
+    sizes: tuple[int, ...] | None = None
+    points: int = 24
+
+    @classmethod
+    def from_config(cls, cfg) -> "CurveSettings":
+        greedy, attribution = cfg.get("greedy", {}) or {}, cfg.get("attribution", {}) or {}
+        taus = greedy.get("thresholds", {}) or {}
+        orderings = tuple(cfg.get("orderings", cls.orderings))
+        unknown = sorted(set(orderings) - {"greedy", "attribution"})
+        if unknown:
+            raise ConfigError(f"patching.orderings: unknown {unknown}; use greedy and/or attribution")
+        if cfg.get("select_on", "all") not in ("all", "each"):
+            raise ConfigError(f"patching.select_on={cfg.get('select_on')!r}; use all or each")
+        sizes = attribution.get("sizes")
+        return cls(orderings=orderings, orders=tuple(cfg.get("orders", cls.orders)),
+                   select_on=str(cfg.get("select_on", "all")),
+                   thresholds=tuple(log_thresholds(int(taus.get("n", 50)), float(taus.get("low", 1e-5)),
+                                                   float(taus.get("high", 1.0)))),
+                   seed=int(greedy.get("seed", 0)), live_only=bool(greedy.get("live_only", True)),
+                   max_candidates=greedy.get("max_candidates"), lookahead=int(greedy.get("lookahead", 1)),
+                   sizes=None if sizes is None else tuple(int(s) for s in sizes),
+                   points=int(attribution.get("points", 24)))
+
+
+def _candidates(problem: PatchingProblem, settings: CurveSettings, scores: torch.Tensor | None) -> torch.Tensor:
+    keep = problem.live() if settings.live_only else torch.ones(problem.n_features, dtype=torch.bool)
+    if settings.max_candidates is not None and int(keep.sum()) > settings.max_candidates:
+        if scores is None:
+            scores = problem.attribution()
+        top = ranked(scores, keep)[:int(settings.max_candidates)]
+        keep = torch.zeros_like(keep)
+        keep[top] = True
+    return keep
+
+
+def _rows(points: list[CurvePoint], orders: Sequence[str], unpatched: dict, **key) -> list[dict]:
+    """Rows per order from points whose stats hold each order's metrics."""
+    rows = []
+    for order in orders:
+        if order not in unpatched:
+            continue
+        at_order = [dataclasses.replace(p, metric=p.stats[order]["kl"], stats=p.stats[order]) for p in points]
+        rows += curve_rows(at_order, order=order, unpatched_kl=unpatched[order]["kl"], **key)
+    return rows
+
+
+def patching_curves(problem: PatchingProblem, settings: CurveSettings, *, method: str, hook: str, model: str = "",
+                    progress: Callable[[str], None] | None = None) -> list[dict]:
+    """Every curve of one (method, hook) as ``curves.csv`` rows: greedy and attribution, measured on each order."""
+    orders = [o for o in settings.orders if o in problem.orders()]
+    unpatched = problem.unpatched(orders)
+    key = dict(method=method, hook=hook, model=model)
+    stats = lambda patched: problem.evaluate(patched, orders)  # noqa: E731
+    needs_scores = "attribution" in settings.orderings or settings.max_candidates is not None
+    scores = problem.attribution() if needs_scores else None
+    candidates = _candidates(problem, settings, scores)
+    rows: list[dict] = []
+    if "greedy" in settings.orderings:
+        selections = ["all"] if settings.select_on == "all" else orders
+        for chosen_on in selections:
+            points = greedy_prune(lambda patched: problem.kl(patched, chosen_on), problem.n_features,
+                                  settings.thresholds, settings.seed, stats, candidates,
+                                  None if progress is None else
+                                  lambda i, tau, n: progress(f"{method} {hook} greedy ({chosen_on}): tau {tau:.2g}, {n} features"),
+                                  metric_many=lambda masks: problem.kl_many(masks, chosen_on),
+                                  lookahead=settings.lookahead)
+            measured = orders if settings.select_on == "all" else [chosen_on]
+            rows += _rows(points, measured, unpatched, ordering="greedy", **key)
+    if "attribution" in settings.orderings:
+        sizes = settings.sizes if settings.sizes is not None else size_grid(int(candidates.sum()), settings.points)
+        points = attribution_curve(lambda patched: problem.kl(patched), scores, sizes, stats, candidates)
+        rows += _rows(points, orders, unpatched, ordering="attribution", **key)
+    return rows
+
+
+def write_outputs(rows: Sequence[dict], out, title: str, target_fraction: float = 0.5) -> dict[str, object]:
+    """``patching/curves.csv``, ``patching/summary.csv`` and ``plots/patching_<hook>.png`` under ``out``; the
+    title should name the model (labelled when it is a stand-in) and the task."""
+    from pathlib import Path
+
+    from sae.circuits.curves import summarise, write_curves, write_summary
+    from sae.circuits.plots import plot_patching_hooks
+
+    out = Path(out)
+    summary = summarise(rows, target_fraction)
+    write_curves(out / "patching" / "curves.csv", rows)
+    write_summary(out / "patching" / "summary.csv", summary)
+    plots = plot_patching_hooks(rows, out / "plots", title, "all", target_fraction)
+    return {"curves": out / "patching" / "curves.csv", "summary": out / "patching" / "summary.csv", "plots": plots,
+            "rows": summary}

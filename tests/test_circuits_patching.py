@@ -1,0 +1,179 @@
+"""Feature patching on the tests' tiny GPT-NeoX: the intervention's identities, the attribution's gradient, the curves.
+
+The model is reached through a ``run(ids, edit)`` callable built here on ``sae.hooks.intervene``; the LM session's
+splice provides the same callable in the study.
+"""
+
+import dataclasses
+import random
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from conftest import ROOT, WORDS, make_tokenizer, tiny_model
+from sae.baselines import fit
+from sae.circuits.curves import summarise
+from sae.circuits.metrics import mean_kl
+from sae.circuits.patching import CurveSettings, PatchingProblem, patching_curves
+from sae.circuits.tasks import make_pair
+from sae.dictionaries import build
+from sae.errors import ConfigError
+from sae.hooks import HookPoint, intervene
+
+HOOK = HookPoint(1, "resid")
+
+
+def runner(model, hook=HOOK):
+    def run(ids, edit):
+        if edit is None:
+            return model(input_ids=ids, use_cache=False).logits
+        with intervene(model, hook, edit):
+            return model(input_ids=ids, use_cache=False).logits
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Tiny model (float64, so identities hold to rounding), 12 pairs of word sentences differing in one word."""
+    tokenizer = make_tokenizer(tmp_path_factory.mktemp("words"))
+    model = tiny_model(layers=3).double()
+    rng = random.Random(0)
+    pairs = []
+    for i in range(12):
+        words = [rng.choice(WORDS) for _ in range(6 + i % 2)]  # two lengths: two batches at least
+        other = list(words)
+        other[2] = rng.choice([w for w in WORDS if w != words[2]])
+        a, b = rng.sample(WORDS, 2)
+        pairs.append(make_pair(tokenizer, " ".join(words), " ".join(other), a, b, where="t", order="ABBA" if i % 2 else "BABA"))
+    return model, pairs
+
+
+def activations(model, ids):
+    seen = []
+    runner(model)(ids, lambda x: seen.append(x) or x)
+    return seen[0]
+
+
+def test_identities_with_a_sparse_dictionary(setup):
+    model, pairs = setup
+    torch.manual_seed(0)
+    dictionary = build("relu", 32, 64).double()
+    problem = PatchingProblem(runner(model), dictionary, pairs, batch_size=4)
+    assert len(problem.batches) >= 3 and problem.n_features == 64
+    none, everything = torch.zeros(64, dtype=torch.bool), torch.ones(64, dtype=torch.bool)
+    for batch in problem.batches:
+        ids = batch.pairs.base_ids
+        # nothing patched: the base run exactly
+        logits, delta = problem.patched_logits(batch, none)
+        assert torch.equal(logits, model(input_ids=ids).logits[:, -1]) and not delta.any()
+        # everything patched: the counterfactual's reconstruction plus the base run's error, at every position
+        x = activations(model, ids)
+        x_cf = activations(model, batch.pairs.counterfactual_ids)
+        expected = dictionary.decode(dictionary.encode(x_cf)) + (x - dictionary.decode(dictionary.encode(x)))
+        assert torch.allclose(x + problem.edit(batch, everything), expected, atol=1e-10)
+        replaced = runner(model)(ids, lambda _: expected)[:, -1]
+        assert torch.allclose(problem.patched_logits(batch, everything)[0], replaced, atol=1e-10)
+        # one feature: x moves only along that feature's atom (model units), by c̄_j − c_j
+        j = int((batch.codes != batch.cf_codes).flatten(0, 1).any(0).nonzero()[0])
+        atom = dictionary.decode(torch.nn.functional.one_hot(torch.tensor(j), 64).double()) - dictionary.decode(torch.zeros(64).double())
+        single = problem.edit(batch, torch.nn.functional.one_hot(torch.tensor(j), 64).bool())
+        step = (batch.cf_codes - batch.codes)[..., j]
+        assert torch.allclose(single, step[..., None] * atom, atol=1e-10) and single.abs().max() > 0
+    base = torch.cat([model(input_ids=b.pairs.base_ids).logits[:, -1] for b in problem.batches])
+    cf = torch.cat([model(input_ids=b.pairs.counterfactual_ids).logits[:, -1] for b in problem.batches])
+    result = problem.unpatched(["all", "ABBA", "BABA"])
+    assert result["all"]["kl"] == pytest.approx(float(mean_kl(base, cf).detach()), rel=1e-6)
+    assert result["all"]["logit_diff_restored"] == pytest.approx(0.0, abs=1e-9) and result["all"]["edit_size"] == 0.0
+    assert problem.kl(none) == pytest.approx(result["all"]["kl"])
+    assert (result["ABBA"]["kl"] + result["BABA"]["kl"]) / 2 == pytest.approx(result["all"]["kl"])  # 6 pairs each
+
+
+def test_full_patch_with_the_neuron_basis_is_the_counterfactual(setup):
+    """An exact basis has no error: patching every coordinate is the counterfactual run, KL 0 and LD fully restored."""
+    model, pairs = setup
+    sample = torch.cat([activations(model, torch.tensor([p.base_ids])) for p in pairs], 1)[0]
+    neurons = fit("neurons", sample.float()).double()
+    problem = PatchingProblem(runner(model), neurons, pairs, batch_size=8)
+    result = problem.evaluate(torch.ones(32, dtype=torch.bool))["all"]
+    assert result["kl"] == pytest.approx(0.0, abs=1e-9) and result["logit_diff_restored"] == pytest.approx(1.0)
+    assert result["edit_size"] > 0
+
+
+def test_attribution_is_the_gradient(setup):
+    """Signed attribution = d KL / d t of patching t (c̄_j − c_j) at t = 0 (central finite differences)."""
+    model, pairs = setup
+    torch.manual_seed(1)
+    dictionary = build("relu", 32, 64).double()
+    with torch.no_grad():
+        dictionary.b_enc[:4] = -1e3  # four features that never fire
+    problem = PatchingProblem(runner(model), dictionary, pairs, batch_size=5)
+    signed = problem.attribution(signed=True)
+    assert torch.equal(problem.attribution(), signed.abs())
+    t = 1e-4
+    for j in signed.abs().topk(3).indices.tolist():
+        e = torch.nn.functional.one_hot(torch.tensor(j), 64).double()
+        numeric = (problem.kl(t * e) - problem.kl(-t * e)) / (2 * t)
+        assert float(signed[j]) == pytest.approx(numeric, rel=1e-3)
+    dead = ~problem.live()
+    assert dead[:4].all() and (signed[dead] == 0).all()  # a feature equal in both runs has no attribution
+
+
+def test_curves_end_to_end(setup):
+    model, pairs = setup
+    torch.manual_seed(0)
+    problem = PatchingProblem(runner(model), build("relu", 32, 64).double(), pairs, batch_size=8)
+    settings = CurveSettings(thresholds=(1e-4, 1e-2, 1.0), sizes=None, points=5)
+    messages = []
+    rows = patching_curves(problem, settings, method="relu", hook=HOOK.name, model="tiny test model", progress=messages.append)
+    keys = {(r["ordering"], r["order"]) for r in rows}
+    assert keys == {(o, g) for o in ("greedy", "attribution") for g in ("all", "ABBA", "BABA")}
+    greedy = [r for r in rows if r["ordering"] == "greedy" and r["order"] == "all"]
+    live = int(problem.live().sum())
+    assert [r["n_features"] for r in greedy][0] == live and [r["threshold"] for r in greedy] == [None, 1e-4, 1e-2, 1.0]
+    sizes = [r["n_features"] for r in greedy]
+    assert sizes == sorted(sizes, reverse=True) and greedy[0]["unpatched_kl"] < 1.0
+    # at tau = 1 every un-patch raises the KL by less than the whole unpatched KL: nothing is left patched
+    assert sizes[-1] == 0 and greedy[-1]["kl"] == pytest.approx(greedy[0]["unpatched_kl"])
+    assert len(messages) == 3 and all(r["model"] == "tiny test model" for r in rows)
+    attribution = [r for r in rows if r["ordering"] == "attribution" and r["order"] == "all"]
+    assert attribution[0]["n_features"] == 0 and attribution[0]["kl"] == pytest.approx(attribution[0]["unpatched_kl"])
+    assert attribution[-1]["n_features"] == live
+    assert len(summarise(rows)) == 6
+    each = patching_curves(problem, CurveSettings(orderings=("greedy",), thresholds=(1e-3,), select_on="each"),
+                           method="relu", hook=HOOK.name)
+    assert {r["order"] for r in each} == {"all", "ABBA", "BABA"} and len(each) == 6
+    fast = patching_curves(problem, dataclasses.replace(settings, lookahead=7), method="relu", hook=HOOK.name,
+                           model="tiny test model")
+    assert [(r["n_features"], r["order"], r["ordering"]) for r in fast] == [(r["n_features"], r["order"], r["ordering"]) for r in rows]
+    assert [r["kl"] for r in fast] == pytest.approx([r["kl"] for r in rows], rel=1e-9, abs=1e-12)
+    masks = [torch.rand(64) < 0.5 for _ in range(3)]
+    assert problem.kl_many(masks, "ABBA") == pytest.approx([problem.kl(m, "ABBA") for m in masks], rel=1e-9)
+    capped = patching_curves(problem, CurveSettings(orderings=("greedy",), orders=("all",), thresholds=(1e-3,),
+                                                    max_candidates=5), method="relu", hook=HOOK.name)
+    assert capped[0]["n_features"] == 5
+
+
+def test_settings_from_the_proposed_config():
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "proposed" / "analysis" / "patching.yaml"))
+    settings = CurveSettings.from_config(cfg)
+    assert len(settings.thresholds) == 50 and settings.thresholds[0] == pytest.approx(1e-5)
+    assert settings.orders == ("all", "ABBA", "BABA") and settings.orderings == ("greedy", "attribution")
+    with pytest.raises(ConfigError, match="unknown \\['random'\\]"):
+        CurveSettings.from_config({**cfg, "orderings": ["random"]})
+    with pytest.raises(ConfigError, match="select_on"):
+        CurveSettings.from_config({**cfg, "select_on": "some"})
+
+
+def test_outputs(setup, tmp_path):
+    from sae.circuits.curves import read_rows
+    from sae.circuits.patching import write_outputs
+
+    model, pairs = setup
+    torch.manual_seed(0)
+    problem = PatchingProblem(runner(model), build("relu", 32, 64).double(), pairs, batch_size=8)
+    rows = patching_curves(problem, CurveSettings(thresholds=(1e-3, 1.0), points=4), method="relu", hook=HOOK.name)
+    written = write_outputs(rows, tmp_path, "tiny test model; word pairs")
+    assert len(read_rows(written["curves"])) == len(rows) and len(read_rows(written["summary"])) == 6
+    assert [p.name for p in written["plots"]] == ["patching_layers.1.resid.png"] and written["plots"][0].stat().st_size > 0
