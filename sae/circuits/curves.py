@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from sae.circuits.files import write_csv
+from sae.io.atomic import write_csv
 from sae.circuits.pruning import CurvePoint
 from sae.errors import ConfigError
 
@@ -68,11 +68,11 @@ def _edit(row: Mapping) -> float:
 
 
 def write_curves(path: Path, rows: Iterable[Mapping]) -> None:
-    write_csv(path, rows, CURVE_FIELDS)
+    write_csv(path, [{k: _cell(v) for k, v in r.items()} for r in rows], CURVE_FIELDS, only=True)
 
 
 def write_summary(path: Path, rows: Iterable[Mapping]) -> None:
-    write_csv(path, rows, SUMMARY_FIELDS)
+    write_csv(path, [{k: _cell(v) for k, v in r.items()} for r in rows], SUMMARY_FIELDS, only=True)
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -81,3 +81,12 @@ def read_rows(path: Path) -> list[dict]:
 
     with open(path, newline="") as handle:
         return [{k: (v if v != "" else None) for k, v in row.items()} for row in csv.DictReader(handle)]
+
+
+def _cell(value) -> object:
+    """Empty for a missing value, floats at full precision, the rest as is."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value)
+    return value

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-from sae.circuits.files import write_text_atomic
+from sae.io.atomic import write_text as write_text_atomic
 from sae.errors import ConfigError
 
 FORMAT = "sae.circuit-graph/1"

@@ -21,6 +21,7 @@ from typing import Iterator
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path beside ``path`` to write to; renamed onto ``path`` when the block ends without error."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         yield tmp
@@ -40,10 +41,13 @@ def write_json(path: str | Path, obj: dict | list) -> None:
     write_text(path, json.dumps(obj, indent=2, default=str))
 
 
-def write_csv(path: str | Path, rows: list[dict], columns: list[str] | None = None) -> None:
-    """All ``rows`` in one CSV, the key ``columns`` first and every other key after them (sorted), atomically."""
+def write_csv(path: str | Path, rows: list[dict], columns: list[str] | None = None, only: bool = False) -> None:
+    """All ``rows`` in one CSV, the key ``columns`` first and every other key after them (sorted), atomically;
+    ``only``: exactly ``columns`` (a row lacking one leaves it empty)."""
     columns = list(columns or [])
-    fields = columns + sorted({k for r in rows for k in r} - set(columns))
+    fields = columns if only else columns + sorted({k for r in rows for k in r} - set(columns))
+    if only:
+        rows = [{f: r.get(f) for f in fields} for r in rows]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=fields)
     writer.writeheader()

@@ -1,6 +1,6 @@
 """Feature patching on the tests' tiny GPT-NeoX: the intervention's identities, the attribution's gradient, the curves.
 
-The model is reached through a ``run(ids, edit)`` callable built here on ``sae.hooks.intervene``; the LM session's
+The model is reached through a ``run(ids, edit)`` callable built here on ``sae.lm.hooks.intervene``; the LM session's
 splice provides the same callable in the study.
 """
 
@@ -19,7 +19,7 @@ from sae.circuits.patching import CurveSettings, PatchingProblem, patching_curve
 from sae.circuits.tasks import make_pair
 from sae.dictionaries import build
 from sae.errors import ConfigError
-from sae.hooks import HookPoint, intervene
+from sae.lm.hooks import HookPoint, intervene
 
 HOOK = HookPoint(1, "resid")
 
@@ -59,7 +59,7 @@ def activations(model, ids):
 def test_identities_with_a_sparse_dictionary(setup):
     model, pairs = setup
     torch.manual_seed(0)
-    dictionary = build("relu", 32, 64).double()
+    dictionary = build("relu", 32, 64, l1_coeff=0.0).double()
     problem = PatchingProblem(runner(model), dictionary, pairs, batch_size=4)
     assert len(problem.batches) >= 3 and problem.n_features == 64
     none, everything = torch.zeros(64, dtype=torch.bool), torch.ones(64, dtype=torch.bool)
@@ -105,7 +105,7 @@ def test_attribution_is_the_gradient(setup):
     """Signed attribution = d KL / d t of patching t (c̄_j − c_j) at t = 0 (central finite differences)."""
     model, pairs = setup
     torch.manual_seed(1)
-    dictionary = build("relu", 32, 64).double()
+    dictionary = build("relu", 32, 64, l1_coeff=0.0).double()
     with torch.no_grad():
         dictionary.b_enc[:4] = -1e3  # four features that never fire
     problem = PatchingProblem(runner(model), dictionary, pairs, batch_size=5)
@@ -123,7 +123,7 @@ def test_attribution_is_the_gradient(setup):
 def test_curves_end_to_end(setup):
     model, pairs = setup
     torch.manual_seed(0)
-    problem = PatchingProblem(runner(model), build("relu", 32, 64).double(), pairs, batch_size=8)
+    problem = PatchingProblem(runner(model), build("relu", 32, 64, l1_coeff=0.0).double(), pairs, batch_size=8)
     settings = CurveSettings(thresholds=(1e-4, 1e-2, 1.0), sizes=None, points=5)
     messages = []
     rows = patching_curves(problem, settings, method="relu", hook=HOOK.name, model="tiny test model", progress=messages.append)
@@ -172,7 +172,7 @@ def test_outputs(setup, tmp_path):
 
     model, pairs = setup
     torch.manual_seed(0)
-    problem = PatchingProblem(runner(model), build("relu", 32, 64).double(), pairs, batch_size=8)
+    problem = PatchingProblem(runner(model), build("relu", 32, 64, l1_coeff=0.0).double(), pairs, batch_size=8)
     rows = patching_curves(problem, CurveSettings(thresholds=(1e-3, 1.0), points=4), method="relu", hook=HOOK.name)
     written = write_outputs(rows, tmp_path, "tiny test model; word pairs")
     assert len(read_rows(written["curves"])) == len(rows) and len(read_rows(written["summary"])) == 6
