@@ -22,7 +22,7 @@ from sae.evaluation.comparison import matched_k
 from sae.io.saelens import is_saelens_dir, load_saelens
 from sae.io.saving import META, load, read_meta
 from sae.lm.hooks import HookPoint, check_hook, site_width
-from sae.lm.model import load_config, resolve_device
+from sae.lm.model import check_context_length, load_config, resolve_device
 from sae.lm.session import LMSession, TextSettings
 
 
@@ -73,6 +73,9 @@ def load_entry(directory: Path, run: Path, cfg: DictConfig) -> Entry:
 def check_entry(entry: Entry) -> None:
     """Raise ConfigError if the entry's model, hook or data cannot be used, or its width does not match the hook."""
     model, data = entry.meta["model"], entry.meta["data"]
+    if entry.meta.get("ground_truth") is not None or entry.meta.get("hook") is None:
+        raise ConfigError(f"{entry.name}: trained on toy data (no LM, no hook point), which evaluate.py cannot splice "
+                          "into a model; its held-out toy metrics (MMCS included) are in its metrics.json")
     if not model.get("name_or_path"):
         raise ConfigError(f"{entry.name}: no model recorded; set model.name_or_path=...")
     if not data.get("path"):
@@ -83,6 +86,7 @@ def check_entry(entry: Entry) -> None:
         raise ConfigError(f"{entry.name}: {err}") from None
     config = load_config(model["name_or_path"])
     check_hook(entry.hook, getattr(config, "num_hidden_layers", None) or config.n_layer)
+    check_context_length(data["context_length"], config, f"{entry.name}: data.context_length")
     width = site_width(config, entry.hook.site)
     if entry.dictionary.d_in != width:
         raise ConfigError(

@@ -52,8 +52,8 @@ def heldout_metrics_many(
         x = clean.activations[hook][keep].float()
         for tally in tallies.values():
             tally.add_reconstruction(x)
-            spliced = spliced_forward(model, ids, {hook: Reconstruct(tally.dictionary)}, special).logits
-            ce_spliced, kl = scorer.ce_and_kl(spliced)
+            # inline: a spliced batch's logits (batch x seq x vocab) must not outlive its scoring
+            ce_spliced, kl = scorer.ce_and_kl(spliced_forward(model, ids, {hook: Reconstruct(tally.dictionary)}, special).logits)
             tally.ce += ce_spliced
             tally.kl += kl
         n_pred += ids[:, 1:].numel()

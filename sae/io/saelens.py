@@ -78,9 +78,18 @@ def _meta(cfg: dict) -> dict:
 def load_saelens(directory: str | Path) -> tuple[Dictionary, dict]:
     """The SAELens dictionary in ``directory`` as one of ours, and its ``sae.json``-style metadata."""
     directory = Path(directory)
-    cfg = json.loads((directory / CFG).read_text())
+    try:
+        cfg = json.loads((directory / CFG).read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{directory / CFG} is not valid JSON ({err}): the SAELens directory is corrupt") from None
     _check_supported(cfg, directory)
-    w = {k: v.float() for k, v in load_file(str(directory / WEIGHTS)).items()}
+    try:
+        w = {k: v.float() for k, v in load_file(str(directory / WEIGHTS)).items()}
+    except Exception as err:  # safetensors raises its own error types for truncated or foreign files
+        raise ConfigError(f"{directory / WEIGHTS} cannot be read ({type(err).__name__}): the file is corrupt") from None
+    missing = [k for k in ("W_enc", "W_dec", "b_enc", "b_dec") if k not in w]
+    if missing:
+        raise ConfigError(f"{directory / WEIGHTS} lacks {', '.join(missing)}: not a standard or TopK SAELens dictionary")
     norms = w["W_dec"].norm(dim=1)
     scale = norms[norms > 0].mean()
     ratio = norms / scale

@@ -45,7 +45,14 @@ def read_meta(directory: str | Path) -> dict:
     path = Path(directory) / META
     if not path.is_file():
         raise ConfigError(f"no dictionary in '{directory}': {META} is missing (expected a training run directory)")
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path} is not valid JSON ({err}): the file is corrupt; train the dictionary again or "
+                          "restore the file") from None
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{path} holds no JSON object: the file is corrupt")
+    return meta
 
 
 def _rebuild(meta: dict) -> Dictionary:

@@ -165,10 +165,11 @@ def train(cfg: DictConfig, run: RunInfo) -> dict:
     check_launch(cfg, run)
     lead = is_lead_process()
     checkpoint = resume_checkpoint(run.dir, cfg.resume) if lead else (run.dir / LAST if cfg.resume else None)
+    setup = toy_setup(cfg, run) if cfg.data.source == "toy" else lm_setup(cfg, plans)  # text problems show here
     if lead:
         write_status(run.dir, "running")
     try:
-        metrics, loop_seconds = _train(cfg, run, plans, checkpoint)
+        metrics, loop_seconds = _train(cfg, run, plans, checkpoint, setup)
     except Exception as err:
         if lead:
             write_status(run.dir, "failed", error=f"{type(err).__name__}: {err}")
@@ -181,11 +182,11 @@ def train(cfg: DictConfig, run: RunInfo) -> dict:
     return {plan.name: m for plan, m in zip(plans, metrics)}
 
 
-def _train(cfg: DictConfig, run: RunInfo, plans: list[DictionaryPlan], checkpoint: Path | None) -> tuple[list[dict], float]:
+def _train(cfg: DictConfig, run: RunInfo, plans: list[DictionaryPlan], checkpoint: Path | None,
+           setup: Setup) -> tuple[list[dict], float]:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*your dataloader is not resumable.*")  # ours is, through the datamodule
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    setup = toy_setup(cfg, run) if cfg.data.source == "toy" else lm_setup(cfg, plans)
     t, tr = cfg.train, cfg.trainer
     steps = t.tokens // t.batch_size
     module = DictionaryModule(

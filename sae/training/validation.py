@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sae.data.cache import CACHE_DTYPES
@@ -15,7 +16,7 @@ from sae.data.toy import ToyData
 from sae.dictionaries import VARIANTS
 from sae.errors import ConfigError
 from sae.lm.hooks import check_hook, site_width
-from sae.lm.model import load_config
+from sae.lm.model import check_context_length, load_config
 from sae.training.plan import DictionaryPlan, resolve
 
 SPAWNING = ("ddp_spawn", "ddp_fork", "ddp_notebook")  # strategies whose workers cannot hand results back to train()
@@ -51,6 +52,9 @@ def _trainer_problems(tr: DictConfig, batch_size: int) -> list[str]:
                "processes (trainer.devices x trainer.num_nodes): each trains on its share of every batch", problems)
     _check(not str(tr.strategy).startswith(SPAWNING), f"trainer.strategy={tr.strategy} is not supported: use "
            "trainer.strategy=ddp (processes started as scripts) for several devices", problems)
+    if str(tr.accelerator) in ("gpu", "cuda") and not torch.cuda.is_available():
+        problems.append(f"trainer.accelerator={tr.accelerator} but this machine has no CUDA device: use "
+                        "trainer.accelerator=cpu (or auto)")
     return problems
 
 
@@ -127,6 +131,11 @@ def validate(cfg: DictConfig) -> list[DictionaryPlan]:
     model_config = None if cfg.data.source == "toy" else load_config(cfg.model.name_or_path)
     checked = [(plan, *_width_problems(plan, model_config)) for plan in plans]
     problems = [plan.label + p for plan, _, found in checked for p in found]
+    if model_config is not None:
+        try:
+            check_context_length(cfg.data.context_length, model_config)
+        except ConfigError as err:
+            problems.append(str(err))
     if problems:
         raise ConfigError("; ".join(problems))
     return [replace(plan, d_in=d_in) for plan, d_in, _ in checked]
