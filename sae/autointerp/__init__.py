@@ -11,14 +11,19 @@ The public surface an entry point needs:
             yield from iter_feature_activations(method, hook, layer, codes, ids, feats, fragment_len=64)
 
     run_from_config(source(), decoder_from_tokenizer(tokenizer), out_dir, cfg.autointerp, cfg.explainer)
+
+When a method's codes do not fit in memory at once, OR `live_mask(codes)` over batches, pick features with
+`sample_features(mask, n, seed)`, then `collect_feature_activations(method, hook, layer, batches, feats)` keeps
+only those features' activations from each (codes, token_ids) batch.
 """
 
 from sae.autointerp.records import (NORMALISATION_RULE, FeatureActivations, FeatureRecords, Fragment, RecordConfig,
-                                    build_records, cut_fragments, decoder_from_tokenizer, iter_feature_activations,
-                                    live_features, normalise, sample_live_features)
+                                    build_records, collect_feature_activations, cut_fragments, decoder_from_tokenizer,
+                                    iter_feature_activations, live_features, live_mask, normalise, sample_features,
+                                    sample_live_features)
 from sae.autointerp.study import StudyConfig, StudyResult, output_paths, run_from_config, run_study, study_config
 
 __all__ = ["NORMALISATION_RULE", "FeatureActivations", "FeatureRecords", "Fragment", "RecordConfig", "StudyConfig",
-           "StudyResult", "build_records", "cut_fragments", "decoder_from_tokenizer", "iter_feature_activations",
-           "live_features", "normalise", "output_paths", "run_from_config", "run_study", "sample_live_features",
-           "study_config"]
+           "StudyResult", "build_records", "collect_feature_activations", "cut_fragments", "decoder_from_tokenizer",
+           "iter_feature_activations", "live_features", "live_mask", "normalise", "output_paths", "run_from_config",
+           "run_study", "sample_features", "sample_live_features", "study_config"]

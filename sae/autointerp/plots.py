@@ -47,8 +47,9 @@ def plot_by_layer(summary: Sequence[dict], path: Path, title: str) -> None:
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(6, len(labels)), fontsize=8)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    height = 3.0 * len(rows)
+    fig.suptitle(title, fontsize=9, y=1 - 0.12 / height, va="top")
+    fig.subplots_adjust(hspace=0.45, wspace=0.15, top=1 - 0.75 / height, bottom=0.75 / height)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -59,13 +60,17 @@ def _panel(ax, rows: Sequence[dict], several_sites: bool) -> None:
     for r in rows:
         site = re.sub(r"[0-9]+", "*", r["hook"])
         lines[f"{r['method']} [{site}]" if several_sites else r["method"]].append(r)
+    drawn = 0
     for k, (key, members) in enumerate(sorted(lines.items())):
         pts = sorted((r for r in members if _finite(r["mean"])), key=lambda r: r["layer"])
         if not pts:
             continue
+        drawn += 1
         x = [r["layer"] + 0.06 * (k - (len(lines) - 1) / 2) for r in pts]  # small offsets keep intervals apart
         y = [r["mean"] for r in pts]
         err = [[m - r["ci_low"] for m, r in zip(y, pts)], [r["ci_high"] - m for m, r in zip(y, pts)]]
         method = key.split(" [")[0]
         ax.errorbar(x, y, yerr=err, marker="o", markersize=4, capsize=2, linewidth=1, label=key,
                     color=COLORS.get(method.removesuffix("_topk")), linestyle="--" if method.endswith("_topk") else "-")
+    if not drawn:
+        ax.text(0.5, 0.5, "not scored", transform=ax.transAxes, ha="center", va="center", color="grey", fontsize=8)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -94,8 +94,8 @@ class FeatureRecords:
     explain: list[Fragment]
     score_top: list[Fragment]
     score_random: list[Fragment]
-    positives: list[Fragment]  # activating fragments across activation quantiles (detection, fuzzing)
-    negatives: list[Fragment]  # fragments where the feature is zero throughout
+    positives: list[Fragment]  # fragments with a visible activation (>= 1 of 10), across quantiles (detection, fuzzing)
+    negatives: list[Fragment]  # fragments that show only zeros (every activation < max / 10)
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -141,25 +141,48 @@ def cut_fragments(codes: torch.Tensor, token_ids: torch.Tensor, features: Sequen
     return acts, ids
 
 
+def live_mask(codes: torch.Tensor) -> torch.Tensor:
+    """bool [n_features]: non-zero somewhere in codes [..., n_features]. OR it over batches of contexts."""
+    return (codes != 0).flatten(0, -2).any(0).cpu()
+
+
 def live_features(codes: torch.Tensor) -> torch.Tensor:
     """Indices of features non-zero somewhere in codes [..., n_features]."""
-    return torch.nonzero((codes != 0).flatten(0, -2).any(0)).flatten()
+    return torch.nonzero(live_mask(codes)).flatten()
+
+
+def sample_features(live: torch.Tensor, n: int, seed: int, what: str = "this method") -> list[int]:
+    """`n` of the live features (bool mask [n_features]) drawn without replacement (seeded), sorted; all when fewer."""
+    idx = torch.nonzero(live.bool()).flatten()
+    if idx.numel() == 0:
+        raise ConfigError(f"autointerp: no live features for {what} on the held-out text (every code is zero)")
+    gen = torch.Generator().manual_seed(seed)
+    return sorted(idx[torch.randperm(idx.numel(), generator=gen)[:n]].tolist())
 
 
 def sample_live_features(codes: torch.Tensor, n: int, seed: int, what: str = "this method") -> list[int]:
-    """`n` live features drawn without replacement (seeded); all of them, sorted, when fewer are live."""
-    live = live_features(codes)
-    if live.numel() == 0:
-        raise ConfigError(f"autointerp: no live features for {what} on the held-out text (every code is zero)")
-    gen = torch.Generator().manual_seed(seed)
-    pick = live[torch.randperm(live.numel(), generator=gen)[:n]]
-    return sorted(pick.tolist())
+    """`n` live features of codes [..., n_features] (see sample_features)."""
+    return sample_features(live_mask(codes), n, seed, what)
 
 
 def iter_feature_activations(method: str, hook: str, layer: int, codes: torch.Tensor, token_ids: torch.Tensor,
                              features: Sequence[int], fragment_len: int = 64) -> Iterator[FeatureActivations]:
     """The feature source for one method at one hook: cut once, then one FeatureActivations per feature."""
-    acts, ids = cut_fragments(codes, token_ids, features, fragment_len)
+    return collect_feature_activations(method, hook, layer, [(codes, token_ids)], features, fragment_len)
+
+
+def collect_feature_activations(method: str, hook: str, layer: int,
+                                batches: Iterable[tuple[torch.Tensor, torch.Tensor]], features: Sequence[int],
+                                fragment_len: int = 64) -> Iterator[FeatureActivations]:
+    """Like iter_feature_activations, from batches of (codes [b, seq, n_features], token ids [b, seq]).
+
+    Only the chosen features' activations are kept from each batch, so a wide dictionary's codes never have to
+    be in memory at once (a first pass ORs `live_mask` over the batches, `sample_features` picks the features).
+    """
+    parts = [cut_fragments(codes, ids, features, fragment_len) for codes, ids in batches]
+    if not parts:
+        raise ConfigError(f"autointerp: no held-out contexts for {method} at {hook}")
+    acts, ids = torch.cat([a for a, _ in parts]), torch.cat([i for _, i in parts])
     for j, feature in enumerate(features):
         yield FeatureActivations(method, hook, layer, int(feature), acts[:, :, j], ids)
 
@@ -194,8 +217,13 @@ def build_records(fa: FeatureActivations, config: RecordConfig, decode: Decode, 
     explain = top[: config.n_explain]
     score_top = top[config.n_explain: config.n_explain + config.n_score_top]
     score_random = rand[: config.n_score_random]
-    positives = _quantile_draw([i for i in by_max if i not in set(explain)], config.n_quantiles, config.per_quantile, gen)
-    silent = torch.nonzero(maxes <= 0).flatten()
+    # detection/fuzzing: "activating" and "silent" as the explainer sees them, on the 0-10 scale (a dense
+    # baseline such as PCA is non-zero almost everywhere, yet most fragments show only zeros)
+    shown = maxes >= float(maxes.max()) / 10
+    explained = set(explain)
+    visible = [i for i in by_max if bool(shown[i]) and i not in explained]
+    positives = _quantile_draw(visible, config.n_quantiles, config.per_quantile, gen)
+    silent = torch.nonzero(~shown).flatten()
     negatives = silent[torch.randperm(silent.numel(), generator=gen)[: len(positives)]].tolist()
     max_act = float(maxes[top[0]])
     make = lambda idx: [_fragment(i, acts, ids, decode) for i in idx]  # noqa: E731

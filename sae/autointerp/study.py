@@ -130,6 +130,9 @@ def score_variant(interp: Interpreter, recs: Sequence[FeatureRecords], expls: Se
             d["marks"] = [[i for i, m in enumerate(marks) if m] for _, marks, _ in c]
             k += len(c)
             res.update(fuzzing=d["bacc"], fuzzing_auroc=d["auroc"], _fuzzing=d)
+    for res, e in zip(results, expls):  # no explanation to judge by: undefined (counted as unparsed), not 0
+        if e is not None and e.text is None and e.lookup is None:
+            res.update({name: math.nan for name in SCORE_NAMES})
     return results
 
 

@@ -91,3 +91,22 @@ def test_run_from_config_builds_the_token_lookup_explainer_and_its_cache(tmp_pat
     with pytest.raises(ConfigError, match="autointerp.cache_mode='sometimes'"):
         run_from_config(_source(layers=(1,)), word_decode, tmp_path / "c", {**analysis, "cache_mode": "sometimes"},
                         {"backend": "token_lookup"})
+
+
+def test_the_shipped_configs_drive_run_from_config(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from conftest import ROOT
+    from sae.autointerp.backends import make_backend
+
+    analysis = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "analysis" / "autointerp.yaml"))
+    explainers = {p.stem: OmegaConf.to_container(OmegaConf.load(p)) for p in (ROOT / "conf" / "explainer").glob("*.yaml")}
+    assert {k: v["backend"] for k, v in explainers.items()} == {k: k for k in ("openai", "hf_local", "token_lookup")}
+    small = {**analysis, **RECORDS.__dict__, "n_bootstrap": 20}
+    res = run_from_config(_source(layers=(1,)), word_decode, tmp_path, small, explainers["token_lookup"])
+    assert res.meta["config"]["records"]["fragment_len"] == 16 and (tmp_path / "autointerp" / "cache.sqlite").exists()
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(ConfigError, match="OPENAI_API_KEY: that environment variable is not set"):
+        make_backend(explainers["openai"])
+    with pytest.raises(ConfigError, match="explainer.model=./no/such/model.gguf: no such GGUF file"):
+        make_backend({**explainers["hf_local"], "model": "./no/such/model.gguf"})
