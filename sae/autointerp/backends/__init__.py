@@ -29,7 +29,7 @@ def make_backend(cfg: Mapping[str, Any], device: str = "cpu") -> LLMBackend:
         if not cfg.get("model"):
             raise ConfigError("explainer=hf_local needs explainer.model (a hub id, a directory or a .gguf file)")
         return HFLocalBackend.load(str(cfg["model"]), cfg.get("gguf_file"), cfg.get("batch_size", 8),
-                                   cfg.get("device") or device, cfg.get("dtype", "float32"))
+                                   cfg.get("device") or device, cfg.get("dtype", "auto"))
     raise ConfigError(f"explainer.backend={kind!r}: expected one of {', '.join(BACKENDS)}")
 
 

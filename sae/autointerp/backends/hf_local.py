@@ -34,6 +34,22 @@ def resolve_model(spec: str, gguf_file: str | None = None) -> tuple[str, str | N
     return spec, gguf_file  # a hub id
 
 
+def resolve_dtype(dtype: str, device: str | torch.device) -> torch.dtype:
+    """`auto`: bfloat16 where the hardware runs it fast (CUDA; CPUs with AMX or AVX512-BF16, where it is ~2.7x
+    faster than float32 for a 135M model here), else float32; any other value is a torch dtype name."""
+    if dtype != "auto":
+        if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+            raise ConfigError(f"explainer.dtype={dtype}: expected auto, float32, bfloat16 or float16")
+        return getattr(torch, dtype)
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    try:
+        fast = torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+    except AttributeError:  # private helpers: absent in some torch builds
+        fast = False
+    return torch.bfloat16 if fast else torch.float32
+
+
 class HFLocalBackend(LLMBackend):
     """Greedy batched generation with the model's chat template; exact prompt log-probs from one forward."""
 
@@ -50,14 +66,14 @@ class HFLocalBackend(LLMBackend):
 
     @classmethod
     def load(cls, model: str, gguf_file: str | None = None, batch_size: int = 8, device: str = "cpu",
-             dtype: str = "float32") -> "HFLocalBackend":
+             dtype: str = "auto") -> "HFLocalBackend":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         name_or_path, gguf = resolve_model(model, gguf_file)
         kwargs = {"gguf_file": gguf} if gguf else {}
         try:
             tok = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
-            lm = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=getattr(torch, dtype), **kwargs)
+            lm = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype, device), **kwargs)
         except (OSError, ValueError, ImportError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError(f"explainer.model={model}: cannot load it ({first})") from err
@@ -78,6 +94,7 @@ class HFLocalBackend(LLMBackend):
     def describe(self) -> dict:
         n_params = sum(p.numel() for p in self.lm.parameters())
         return {"backend": self.name, "model": self.model, "endpoint": None, "n_params": n_params,
+                "dtype": str(next(self.lm.parameters()).dtype).removeprefix("torch."),
                 "params": f"{n_params / 1e6:.0f}M" if n_params < 1e9 else f"{n_params / 1e9:.1f}B"}
 
     # -- chat -----------------------------------------------------------------------------------------------------
