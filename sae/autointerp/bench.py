@@ -40,7 +40,7 @@ def planted(n_features: int, fragment_len: int = 64, n_frag: int = 400, seed: in
 
         tok = AutoTokenizer.from_pretrained(tok_dir)
         docs = [json.loads(line)["text"] for line in open(text)][900:]
-        flat = [i for enc in tok(docs).input_ids for i in enc]  # per document: no over-length warning
+        flat = [i for enc in tok(docs, verbose=False).input_ids for i in enc]
         ids = torch.tensor(flat[: n_frag * fragment_len]).reshape(n_frag, fragment_len)
         decode = decoder_from_tokenizer(tok)
     else:
@@ -60,6 +60,7 @@ def time_stages(interp, records) -> dict[str, float]:
     t = time.perf_counter()
     expls = interp.explain(records)
     out["explain"] = time.perf_counter() - t
+    print(f"  {interp.name} explained: " + "; ".join(repr(e.text) for e in expls[:3]), file=sys.stderr)
     expls = [e if e.text else type(e)("tokens", e.raw, e.lookup) for e in expls]  # time every stage in full
     t = time.perf_counter()
     interp.simulate([(e, f) for r, e in zip(records, expls) for f in (*r.score_top, *r.score_random)])

@@ -110,3 +110,22 @@ def test_the_shipped_configs_drive_run_from_config(tmp_path, monkeypatch):
         make_backend(explainers["openai"])
     with pytest.raises(ConfigError, match="explainer.model=./no/such/model.gguf: no such GGUF file"):
         make_backend({**explainers["hf_local"], "model": "./no/such/model.gguf"})
+
+
+def test_a_failure_while_moving_files_into_place_leaves_no_summary(tmp_path, monkeypatch):
+    import os
+
+    import sae.autointerp.study as study
+
+    moved = []
+
+    def flaky(src, dst):
+        if moved:
+            raise OSError("disk full")
+        moved.append(dst)
+        os.rename(src, dst)
+
+    monkeypatch.setattr(study.os, "replace", flaky)
+    with pytest.raises(OSError, match="disk full"):
+        run_study(_source(layers=(1,)), TokenLookup(), word_decode, tmp_path, StudyConfig(records=RECORDS, n_bootstrap=20))
+    assert not output_paths(tmp_path)["summary"].exists() and not list(tmp_path.glob(".autointerp-staging*"))
