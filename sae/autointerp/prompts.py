@@ -27,8 +27,8 @@ EXPLAIN_SYSTEM = (
     "feature responds to."
 )
 EXPLAIN_ASK = (
-    "What does this feature respond to? Reply with a single line that starts with \"Explanation:\" followed by a "
-    "short phrase (at most a dozen words), for example: Explanation: names of months."
+    "What does this feature respond to? Reply with a single line: the word \"Explanation:\" and then a short "
+    "phrase of at most a dozen words that names it."
 )
 SIM_HEADER = (
     "Below, features of a language model are each described in a few words and then shown on a passage, one "

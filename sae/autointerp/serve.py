@@ -17,6 +17,7 @@ from typing import Any, Iterator, Optional
 
 from sae.autointerp.backends.base import ChatRequest, LogprobRequest
 from sae.autointerp.backends.hf_local import HFLocalBackend
+from sae.errors import exit_on_config_error
 
 
 def _error(status: int, message: str, kind: str):
@@ -51,13 +52,17 @@ def create_app(backend: HFLocalBackend, served_name: Optional[str] = None, compl
         if (err := wrong_model(body)) is not None:
             return err
         top = int(body.get("top_logprobs") or 0) if body.get("logprobs") else 0
-        req = ChatRequest(tuple((m["role"], m["content"]) for m in body["messages"]),
-                          int(body.get("max_completion_tokens") or body.get("max_tokens") or 16),
-                          float(body.get("temperature") or 0.0), top_logprobs=top)
+        messages = [(m["role"], m["content"]) for m in body["messages"]]
+        prefix = ""
+        if body.get("continue_final_message") and messages and messages[-1][0] == "assistant":
+            prefix = messages.pop()[1]  # as vLLM: the reply continues this partial assistant message
+        req = ChatRequest(tuple(messages), int(body.get("max_completion_tokens") or body.get("max_tokens") or 16),
+                          float(body.get("temperature") or 0.0), top_logprobs=top, prefix=prefix)
         with lock:
             (resp,) = backend.chat([req])
+        text = resp.text[len(prefix):]  # the continuation only, as vLLM returns it
         choice: dict[str, Any] = {"index": 0, "finish_reason": "stop",
-                                  "message": {"role": "assistant", "content": resp.text}}
+                                  "message": {"role": "assistant", "content": text}}
         if body.get("logprobs"):
             table = resp.first_logprobs or {}
             ranked = sorted(table.items(), key=lambda kv: -kv[1])
@@ -123,6 +128,7 @@ def running(app, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
         thread.join(timeout=10)
 
 
+@exit_on_config_error
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="hub id, model directory, or .gguf file")

@@ -153,23 +153,30 @@ def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
 
 
 def _scored(interp: Interpreter, recs: Sequence[FeatureRecords], expls: Sequence[Explanation],
-            scorers: Sequence[str], cfg: StudyConfig) -> list[dict]:
+            scorers: Sequence[str], cfg: StudyConfig, what: str = "") -> list[dict]:
     out: list[dict] = []
     for part in _chunks(list(range(len(recs))), cfg.chunk):
         out += score_variant(interp, [recs[i] for i in part], [expls[i] for i in part], scorers, cfg.seed)
+        if what and len(recs) > cfg.chunk:
+            _log(f"  {what}: {len(out)}/{len(recs)} features scored")
     return out
 
 
 def study_group(interp: Interpreter, recs: list[FeatureRecords], scorers: Sequence[str], cfg: StudyConfig,
                 group_seed: int) -> list[dict]:
     """Explain, score, and run both controls for the features of one method at one hook."""
+    what = f"{recs[0].method} at {recs[0].hook}"
     expls: list[Explanation] = []
     for part in _chunks(recs, cfg.chunk):
         expls += interp.explain(part)
-    variants: dict[str, tuple[list[Explanation] | None, list[dict] | None]] = {"": (expls, _scored(interp, recs, expls, scorers, cfg))}
+        if len(recs) > cfg.chunk:
+            _log(f"  {what}: {len(expls)}/{len(recs)} features explained")
+    variants: dict[str, tuple[list[Explanation] | None, list[dict] | None]] = {
+        "": (expls, _scored(interp, recs, expls, scorers, cfg, what))}
     if cfg.controls:
         mixed = shuffled(expls, group_seed)
-        variants["shuffled_"] = (mixed, None if mixed is None else _scored(interp, recs, mixed, scorers, cfg))
+        variants["shuffled_"] = (mixed, None if mixed is None else
+                                 _scored(interp, recs, mixed, scorers, cfg, f"{what}, shuffled explanations"))
         lookup = TokenLookup()
         lexpls = lookup.explain(recs)
         variants["lookup_"] = (lexpls, _scored(lookup, recs, lexpls, SCORERS, cfg))
@@ -181,7 +188,7 @@ def study_group(interp: Interpreter, recs: list[FeatureRecords], scorers: Sequen
         for prefix, (ex, scores) in variants.items():
             for name in SCORE_NAMES:
                 row[prefix + name] = math.nan if scores is None else scores[i].get(name, math.nan)
-            row["_detail"][prefix or "explainer"] = {
+            row["_detail"][prefix.rstrip("_") or "explainer"] = {
                 "explanation": None if ex is None else ex[i].to_json(),
                 **({} if scores is None else {k[1:]: v for k, v in scores[i].items() if k.startswith("_")})}
         rows.append(row)

@@ -54,6 +54,9 @@ def test_chat_over_http_matches_the_in_process_model(server, monkeypatch):
         assert a.text == b.text
         assert set(a.first_logprobs) == set(b.first_logprobs)
         assert all(math.isclose(a.first_logprobs[k], b.first_logprobs[k], abs_tol=1e-4) for k in a.first_logprobs)
+    started = [ChatRequest((("user", "say a"),), max_tokens=4, prefix="Explanation:")]
+    (prefilled,) = _client(server, monkeypatch, prefill=True).chat(started)  # continue_final_message, as vLLM
+    assert prefilled.text == byte_backend().chat(started)[0].text and prefilled.text.startswith("Explanation:")
 
 
 def test_prompt_logprobs_over_echo_match_and_give_the_same_simulation(server, monkeypatch):

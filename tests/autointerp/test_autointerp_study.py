@@ -43,7 +43,7 @@ def test_token_lookup_study_writes_every_output_and_reports_both_controls(tmp_pa
     first = lines[0]
     assert first["fragments"]["normalisation"].startswith("floor(10 * relu(a) / max)")
     assert len(first["details"]["explainer"]["simulated"]["top"]) == 3
-    assert first["details"]["shuffled_"]["explanation"]["text"] != first["explanation"]
+    assert first["details"]["shuffled"]["explanation"]["text"] != first["explanation"]
     meta = json.loads(paths["meta"].read_text())
     assert meta["explainer"]["backend"] == "token_lookup" and meta["n_features_skipped"] == 4
     assert res.summary and not list(tmp_path.glob(".autointerp-staging*"))

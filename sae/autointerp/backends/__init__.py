@@ -22,7 +22,7 @@ def make_backend(cfg: Mapping[str, Any], device: str = "cpu") -> LLMBackend:
             raise ConfigError("explainer=openai needs explainer.base_url and explainer.model")
         return OpenAIBackend(cfg["base_url"], cfg["model"], cfg.get("api_key_env"), cfg.get("concurrency", 4),
                              cfg.get("max_retries", 4), cfg.get("backoff_s", 1.0), cfg.get("timeout_s", 120.0),
-                             cfg.get("completions", "auto"), cfg.get("top_logprobs", 20))
+                             cfg.get("completions", "auto"), cfg.get("top_logprobs", 20), cfg.get("prefill", False))
     if kind == "hf_local":
         from sae.autointerp.backends.hf_local import HFLocalBackend
 

@@ -89,6 +89,11 @@ class LLMBackend:
     def check_prompt_logprobs(self) -> None:
         """Raise SimulationUnsupported (one line) when this backend has no prompt log-probs."""
 
+    @property
+    def cache_tag(self) -> str:
+        """The backend part of cache keys: its name, plus any setting that changes answers to the same request."""
+        return self.name
+
     def describe(self) -> dict:
         return {"backend": self.name, "model": self.model, "endpoint": self.endpoint}
 
@@ -101,7 +106,7 @@ class CachedBackend(LLMBackend):
         self.name, self.model, self.endpoint, self.batch_size = inner.name, inner.model, inner.endpoint, inner.batch_size
 
     def _through(self, kind: str, requests: Sequence, compute, decode) -> list:
-        out = self.cache.through(self.name, self.model, kind, [r.to_json() for r in requests],
+        out = self.cache.through(self.inner.cache_tag, self.model, kind, [r.to_json() for r in requests],
                                  lambda idx: [asdict(r) for r in compute([requests[i] for i in idx])],
                                  chunk=self.batch_size)
         return [decode(o) for o in out]
@@ -121,7 +126,7 @@ class CachedBackend(LLMBackend):
                 return [{"ok": False, "reason": str(err)}]
             return [{"ok": True, "reason": ""}]
 
-        (outcome,) = self.cache.through(self.name, self.model, "probe", [{"probe": "prompt_logprobs"}], probe)
+        (outcome,) = self.cache.through(self.inner.cache_tag, self.model, "probe", [{"probe": "prompt_logprobs"}], probe)
         if not outcome["ok"]:
             raise SimulationUnsupported(outcome["reason"])
 

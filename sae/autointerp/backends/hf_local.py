@@ -70,10 +70,13 @@ class HFLocalBackend(LLMBackend):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         name_or_path, gguf = resolve_model(model, gguf_file)
+        want = resolve_dtype(dtype, device)
         kwargs = {"gguf_file": gguf} if gguf else {}
         try:
             tok = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
-            lm = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=resolve_dtype(dtype, device), **kwargs)
+            # GGUF: dequantised to float32 first (the path transformers recommends), then cast
+            lm = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32 if gguf else want, **kwargs)
+            lm = lm.to(want)
         except (OSError, ValueError, ImportError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError(f"explainer.model={model}: cannot load it ({first})") from err

@@ -46,7 +46,7 @@ class OpenAIBackend(LLMBackend):
 
     def __init__(self, base_url: str, model: str, api_key_env: str | None = "OPENAI_API_KEY", concurrency: int = 4,
                  max_retries: int = 4, backoff_s: float = 1.0, timeout_s: float = 120.0, completions: str | bool = "auto",
-                 top_logprobs: int = 20):
+                 top_logprobs: int = 20, prefill: bool = False):
         try:
             import openai
         except ImportError as err:
@@ -55,8 +55,12 @@ class OpenAIBackend(LLMBackend):
         self.model, self.endpoint = model, base_url
         self.batch_size = self.concurrency = max(1, int(concurrency))
         self.max_retries, self.backoff_s, self.top_logprobs = max(0, int(max_retries)), float(backoff_s), top_logprobs
-        self.completions = completions
+        self.completions, self.prefill = completions, bool(prefill)
         self.client = openai.OpenAI(base_url=base_url, api_key=read_key(api_key_env), max_retries=0, timeout=timeout_s)
+
+    @property
+    def cache_tag(self) -> str:
+        return "openai+prefill" if self.prefill else "openai"
 
     # -- plumbing -------------------------------------------------------------------------------------------------
     def _retry(self, call: Callable[[], T]) -> T:
@@ -89,10 +93,14 @@ class OpenAIBackend(LLMBackend):
 
     # -- chat -----------------------------------------------------------------------------------------------------
     def _chat_one(self, req: ChatRequest) -> ChatResponse:
-        extra = {"logprobs": True, "top_logprobs": min(req.top_logprobs, 20)} if req.top_logprobs else {}
+        extra: dict[str, Any] = {"logprobs": True, "top_logprobs": min(req.top_logprobs, 20)} if req.top_logprobs else {}
+        messages = [{"role": r, "content": c} for r, c in req.messages]
+        prefill = self.prefill and bool(req.prefix)
+        if prefill:  # vLLM's way to start the reply: a partial assistant message, continued
+            messages.append({"role": "assistant", "content": req.prefix})
+            extra["extra_body"] = {"continue_final_message": True, "add_generation_prompt": False}
         resp = self._retry(lambda: self.client.chat.completions.create(
-            model=self.model, messages=[{"role": r, "content": c} for r, c in req.messages],
-            max_tokens=req.max_tokens, temperature=req.temperature, **extra))
+            model=self.model, messages=messages, max_tokens=req.max_tokens, temperature=req.temperature, **extra))
         choice = resp.choices[0]
         table = None
         content = getattr(getattr(choice, "logprobs", None), "content", None)
@@ -100,7 +108,8 @@ class OpenAIBackend(LLMBackend):
             table = {}
             for alt in content[0].top_logprobs or []:
                 add_logprob(table, alt.token, float(alt.logprob))
-        return ChatResponse(text=choice.message.content or "", first_logprobs=table)
+        text = choice.message.content or ""
+        return ChatResponse(text=(req.prefix + text) if prefill else text, first_logprobs=table)
 
     def chat(self, requests: Sequence[ChatRequest]) -> list[ChatResponse]:
         return self._map(self._chat_one, requests)
