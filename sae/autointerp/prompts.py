@@ -26,10 +26,7 @@ EXPLAIN_SYSTEM = (
     "feature responded to that token, from 0 (not at all) to 10 (its strongest response). Work out what the "
     "feature responds to."
 )
-EXPLAIN_ASK = (
-    "What does this feature respond to? Reply with a single line: the word \"Explanation:\" and then a short "
-    "phrase of at most a dozen words that names it."
-)
+EXPLAIN_ASK = "What does this feature respond to? Answer in one line, with a short phrase of at most a dozen words."
 SIM_HEADER = (
     "Below, features of a language model are each described in a few words and then shown on a passage, one "
     "token per line: the token, a tab, and the feature's response to it, from 0 (none) to 10 (strongest).\n\n"
@@ -51,18 +48,23 @@ def _listing(tokens: Sequence[str], values: Sequence[object]) -> str:
     return "\n".join(f"{show_token(t)}\t{v}" for t, v in zip(tokens, values))
 
 
+def _passages(tokens_norms: Sequence[tuple[Sequence[str], Sequence[int]]], repeat_below: float) -> str:
+    parts = [f"Passage {i + 1}:\n{_listing(t, n)}" for i, (t, n) in enumerate(tokens_norms)]
+    n_tokens = sum(len(n) for _, n in tokens_norms)
+    active = [(t, a) for toks, norms in tokens_norms for t, a in zip(toks, norms) if a > 0]
+    if active and len(active) <= repeat_below * n_tokens:
+        parts.append("Only the tokens with a non-zero response:\n" + _listing(*zip(*active)))
+    return "\n\n".join(parts) + "\n\n" + EXPLAIN_ASK
+
+
 def explanation_messages(fragments: Sequence[Fragment], repeat_below: float = 0.2) -> Messages:
     """The explainer's prompt: each fragment as token<TAB>activation lines.
 
     When few tokens are active (a fraction of at most `repeat_below`), the active ones are listed again on
-    their own, so a rare response is not lost among dozens of zeros.
+    their own, so a rare response is not lost among dozens of zeros. No worked example: small models copy its
+    answer (SmolLM2-135M answered every feature with the example's phrase).
     """
-    parts = [f"Passage {i + 1}:\n{_listing(f.tokens, f.norm)}" for i, f in enumerate(fragments)]
-    n_tokens = sum(len(f.norm) for f in fragments)
-    active = [(t, a) for f in fragments for t, a in zip(f.tokens, f.norm) if a > 0]
-    if active and len(active) <= repeat_below * n_tokens:
-        parts.append("The tokens with a non-zero response, again:\n" + _listing(*zip(*active)))
-    return (("system", EXPLAIN_SYSTEM), ("user", "\n\n".join(parts) + "\n\n" + EXPLAIN_ASK))
+    return (("system", EXPLAIN_SYSTEM), ("user", _passages([(f.tokens, f.norm) for f in fragments], repeat_below)))
 
 
 @dataclass(frozen=True)

@@ -105,9 +105,9 @@ def test_explanation_prompt_lists_tokens_and_repeats_rare_activations():
     (system, user) = prompts.explanation_messages(rec.explain[:1], repeat_below=1.0)
     frag = rec.explain[0]
     assert f"{frag.tokens[0]}\t{frag.norm[0]}" in user[1]
-    assert "again:" in user[1]  # few active tokens: listed again
+    assert "Only the tokens with a non-zero response:" in user[1]  # few active tokens: listed again
     (_, user_dense) = prompts.explanation_messages(rec.explain[:1], repeat_below=0.0)
-    assert "again:" not in user_dense[1]
+    assert "Only the tokens with a non-zero response:" not in user_dense[1]
 
 
 def test_explanation_parsing_is_robust_and_records_failures():
