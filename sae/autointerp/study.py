@@ -12,7 +12,6 @@ import csv
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -20,7 +19,7 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 

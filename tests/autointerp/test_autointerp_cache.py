@@ -96,6 +96,6 @@ def test_a_killed_study_resumes_from_the_cache_and_writes_nothing_half_done(tmp_
     resumed = run_study(_source(), LLMInterpreter(CachedBackend(resumed_llm, cache)), word_decode, out, CFG, cache=cache)
     assert cache.hits >= stored >= 5, "the answers stored before the kill must be reused"
     assert resumed.meta["cache"]["hits"] == cache.hits and resumed_llm.calls == cache.misses
-    fresh = run_study(_source(), LLMInterpreter(HashLLM()), word_decode, tmp_path / "fresh", CFG)
+    run_study(_source(), LLMInterpreter(HashLLM()), word_decode, tmp_path / "fresh", CFG)
     assert _rows(out / "autointerp.csv") == _rows(tmp_path / "fresh" / "autointerp.csv")
     assert not [p for p in out.iterdir() if p.name.startswith(".autointerp-staging")]

@@ -5,7 +5,6 @@ import json
 import math
 
 import pytest
-import torch
 from autointerp_helpers import HashLLM, planted_codes, word_decode
 
 from sae.autointerp import (RecordConfig, StudyConfig, iter_feature_activations, output_paths, run_from_config,
