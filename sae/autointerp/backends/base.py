@@ -1,0 +1,134 @@
+"""What every LLM backend answers: batched chat completions, and prompt log-probabilities (for simulation).
+
+Requests and responses are plain dataclasses that round-trip through JSON, so the SQLite cache can sit in
+front of any backend (`CachedBackend`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+from sae.autointerp.cache import ResponseCache
+from sae.errors import ConfigError
+
+
+class SimulationUnsupported(ConfigError):
+    """The backend cannot return prompt log-probabilities, which simulation needs."""
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: tuple[tuple[str, str], ...]
+    max_tokens: int
+    temperature: float = 0.0
+    top_logprobs: int = 0  # > 0: also return the first generated token's most likely alternatives
+    candidates: tuple[str, ...] = ()  # first-token strings whose log-probs are wanted exactly, where possible
+    prefix: str = ""  # the start of the reply, where the backend can prefill it (in-process models); else ignored
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "messages": [list(m) for m in self.messages], "candidates": list(self.candidates)}
+
+
+@dataclass
+class ChatResponse:
+    text: str
+    first_logprobs: dict[str, float] | None = None
+
+
+@dataclass(frozen=True)
+class LogprobRequest:
+    """Log-probs of the distribution predicting the prompt's tokens at the given character offsets."""
+
+    prompt: str
+    positions: tuple[int, ...]
+    top_logprobs: int = 20
+    candidates: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "positions": list(self.positions), "candidates": list(self.candidates)}
+
+
+@dataclass
+class PromptLogprobs:
+    """Per prompt token: its text, its character offset, and the distribution it was drawn from (or None)."""
+
+    tokens: list[str]
+    offsets: list[int]
+    top: list[dict[str, float] | None] = field(default_factory=list)
+    token_logprobs: list[float | None] = field(default_factory=list)  # of each token itself, where computed
+
+    def at(self, position: int) -> dict[str, float] | None:
+        """The distribution of the token covering character `position`."""
+        i = bisect.bisect_right(self.offsets, position) - 1
+        return self.top[i] if 0 <= i < len(self.top) else None
+
+
+def add_logprob(table: dict[str, float], key: str, value: float) -> None:
+    """Merge two entries for one string (two token ids may decode alike) by adding their probabilities."""
+    old = table.get(key)
+    table[key] = value if old is None else max(old, value) + math.log1p(math.exp(-abs(old - value)))
+
+
+class LLMBackend:
+    """Base class: name, model, endpoint for provenance, and the two batched calls."""
+
+    name = "llm"
+    model = ""
+    endpoint: str | None = None
+    batch_size = 8
+
+    def chat(self, requests: Sequence[ChatRequest]) -> list[ChatResponse]:
+        raise NotImplementedError
+
+    def prompt_logprobs(self, requests: Sequence[LogprobRequest]) -> list[PromptLogprobs]:
+        raise NotImplementedError
+
+    def check_prompt_logprobs(self) -> None:
+        """Raise SimulationUnsupported (one line) when this backend has no prompt log-probs."""
+
+    @property
+    def cache_tag(self) -> str:
+        """The backend part of cache keys: its name, plus any setting that changes answers to the same request."""
+        return self.name
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "model": self.model, "endpoint": self.endpoint}
+
+
+class CachedBackend(LLMBackend):
+    """The same calls, through a ResponseCache keyed by backend, model, request kind and request."""
+
+    def __init__(self, inner: LLMBackend, cache: ResponseCache):
+        self.inner, self.cache = inner, cache
+        self.name, self.model, self.endpoint, self.batch_size = inner.name, inner.model, inner.endpoint, inner.batch_size
+
+    def _through(self, kind: str, requests: Sequence, compute, decode) -> list:
+        out = self.cache.through(self.inner.cache_tag, self.model, kind, [r.to_json() for r in requests],
+                                 lambda idx: [asdict(r) for r in compute([requests[i] for i in idx])],
+                                 chunk=self.batch_size)
+        return [decode(o) for o in out]
+
+    def chat(self, requests: Sequence[ChatRequest]) -> list[ChatResponse]:
+        return self._through("chat", requests, self.inner.chat, lambda o: ChatResponse(**o))
+
+    def prompt_logprobs(self, requests: Sequence[LogprobRequest]) -> list[PromptLogprobs]:
+        return self._through("prompt_logprobs", requests, self.inner.prompt_logprobs, lambda o: PromptLogprobs(**o))
+
+    def check_prompt_logprobs(self) -> None:
+        """The inner check, its outcome cached too, so a replay needs no endpoint at all."""
+        def probe(_: list[int]) -> list[dict]:
+            try:
+                self.inner.check_prompt_logprobs()
+            except SimulationUnsupported as err:
+                return [{"ok": False, "reason": str(err)}]
+            return [{"ok": True, "reason": ""}]
+
+        (outcome,) = self.cache.through(self.inner.cache_tag, self.model, "probe", [{"probe": "prompt_logprobs"}], probe)
+        if not outcome["ok"]:
+            raise SimulationUnsupported(outcome["reason"])
+
+    def describe(self) -> dict:
+        return self.inner.describe()

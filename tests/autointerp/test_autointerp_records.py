@@ -1,0 +1,110 @@
+"""Records: normalisation, fragments cut from codes, the top/random draw, and the disjoint explain/score split."""
+
+import pytest
+import torch
+from autointerp_helpers import planted_codes, word_decode
+
+from sae.autointerp import (FeatureActivations, RecordConfig, build_records, cut_fragments, iter_feature_activations,
+                            normalise, sample_live_features)
+from sae.autointerp.records import all_fragments
+from sae.errors import ConfigError
+
+
+def test_normalise_floor_relu_over_max():
+    assert normalise([0.0, 0.5, 1.0, -3.0, 0.99, 0.1], 1.0) == [0, 5, 10, 0, 9, 1]
+    assert normalise([0.25, 2.0], 2.0) == [1, 10]  # floor(1.25) = 1
+    assert normalise([1.0, 2.0], 0.0) == [0, 0]  # a dead feature shows nothing, never divides by zero
+
+
+def test_cut_fragments_keeps_requested_features_and_drops_remainders():
+    codes = torch.arange(2 * 10 * 3, dtype=torch.float).reshape(2, 10, 3)
+    ids = torch.arange(20).reshape(2, 10)
+    acts, frag_ids = cut_fragments(codes, ids, [2, 0], fragment_len=4)
+    assert acts.shape == (4, 4, 2) and frag_ids.shape == (4, 4)  # 2 fragments per context, 2 tokens dropped each
+    assert frag_ids[2].tolist() == [10, 11, 12, 13]  # second context's first fragment
+    assert acts[2, :, 0].tolist() == codes[1, :4, 2].tolist() and acts[2, :, 1].tolist() == codes[1, :4, 0].tolist()
+    with pytest.raises(ConfigError, match="longer than the contexts"):
+        cut_fragments(codes, ids, [0], fragment_len=11)
+    with pytest.raises(ConfigError, match="out of range"):
+        cut_fragments(codes, ids, [3], fragment_len=4)
+
+
+def _hand_feature(n_frag=60, length=8):
+    """Fragment i has max activation i (so the top ones are known), except multiples of 4 which are silent."""
+    acts = torch.zeros(n_frag, length)
+    for i in range(n_frag):
+        if i % 4:
+            acts[i, i % length] = float(i)
+            acts[i, (i + 3) % length] = i / 3
+    ids = torch.arange(n_frag * length).reshape(n_frag, length) % 20
+    return FeatureActivations("dictionary", "blocks.0.hook_resid_post", 0, 7, acts, ids)
+
+
+def test_split_is_disjoint_with_the_configured_sizes():
+    cfg = RecordConfig(fragment_len=8, n_top=12, n_random=10, n_explain=4, n_score_top=6, n_score_random=7,
+                       n_quantiles=3, per_quantile=2)
+    rec = build_records(_hand_feature(), cfg, word_decode, seed=0)
+    explain = {f.index for f in rec.explain}
+    scored = {f.index for f in rec.score_top} | {f.index for f in rec.score_random}
+    assert (len(rec.explain), len(rec.score_top), len(rec.score_random)) == (4, 6, 7)
+    assert explain.isdisjoint(scored), "explanation and scoring fragments must never overlap"
+    assert len(scored) == 13  # no fragment scored twice either
+    assert [f.index for f in rec.explain] == [59, 58, 57, 55]  # the largest max activations, 56 being silent
+    assert [f.index for f in rec.score_top] == [54, 53, 51, 50, 49, 47]
+    top12 = {59, 58, 57, 55, 54, 53, 51, 50, 49, 47, 46, 45}
+    assert all(f.index not in top12 and f.index % 4 for f in rec.score_random)  # random: active, not among the top
+    assert explain.isdisjoint(f.index for f in rec.positives)
+    assert len(rec.positives) == 6 and len(rec.negatives) == 6
+    assert all(max(f.norm) == 0 for f in rec.negatives) and all(max(f.norm) >= 1 for f in rec.positives)
+    assert {f.index for f in rec.negatives} <= {i for i in range(60) if i % 4 == 0 or i < 6}  # silent or < max/10
+    assert rec.max_act == 59.0 and rec.explain[0].norm[59 % 8] == 10
+    for frag in all_fragments(rec):  # one scale for all the feature's fragments
+        assert frag.norm == normalise(frag.acts, 59.0)
+    again = build_records(_hand_feature(), cfg, word_decode, seed=0)
+    assert [f.index for f in again.score_random] == [f.index for f in rec.score_random]  # seeded
+    other = build_records(_hand_feature(), cfg, word_decode, seed=1)
+    assert [f.index for f in other.score_random] != [f.index for f in rec.score_random]
+
+
+def test_paper_defaults_split_5_top_to_explain_and_5_top_plus_5_random_to_score():
+    acts = torch.rand(100, 64) * (torch.rand(100, 64) < 0.2)
+    rec = build_records(FeatureActivations("pca", "h", 1, 0, acts, torch.zeros(100, 64, dtype=torch.long)),
+                        RecordConfig(), word_decode, seed=0)
+    sizes = (len(rec.explain), len(rec.score_top), len(rec.score_random))
+    assert sizes == (5, 5, 5) and {f.index for f in rec.explain}.isdisjoint(
+        {f.index for f in rec.score_top + rec.score_random})
+
+
+def test_features_active_in_too_few_fragments_are_skipped():
+    cfg = RecordConfig(fragment_len=8, n_top=12, n_random=10, n_explain=4, n_score_top=6, n_score_random=7)
+    fa = _hand_feature(n_frag=28)  # 21 active fragments < 22 needed
+    assert build_records(fa, cfg, word_decode, seed=0) is None
+
+
+def test_overlapping_sizes_are_refused():
+    with pytest.raises(ConfigError, match="must not overlap"):
+        RecordConfig(n_top=8, n_explain=5, n_score_top=5)
+
+
+def test_live_feature_sampling_and_the_source():
+    codes, ids = planted_codes()
+    feats = sample_live_features(codes, n=10, seed=0)
+    assert feats == [0, 1, 2]  # feature 3 never fires
+    assert len(sample_live_features(codes, n=2, seed=0)) == 2
+    with pytest.raises(ConfigError, match="no live features for pca at h"):
+        sample_live_features(torch.zeros(2, 4, 3), n=5, seed=0, what="pca at h")
+    items = list(iter_feature_activations("dictionary", "h", 2, codes, ids, feats, fragment_len=16))
+    assert [fa.feature for fa in items] == feats and items[0].acts.shape == (48, 16)
+    assert torch.equal(items[1].acts, codes[..., 1].reshape(48, 16))
+
+
+def test_batched_collection_matches_the_whole_tensor_and_liveness_ors_over_batches():
+    from sae.autointerp import collect_feature_activations, live_mask, sample_features
+
+    codes, ids = planted_codes()
+    mask = live_mask(codes[:12]) | live_mask(codes[12:])
+    assert mask.tolist() == [True, True, True, False]
+    feats = sample_features(mask, n=2, seed=3)
+    whole = list(iter_feature_activations("m", "h", 0, codes, ids, feats, 16))
+    batched = list(collect_feature_activations("m", "h", 0, [(codes[:10], ids[:10]), (codes[10:], ids[10:])], feats, 16))
+    assert all(torch.equal(a.acts, b.acts) and torch.equal(a.token_ids, b.token_ids) for a, b in zip(whole, batched))
