@@ -22,7 +22,7 @@ from sae.evaluation.comparison import matched_k
 from sae.io.saelens import is_saelens_dir, load_saelens
 from sae.io.saving import META, load, read_meta
 from sae.lm.hooks import HookPoint, check_hook, site_width
-from sae.lm.model import check_context_length, load_config, resolve_device
+from sae.lm.model import check_context_length, load_config
 from sae.lm.session import LMSession, TextSettings
 
 

@@ -81,5 +81,5 @@ def evaluate(cfg: DictConfig, entries: list[Entry]) -> list[dict]:
         write_csv(out / "comparison.csv", matched, list(matched[0]))
         print(markdown(matched))
     write_csv(out / "eval.csv", rows, COLUMNS)
-    print(f"wrote {out / 'eval.csv'} ({len(rows)} rows) and {out / 'plots'}")
+    print(f"wrote eval.csv ({len(rows)} rows) and plots/")
     return rows

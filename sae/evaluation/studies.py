@@ -4,14 +4,23 @@ called with the whole config and the checked dictionaries, its settings beside `
 So a study is added with one module and one YAML, and ``evaluate.py`` never changes. A study's module may define
 ``settings_problems(settings) -> list[str]``: they are reported in the same line as every other problem, before any
 model runs.
+
+A study writes into a staging directory beside ``out``; only when it has finished are its files moved into ``out``
+(each replacing the file or folder of the same name there), so a failed or killed run never leaves new files beside
+old ones that look like one result. Studies sharing an ``out`` (``metrics`` and ``features`` both default to
+``<run>/eval``) keep each other's files.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import shutil
+import uuid
+from pathlib import Path
 from typing import Any, Callable
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from sae.errors import ConfigError
 from sae.evaluation.entries import validate
@@ -34,4 +43,29 @@ def run_analysis(cfg: DictConfig) -> Any:
         raise ConfigError("analysis has no _target_: choose a study, analysis=metrics|features|...")
     study, problems = study_function(cfg.analysis._target_)
     entries = validate(cfg, problems(cfg.analysis))
-    return study(cfg, entries)
+    final = Path(cfg.out)
+    staging = final.parent / f".{final.name}.staging-{uuid.uuid4().hex[:8]}"
+    staged = cfg.copy()
+    with open_dict(staged):
+        staged.out = str(staging)
+    try:
+        result = study(staged, entries)
+        publish(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"results in {final}")
+    return result
+
+
+def publish(staging: Path, final: Path) -> None:
+    """Move everything the study wrote under ``staging`` into ``final``, replacing what has the same name there."""
+    final.mkdir(parents=True, exist_ok=True)
+    if not staging.is_dir():
+        return
+    for item in sorted(staging.iterdir()):
+        target = final / item.name
+        if target.is_dir() and not target.is_symlink():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        os.replace(item, target)

@@ -73,7 +73,7 @@ def analyse_features(cfg: DictConfig, entries: list[Entry]) -> list[dict]:
     write_dashboard(out / "dashboard", methods, names, rows)
     _figures(out / "figures", methods, names, cfg.analysis.figures)
     write_csv(out / "monosemanticity.csv", rows, ["method", *SCORES])
-    print(f"wrote {out / 'monosemanticity.csv'} ({len(rows)} rows) and {out / 'dashboard' / 'index.html'}")
+    print(f"wrote monosemanticity.csv ({len(rows)} rows) and dashboard/index.html")
     return rows
 
 

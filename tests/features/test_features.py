@@ -12,7 +12,7 @@ import torch
 
 from conftest import feature_settings, WORDS, make_tokenizer, run_cli, tiny_model
 from sae.dictionaries import build
-from sae.features.records import Collector, Settings
+from sae.features.records import Collector
 from sae.lm.hooks import HookPoint
 from sae.lm.reader import capture as read_activations, token_mask
 from sae.lm.session import LMSession

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 import sae
 from conftest import ROOT
 from sae.errors import ConfigError
-from sae.io.saelens import export_saelens, hook_from_name, is_saelens_dir, load_saelens
+from sae.io.saelens import hook_from_name, is_saelens_dir, load_saelens
 
 META = {
     "model": {"name_or_path": "tiny", "dtype": "float32"},

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from conftest import FIXTURES, make_tokenizer, needs_fixtures
 from sae.errors import ConfigError

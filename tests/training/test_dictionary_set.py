@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, compose_config, run_cli, tiny_overrides
+from conftest import compose_config, run_cli, tiny_overrides
 from sae.io.checkpoints import dictionary_from_checkpoint
 from sae.errors import ConfigError
 from sae.evaluation.metrics import dictionary_mmcs
