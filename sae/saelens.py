@@ -5,8 +5,11 @@ with ``W_enc`` ``[d_in, d_sae]`` and ``W_dec`` ``[d_sae, d_in]`` in the model's 
 a scalar ``scale``, so on import the decoder's row norms move into the codes: with all rows of one norm (as in every
 export of ours) the codes are SAELens's own; otherwise code i is multiplied by its row's norm over the mean norm (a
 ReLU SAE's reconstruction is unchanged; a TopK SAE with unequal norms is refused, as its selection would change).
+JumpReLU (``threshold`` per feature) and Gated (``b_gate``, ``b_mag``, ``r_mag``) SAEs load the same way, their
+thresholds and biases rescaled with their codes (``sae.saelens_variants``).
 
-Export: ``python -m sae.saelens <run dir> <out dir>``.
+Export: ``python -m sae.saelens <run dir> <out dir>``. BatchTopK and Matryoshka dictionaries export in their
+inference form, as SAELens saves its own: a JumpReLU whose every feature has the global threshold.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from sae.dictionaries import Dictionary
 from sae.dictionaries.relu import ReLUDictionary
 from sae.dictionaries.topk import TopKDictionary
 from sae.errors import ConfigError, exit_on_config_error
+from sae.saelens_variants import EXPORTERS, IMPORTERS
 from sae.saving import load, read_meta, write_json
 
 CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
@@ -52,8 +56,9 @@ def _top_k(cfg: dict) -> int | None:
 
 
 def _check_supported(cfg: dict, directory: Path) -> None:
-    if cfg.get("architecture", "standard") not in ("standard", "topk"):
-        raise ConfigError(f"{directory}: SAELens architecture '{cfg['architecture']}' is not supported (standard or topk)")
+    if cfg.get("architecture", "standard") not in ("standard", "topk", *IMPORTERS):
+        raise ConfigError(f"{directory}: SAELens architecture '{cfg['architecture']}' is not supported "
+                          f"({', '.join(('standard', 'topk', *IMPORTERS))})")
     if cfg.get("activation_fn_str", "relu") not in ("relu", "topk"):
         raise ConfigError(f"{directory}: SAELens activation '{cfg['activation_fn_str']}' is not supported (relu or topk)")
     if cfg.get("normalize_activations") not in FOLDED_NORMALISATIONS:
@@ -84,14 +89,17 @@ def load_saelens(directory: str | Path) -> tuple[Dictionary, dict]:
     k = _top_k(cfg)
     if k is not None and (ratio[norms > 0] - 1).abs().max() > 1e-3:
         raise ConfigError(f"{directory}: a TopK SAE whose decoder rows differ in norm cannot be loaded exactly")
-    b_enc = w["b_enc"] if cfg.get("apply_b_dec_to_input", True) else w["b_enc"] + w["b_dec"] @ w["W_enc"]
     d_in, d_sae = w["W_enc"].shape
-    dictionary = ReLUDictionary(d_in, d_sae) if k is None else TopKDictionary(d_in, d_sae, k=k)
+    if cfg.get("architecture") in IMPORTERS:
+        dictionary = IMPORTERS[cfg["architecture"]](w, norms, ratio, cfg.get("apply_b_dec_to_input", True))
+    else:
+        b_enc = w["b_enc"] if cfg.get("apply_b_dec_to_input", True) else w["b_enc"] + w["b_dec"] @ w["W_enc"]
+        dictionary = ReLUDictionary(d_in, d_sae) if k is None else TopKDictionary(d_in, d_sae, k=k)
+        dictionary.W_enc.copy_(w["W_enc"].T * norms[:, None])
+        dictionary.b_enc.copy_(b_enc * ratio)
     dictionary.scale.copy_(scale)
     dictionary.b_dec.copy_(w["b_dec"] / scale)
     dictionary.W_dec.copy_(w["W_dec"] / norms.clamp_min(1e-12)[:, None])
-    dictionary.W_enc.copy_(w["W_enc"].T * norms[:, None])
-    dictionary.b_enc.copy_(b_enc * ratio)
     meta = {"variant": dictionary.variant, "d_in": d_in, "n_features": d_sae, "hparams": dictionary.hparams(), **_meta(cfg)}
     return dictionary.eval(), meta
 
@@ -109,15 +117,20 @@ def export_saelens(run_dir: str | Path, out_dir: str | Path) -> Path:
     """Write the dictionary of ``run_dir`` as a SAELens directory (model units, ``normalize_activations: none``)."""
     dictionary, meta = load(run_dir), read_meta(run_dir)
     scale = dictionary.scale
+    if dictionary.variant in EXPORTERS:
+        architecture, weights = EXPORTERS[dictionary.variant](dictionary)
+        k = None
+    else:
+        weights = {"W_enc": (_encoder_weight(dictionary).T / scale).contiguous(), "b_enc": dictionary.b_enc.detach().clone()}
+        k = getattr(dictionary, "k", None)
+        architecture = "standard" if k is None else "topk"
     weights = {
-        "W_enc": (_encoder_weight(dictionary).T / scale).contiguous(),
+        **weights,
         "W_dec": (dictionary.decoder_weight() * scale).contiguous(),
-        "b_enc": dictionary.b_enc.detach().clone(),
         "b_dec": (dictionary.b_dec * scale).contiguous(),
     }
-    k = getattr(dictionary, "k", None)
     cfg = {
-        "architecture": "standard" if k is None else "topk",
+        "architecture": architecture,
         "d_in": dictionary.d_in,
         "d_sae": dictionary.n_features,
         "activation_fn_str": "relu" if k is None else "topk",

@@ -1,6 +1,6 @@
 """Dictionary variants. Add one by writing a module here with a ``@register``-ed class and a YAML in conf/sae/."""
 
-from sae.dictionaries import relu, topk  # noqa: F401  (importing registers the variants)
+from sae.dictionaries import batchtopk, gated, jumprelu, matryoshka, relu, topk  # noqa: F401  (importing registers the variants)
 from sae.dictionaries.base import VARIANTS, Dictionary, register
 
 __all__ = ["VARIANTS", "Dictionary", "register", "build"]
