@@ -304,3 +304,12 @@ def test_saelens_gated_formula_with_unequal_norms_and_no_b_dec_on_input(tmp_path
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), codes @ w["W_dec"] + w["b_dec"], rtol=1e-4, atol=1e-4)
         assert torch.equal(loaded.encode(x) != 0, codes != 0)
+
+
+def test_default_names_carry_each_variants_sparsity():
+    from omegaconf import OmegaConf
+
+    from sae.dictionary_set import default_name
+
+    names = [default_name(None, OmegaConf.create(variant_defaults(v))) for v in NEW]
+    assert names == ["toy.batchtopk.x4.k32", "toy.jumprelu.x4.l0_0.01", "toy.gated.x4.l1_0.04", "toy.matryoshka.x4.k32"]
