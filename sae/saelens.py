@@ -109,7 +109,7 @@ def _encoder_weight(dictionary: Dictionary) -> torch.Tensor:
         return dictionary.encoder_weight()
     if isinstance(dictionary, TopKDictionary):
         return dictionary.W_enc
-    raise ConfigError(f"variant '{dictionary.variant}' has no SAELens equivalent (relu, relu_tied and topk export)")
+    raise ConfigError(f"variant '{dictionary.variant}' has no SAELens equivalent (relu, relu_tied, topk, {', '.join(EXPORTERS)} export)")
 
 
 @torch.no_grad()
