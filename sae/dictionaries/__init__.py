@@ -2,7 +2,7 @@
 
 import inspect
 
-from sae.dictionaries import relu, topk  # noqa: F401  (importing registers the variants)
+from sae.dictionaries import batchtopk, gated, jumprelu, matryoshka, relu, topk  # noqa: F401  (importing registers the variants)
 from sae.dictionaries.base import VARIANTS, Dictionary, register
 
 __all__ = ["VARIANTS", "Dictionary", "register", "build"]

@@ -5,8 +5,11 @@ with ``W_enc`` ``[d_in, d_sae]`` and ``W_dec`` ``[d_sae, d_in]`` in the model's 
 a scalar ``scale``, so on import the decoder's row norms move into the codes: with all rows of one norm (as in every
 export of ours) the codes are SAELens's own; otherwise code i is multiplied by its row's norm over the mean norm (a
 ReLU SAE's reconstruction is unchanged; a TopK SAE with unequal norms is refused, as its selection would change).
+JumpReLU (``threshold`` per feature) and Gated (``b_gate``, ``b_mag``, ``r_mag``) SAEs load the same way, their
+thresholds and biases rescaled with their codes (``sae.saelens_variants``).
 
-Export: ``python -m sae.io.saelens <run dir> <out dir>``.
+Export: ``python -m sae.io.saelens <run dir> <out dir>``. BatchTopK and Matryoshka dictionaries export in their
+inference form, as SAELens saves its own: a JumpReLU whose every feature has the global threshold.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ from sae.dictionaries.relu import ReLUDictionary
 from sae.dictionaries.topk import TopKDictionary
 from sae.errors import ConfigError, exit_on_config_error
 from sae.io.atomic import write_json
+from sae.io.saelens_variants import EXPORTERS, IMPORTERS
 from sae.io.saving import load, read_meta
 
 CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
+TENSORS = {"jumprelu": ("b_enc", "threshold"), "gated": ("b_gate", "b_mag", "r_mag")}  # beyond W_enc, W_dec, b_dec
 SITE_HOOKS = {"resid": "hook_resid_post", "mlp": "mlp.hook_post", "mlp_out": "hook_mlp_out", "attn_out": "hook_attn_out"}
 FOLDED_NORMALISATIONS = ("none", "expected_average_only_in", None)  # SAELens folds the latter into the weights on save
 
@@ -53,8 +58,9 @@ def _top_k(cfg: dict) -> int | None:
 
 
 def _check_supported(cfg: dict, directory: Path) -> None:
-    if cfg.get("architecture", "standard") not in ("standard", "topk"):
-        raise ConfigError(f"{directory}: SAELens architecture '{cfg['architecture']}' is not supported (standard or topk)")
+    if cfg.get("architecture", "standard") not in ("standard", "topk", *IMPORTERS):
+        raise ConfigError(f"{directory}: SAELens architecture '{cfg['architecture']}' is not supported "
+                          f"({', '.join(('standard', 'topk', *IMPORTERS))})")
     if cfg.get("activation_fn_str", "relu") not in ("relu", "topk"):
         raise ConfigError(f"{directory}: SAELens activation '{cfg['activation_fn_str']}' is not supported (relu or topk)")
     if cfg.get("normalize_activations") not in FOLDED_NORMALISATIONS:
@@ -87,25 +93,29 @@ def load_saelens(directory: str | Path) -> tuple[Dictionary, dict]:
         w = {k: v.float() for k, v in load_file(str(directory / WEIGHTS)).items()}
     except Exception as err:  # safetensors raises its own error types for truncated or foreign files
         raise ConfigError(f"{directory / WEIGHTS} cannot be read ({type(err).__name__}): the file is corrupt") from None
-    missing = [k for k in ("W_enc", "W_dec", "b_enc", "b_dec") if k not in w]
+    architecture = cfg.get("architecture", "standard")
+    missing = [k for k in ("W_enc", "W_dec", "b_dec", *TENSORS.get(architecture, ("b_enc",))) if k not in w]
     if missing:
-        raise ConfigError(f"{directory / WEIGHTS} lacks {', '.join(missing)}: not a standard or TopK SAELens dictionary")
+        raise ConfigError(f"{directory / WEIGHTS} lacks {', '.join(missing)}: not a complete SAELens '{architecture}' dictionary")
     norms = w["W_dec"].norm(dim=1)
     scale = norms[norms > 0].mean()
     ratio = norms / scale
     k = _top_k(cfg)
     if k is not None and (ratio[norms > 0] - 1).abs().max() > 1e-3:
         raise ConfigError(f"{directory}: a TopK SAE whose decoder rows differ in norm cannot be loaded exactly")
-    b_enc = w["b_enc"] if cfg.get("apply_b_dec_to_input", True) else w["b_enc"] + w["b_dec"] @ w["W_enc"]
     d_in, d_sae = w["W_enc"].shape
-    # training settings have no meaning for an imported dictionary: recorded as off
-    dictionary = (ReLUDictionary(d_in, d_sae, l1_coeff=0.0) if k is None
-                  else TopKDictionary(d_in, d_sae, k=k, aux_coeff=0.0, k_aux=None))
+    if cfg.get("architecture") in IMPORTERS:
+        dictionary = IMPORTERS[cfg["architecture"]](w, norms, ratio, cfg.get("apply_b_dec_to_input", True))
+    else:
+        b_enc = w["b_enc"] if cfg.get("apply_b_dec_to_input", True) else w["b_enc"] + w["b_dec"] @ w["W_enc"]
+        # training settings have no meaning for an imported dictionary: recorded as off
+        dictionary = (ReLUDictionary(d_in, d_sae, l1_coeff=0.0) if k is None
+                      else TopKDictionary(d_in, d_sae, k=k, aux_coeff=0.0, k_aux=None))
+        dictionary.W_enc.copy_(w["W_enc"].T * norms[:, None])
+        dictionary.b_enc.copy_(b_enc * ratio)
     dictionary.scale.copy_(scale)
     dictionary.b_dec.copy_(w["b_dec"] / scale)
     dictionary.W_dec.copy_(w["W_dec"] / norms.clamp_min(1e-12)[:, None])
-    dictionary.W_enc.copy_(w["W_enc"].T * norms[:, None])
-    dictionary.b_enc.copy_(b_enc * ratio)
     meta = {"variant": dictionary.variant, "d_in": d_in, "n_features": d_sae, "hparams": dictionary.hparams(), **_meta(cfg)}
     return dictionary.eval(), meta
 
@@ -115,7 +125,7 @@ def _encoder_weight(dictionary: Dictionary) -> torch.Tensor:
         return dictionary.encoder_weight()
     if isinstance(dictionary, TopKDictionary):
         return dictionary.W_enc
-    raise ConfigError(f"variant '{dictionary.variant}' has no SAELens equivalent (relu, relu_tied and topk export)")
+    raise ConfigError(f"variant '{dictionary.variant}' has no SAELens equivalent (relu, relu_tied, topk, {', '.join(EXPORTERS)} export)")
 
 
 @torch.no_grad()
@@ -123,15 +133,20 @@ def export_saelens(run_dir: str | Path, out_dir: str | Path) -> Path:
     """Write the dictionary of ``run_dir`` as a SAELens directory (model units, ``normalize_activations: none``)."""
     dictionary, meta = load(run_dir), read_meta(run_dir)
     scale = dictionary.scale
+    if dictionary.variant in EXPORTERS:
+        architecture, weights = EXPORTERS[dictionary.variant](dictionary)
+        k = None
+    else:
+        weights = {"W_enc": (_encoder_weight(dictionary).T / scale).contiguous(), "b_enc": dictionary.b_enc.detach().clone()}
+        k = getattr(dictionary, "k", None)
+        architecture = "standard" if k is None else "topk"
     weights = {
-        "W_enc": (_encoder_weight(dictionary).T / scale).contiguous(),
+        **weights,
         "W_dec": (dictionary.decoder_weight() * scale).contiguous(),
-        "b_enc": dictionary.b_enc.detach().clone(),
         "b_dec": (dictionary.b_dec * scale).contiguous(),
     }
-    k = getattr(dictionary, "k", None)
     cfg = {
-        "architecture": "standard" if k is None else "topk",
+        "architecture": architecture,
         "d_in": dictionary.d_in,
         "d_sae": dictionary.n_features,
         "activation_fn_str": "relu" if k is None else "topk",

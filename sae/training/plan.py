@@ -103,6 +103,7 @@ def default_name(hook: HookPoint | None, sae: DictConfig) -> str:
     if sae.variant in VARIANTS:
         hparams = variant_hparams(sae)
         sparsity = f".k{hparams['k']}" if "k" in hparams else f".l1_{hparams['l1_coeff']:g}" if "l1_coeff" in hparams else ""
+        sparsity = f".l0_{hparams['l0_coeff']:g}" if "l0_coeff" in hparams else sparsity
     return f"{hook.name if hook else 'toy'}.{sae.variant}.x{sae.ratio:g}{sparsity}"
 
 

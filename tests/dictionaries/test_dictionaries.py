@@ -8,7 +8,10 @@ from sae.dictionaries import VARIANTS
 from sae.errors import ConfigError
 from sae.training.objectives import reconstruction_loss
 
-HPARAMS = {"relu_tied": {"l1_coeff": 0.01}, "relu": {"l1_coeff": 0.01}, "topk": {"k": 4, "aux_coeff": 1 / 32, "k_aux": None}}
+HPARAMS = {"relu_tied": {"l1_coeff": 0.01}, "relu": {"l1_coeff": 0.01}, "topk": {"k": 4, "aux_coeff": 1 / 32, "k_aux": None},
+           "batchtopk": {"k": 4, "aux_coeff": 1 / 32, "k_aux": None, "threshold_lr": 0.01},
+           "matryoshka": {"k": 4, "aux_coeff": 1 / 32, "k_aux": None, "threshold_lr": 0.01, "prefixes": [0.25, 0.5]},
+           "jumprelu": {"l0_coeff": 1e-3, "bandwidth": 1e-3, "init_threshold": 1e-3}, "gated": {"l1_coeff": 0.01}}
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -62,7 +65,7 @@ def test_loss_terms_by_hand():
 
 def test_unknown_variant_and_missing_directory(tmp_path):
     with pytest.raises(ConfigError, match="unknown dictionary variant"):
-        build("gated", 4, 8)
+        build("no_such_variant", 4, 8)
     with pytest.raises(ConfigError, match="no dictionary"):
         load(tmp_path)
 
