@@ -158,8 +158,8 @@ def test_curves_end_to_end(setup):
     assert capped[0]["n_features"] == 5
 
 
-def test_settings_from_the_proposed_config():
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "proposed" / "analysis" / "patching.yaml"))
+def test_settings_from_the_config():
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "analysis" / "patching.yaml"))
     settings = CurveSettings.from_config(cfg)
     assert len(settings.thresholds) == 50 and settings.thresholds[0] == pytest.approx(1e-5)
     assert settings.orders == ("all", "ABBA", "BABA") and settings.orderings == ("greedy", "attribution")
