@@ -229,14 +229,19 @@ class CurveSettings:
                    points=int(attribution.get("points", 24)))
 
 
-def _candidates(problem: PatchingProblem, settings: CurveSettings, scores: torch.Tensor | None) -> torch.Tensor:
-    keep = problem.live() if settings.live_only else torch.ones(problem.n_features, dtype=torch.bool)
-    if settings.max_candidates is not None and int(keep.sum()) > settings.max_candidates:
-        if scores is None:
-            scores = problem.attribution()
-        top = ranked(scores, keep)[:int(settings.max_candidates)]
-        keep = torch.zeros_like(keep)
-        keep[top] = True
+def _live(problem: PatchingProblem, settings: CurveSettings) -> torch.Tensor:
+    return problem.live() if settings.live_only else torch.ones(problem.n_features, dtype=torch.bool)
+
+
+def _greedy_start(problem: PatchingProblem, settings: CurveSettings, scores: torch.Tensor | None,
+                  live: torch.Tensor) -> torch.Tensor:
+    """Greedy's start set: the live features, or only the top ``max_candidates`` of them by attribution (greedy
+    costs about one forward per candidate per threshold; the attribution curve always ranks every live feature)."""
+    if settings.max_candidates is None or int(live.sum()) <= settings.max_candidates:
+        return live
+    top = ranked(problem.attribution() if scores is None else scores, live)[:int(settings.max_candidates)]
+    keep = torch.zeros_like(live)
+    keep[top] = True
     return keep
 
 
@@ -258,15 +263,14 @@ def patching_curves(problem: PatchingProblem, settings: CurveSettings, *, method
     unpatched = problem.unpatched(orders)
     key = dict(method=method, hook=hook, model=model)
     stats = lambda patched: problem.evaluate(patched, orders)  # noqa: E731
-    needs_scores = "attribution" in settings.orderings or settings.max_candidates is not None
-    scores = problem.attribution() if needs_scores else None
-    candidates = _candidates(problem, settings, scores)
+    scores = problem.attribution() if "attribution" in settings.orderings else None
+    live = _live(problem, settings)
     rows: list[dict] = []
     if "greedy" in settings.orderings:
         selections = ["all"] if settings.select_on == "all" else orders
         for chosen_on in selections:
             points = greedy_prune(lambda patched: problem.kl(patched, chosen_on), problem.n_features,
-                                  settings.thresholds, settings.seed, stats, candidates,
+                                  settings.thresholds, settings.seed, stats, _greedy_start(problem, settings, scores, live),
                                   None if progress is None else
                                   lambda i, tau, n: progress(f"{method} {hook} greedy ({chosen_on}): tau {tau:.2g}, {n} features"),
                                   metric_many=lambda masks: problem.kl_many(masks, chosen_on),
@@ -274,8 +278,8 @@ def patching_curves(problem: PatchingProblem, settings: CurveSettings, *, method
             measured = orders if settings.select_on == "all" else [chosen_on]
             rows += _rows(points, measured, unpatched, ordering="greedy", **key)
     if "attribution" in settings.orderings:
-        sizes = settings.sizes if settings.sizes is not None else size_grid(int(candidates.sum()), settings.points)
-        points = attribution_curve(lambda patched: problem.kl(patched), scores, sizes, stats, candidates)
+        sizes = settings.sizes if settings.sizes is not None else size_grid(int(live.sum()), settings.points)
+        points = attribution_curve(lambda patched: problem.kl(patched), scores, sizes, stats, live)
         rows += _rows(points, orders, unpatched, ordering="attribution", **key)
     return rows
 
