@@ -1,18 +1,14 @@
 """Feature patching over prompt pairs at one hook with one dictionary (or baseline): the intervention, its metrics
 for any patched set, the live features, the attribution scores, and the curves of both orderings.
 
-The intervention (issue 14, item 2), at every position of the base run::
+The intervention (issue 14, item 2), at every ordinary-text position of the base run::
 
-    x' = x + decode(c ⊕_F c̄) − decode(c)          (c ⊕_F c̄: the base codes with F's entries taken from c̄)
+    x' = x + Σ_{j∈F} (c̄_j − c_j) · d_j          (c the base run's codes, c̄ the counterfactual's, d_j in model units)
 
-which for a linear decoder is ``x + Σ_{j∈F} (c̄_j − c_j) d_j`` with ``d_j`` the atoms in model units. The base
-run's reconstruction error ``x − decode(c)`` is kept: patching nothing gives the base run exactly and patching
-everything gives the counterfactual's reconstruction plus the base error.
-
-The model is reached through one callable, ``run(ids, edit) -> logits``: run the LM on ``ids`` ``[b, T]`` and, at
-the hook, replace the activation ``x`` ``[b, T, d]`` by ``edit(x)`` (``edit`` None: leave it); it must keep the
-autograd graph (attribution differentiates through it). Everything else here uses only the dictionary's public
-``encode`` and ``decode``.
+is the project's one splice, ``sae.lm.splice.spliced_forward`` with a ``PatchCodes`` edit: the base run's
+reconstruction error ``x − decode(c)`` is kept, so patching nothing gives the base run exactly and patching everything
+gives the counterfactual's reconstruction plus the base error. The only thing added here is ``_Measured``, which
+wraps the edit to record ``x' − x`` (the edit's size is one of the study's metrics).
 """
 
 from __future__ import annotations
@@ -22,93 +18,107 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+from torch import nn
 
 from sae.circuits.curves import curve_rows
-from sae.circuits.metrics import PairTotals, final_position, kl_patched_to_counterfactual, wide
+from sae.circuits.metrics import PairTotals, kl_patched_to_counterfactual, wide
 from sae.circuits.pruning import (CurvePoint, attribution_curve, attribution_sums, greedy_prune, log_thresholds, ranked,
                                   size_grid)
 from sae.circuits.tasks import PairBatch, PromptPair, batches
 from sae.errors import ConfigError
-
-Runner = Callable[[torch.Tensor, Callable[[torch.Tensor], torch.Tensor] | None], torch.Tensor]
+from sae.lm.hooks import HookPoint
+from sae.lm.splice import PatchCodes, spliced_forward
 
 
 @dataclass
 class CachedBatch:
-    """One batch of pairs with everything the patched runs reuse: base activations, both runs' codes, the base
-    reconstruction and both runs' final-position logits."""
+    """One batch of pairs with what every patched run reuses: both runs' codes at the hook and final logits."""
 
     pairs: PairBatch
     orders: list[str]
     x: torch.Tensor  # [b, T, d] base activations at the hook
     codes: torch.Tensor  # [b, T, n] base codes
     cf_codes: torch.Tensor  # [b, T, n] counterfactual codes
-    recon: torch.Tensor  # [b, T, d] decode(codes)
     base_logits: torch.Tensor  # [b, V] final position
     cf_logits: torch.Tensor  # [b, V]
 
-
-def _capture(run: Runner, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The clean run's final logits and its activation at the hook."""
-    seen: list[torch.Tensor] = []
-
-    def keep(x: torch.Tensor) -> torch.Tensor:
-        seen.append(x.detach())
-        return x
-
-    logits = wide(final_position(run(ids, keep)).detach())
-    if len(seen) != 1:
-        raise RuntimeError(f"the hook fired {len(seen)} times in one forward, expected once")
-    return logits, seen[0]
+    def rows(self, order: str) -> list[int]:
+        return [i for i, o in enumerate(self.orders) if order == "all" or o == order]
 
 
-def _dtype(dictionary) -> torch.dtype:
-    """The dtype the dictionary computes in (its first floating tensor), activations are cast to it."""
-    tensors = [*dictionary.parameters(), *dictionary.buffers()] if isinstance(dictionary, torch.nn.Module) else []
-    return next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
+@dataclass
+class _Measured:
+    """A splice edit that also keeps ``x' − x`` (for the edit-size metric); the edit itself is unchanged."""
+
+    edit: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    delta: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        out = self.edit(x, keep)
+        self.delta = (out - x).detach()
+        return out
+
+
+def _final(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``at`` for the splice: every row's last position (pairs are batched by length, so no padding)."""
+    return torch.arange(ids.shape[0]), torch.full((ids.shape[0],), ids.shape[1] - 1)
 
 
 class PatchingProblem:
-    """The pairs' clean runs, cached once, and the patched run for any set of features."""
+    """The pairs' clean runs through the splice, cached once, and the patched run for any set of features."""
 
-    def __init__(self, run: Runner, dictionary, pairs: Sequence[PromptPair], batch_size: int = 64,
-                 device: torch.device | str = "cpu"):
+    def __init__(self, model: nn.Module, special_ids: Sequence[int], hook: HookPoint, dictionary,
+                 pairs: Sequence[PromptPair], batch_size: int = 64):
         if not pairs:
             raise ConfigError("no prompt pairs to patch")
-        self.run, self.dictionary, self.device = run, dictionary, torch.device(device)
+        self.model, self.special_ids, self.hook, self.dictionary = model, list(special_ids), hook, dictionary
+        self.device = next(model.parameters()).device
         self.batches: list[CachedBatch] = []
         with torch.no_grad():
             for batch in batches(list(pairs), batch_size):
                 batch = PairBatch(**{f.name: getattr(batch, f.name).to(self.device) for f in dataclasses.fields(batch)})
-                base_logits, x = _capture(run, batch.base_ids)
-                cf_logits, x_cf = _capture(run, batch.counterfactual_ids)
-                dtype = _dtype(dictionary)
-                codes, cf_codes = dictionary.encode(x.to(dtype)), dictionary.encode(x_cf.to(dtype))
+                base_logits, x = self._clean(batch.base_ids)
+                cf_logits, x_cf = self._clean(batch.counterfactual_ids)
+                codes, cf_codes = self._encode(x), self._encode(x_cf)
                 self.batches.append(CachedBatch(batch, [pairs[int(i)].order for i in batch.index], x, codes, cf_codes,
-                                                dictionary.decode(codes), base_logits, cf_logits))
+                                                base_logits, cf_logits))
         self.n_features = self.batches[0].codes.shape[-1]
         self.n_pairs = len(pairs)
 
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dictionary.encode(x.to(self.dictionary.b_dec.dtype))
+
+    def _clean(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The untouched run's final logits and its activation at the hook."""
+        out = spliced_forward(self.model, ids, {}, self.special_ids, read=[self.hook], at=_final(ids))
+        return wide(out.logits.detach()), out.activations[self.hook].detach()
+
     # ---------------------------------------------------------------- the intervention
 
-    def mixed_codes(self, batch: CachedBatch, patched: torch.Tensor) -> torch.Tensor:
-        """Base codes with the patched features' entries from the counterfactual; a float ``patched`` in [0, 1]
-        interpolates (``c + w (c̄ − c)``, used to check the attribution by finite differences)."""
-        w = patched.to(self.device, batch.codes.dtype)
-        return batch.codes + w * (batch.cf_codes - batch.codes)
+    def patch(self, batch: CachedBatch, patched: torch.Tensor, rows: Sequence[int] | None = None) -> PatchCodes:
+        """The splice edit patching ``patched`` (a boolean ``[n]`` mask, or ``[k, n]`` for ``k`` sets over the rows
+        repeated ``k`` times) from the counterfactual. A float mask ``w`` patches the codes ``c + w (c̄ − c)`` (used
+        to check the attribution by finite differences)."""
+        r = slice(None) if rows is None else torch.as_tensor(list(rows), device=self.device)
+        c, c_cf = batch.codes[r], batch.cf_codes[r]
+        w = patched.to(self.device)
+        masks = w.reshape(-1, 1, 1, self.n_features)  # [k, 1, 1, n]
+        k = masks.shape[0]
+        if w.dtype == torch.bool:
+            codes = torch.where(masks, c_cf, c)
+        else:
+            codes = c + masks.to(c.dtype) * (c_cf - c)
+        features = (masks != 0).expand(k, c.shape[0], 1, self.n_features).flatten(0, 1)  # one mask per row
+        return PatchCodes(self.dictionary, features, codes.flatten(0, 1))
 
-    def edit(self, batch: CachedBatch, patched: torch.Tensor) -> torch.Tensor:
-        """``x' − x = decode(mixed) − decode(c)`` ``[b, T, d]`` at every position."""
-        return self.dictionary.decode(self.mixed_codes(batch, patched)) - batch.recon
-
-    def patched_logits(self, batch: CachedBatch, patched: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final logits of the patched base run and its edit; nothing patched runs the model untouched."""
-        if not bool(patched.any()):
-            logits = wide(final_position(self.run(batch.pairs.base_ids, None)))
-            return logits, torch.zeros_like(batch.recon)
-        delta = self.edit(batch, patched)
-        logits = wide(final_position(self.run(batch.pairs.base_ids, lambda x: x + delta.to(x.dtype))))
-        return logits, delta
+    def patched_logits(self, batch: CachedBatch, patched: torch.Tensor,
+                       rows: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final logits of the patched base run (rows repeated once per set of a ``[k, n]`` mask) and ``x' − x``."""
+        ids = batch.pairs.base_ids if rows is None else batch.pairs.base_ids[torch.as_tensor(list(rows), device=self.device)]
+        ids = ids.repeat(patched.reshape(-1, self.n_features).shape[0], 1)
+        edit = _Measured(self.patch(batch, patched, rows))
+        out = spliced_forward(self.model, ids, {self.hook: edit}, self.special_ids, at=_final(ids))
+        return wide(out.logits), edit.delta
 
     # ---------------------------------------------------------------- metrics
 
@@ -120,8 +130,7 @@ class PatchingProblem:
             logits, delta = self.patched_logits(batch, patched)
             zero = torch.zeros_like(delta)
             for order, total in totals.items():
-                rows = [i for i, o in enumerate(batch.orders) if order == "all" or o == order]
-                if rows:
+                if rows := batch.rows(order):
                     r = torch.tensor(rows, device=self.device)
                     p = batch.pairs
                     total.add(logits[r], batch.base_logits[r], batch.cf_logits[r], p.base_answer[r],
@@ -131,33 +140,20 @@ class PatchingProblem:
     @torch.no_grad()
     def kl(self, patched: torch.Tensor, order: str = "all") -> float:
         """The pruning metric: mean KL(patched || counterfactual) over the pairs of ``order``."""
-        total, n = 0.0, 0
-        for batch in self.batches:
-            rows = [i for i, o in enumerate(batch.orders) if order == "all" or o == order]
-            if rows:
-                logits, _ = self.patched_logits(batch, patched)
-                r = torch.tensor(rows, device=self.device)
-                total += float(kl_patched_to_counterfactual(logits[r], batch.cf_logits[r]).sum())
-                n += len(rows)
-        if n == 0:
-            raise ConfigError(f"no pairs of order {order!r}")
-        return total / n
+        return self.kl_many(patched.reshape(1, -1), order)[0]
 
     @torch.no_grad()
-    def kl_many(self, masks: Sequence[torch.Tensor], order: str = "all") -> list[float]:
-        """``kl`` of several patched sets, each batch of pairs run once for all of them (masks stacked on the rows)."""
-        k = len(masks)
+    def kl_many(self, masks: Sequence[torch.Tensor] | torch.Tensor, order: str = "all") -> list[float]:
+        """``kl`` of several patched sets, each batch of pairs run once for all of them (the sets stacked on the rows)."""
+        masks = torch.stack(list(masks)) if not isinstance(masks, torch.Tensor) else masks
+        k = masks.shape[0]
         totals, n = torch.zeros(k, dtype=torch.float64), 0
         for batch in self.batches:
-            rows = [i for i, o in enumerate(batch.orders) if order == "all" or o == order]
-            if not rows:
+            if not (rows := batch.rows(order)):
                 continue
-            r = torch.tensor(rows, device=self.device)
-            ids = batch.pairs.base_ids[r].repeat(k, 1)
-            delta = torch.cat([self.edit(batch, m)[r] for m in masks])
-            logits = wide(final_position(self.run(ids, lambda x: x + delta.to(x.dtype))))
-            kl = kl_patched_to_counterfactual(logits, batch.cf_logits[r].repeat(k, 1)).reshape(k, len(rows))
-            totals += kl.sum(1).double().cpu()
+            logits, _ = self.patched_logits(batch, masks, rows)
+            cf = batch.cf_logits[torch.tensor(rows, device=self.device)].repeat(k, 1)
+            totals += kl_patched_to_counterfactual(logits, cf).reshape(k, len(rows)).sum(1).double().cpu()
             n += len(rows)
         if n == 0:
             raise ConfigError(f"no pairs of order {order!r}")
@@ -178,14 +174,18 @@ class PatchingProblem:
         return differs.cpu()
 
     def attribution(self, signed: bool = False) -> torch.Tensor:
-        """``|Σ (c̄ − c) · ∂KL/∂c|`` per feature, the gradient of the mean KL over all pairs at the base run."""
+        """``|Σ (c̄ − c) · ∂KL/∂c|`` per feature: the gradient of the mean KL over all pairs with respect to the codes
+        the splice's ``PatchCodes`` sets, taken at the base run's own codes (nothing patched yet)."""
         sums = torch.zeros(self.n_features, dtype=torch.float64)
         for batch in self.batches:
             codes = batch.codes.detach().clone().requires_grad_(True)
-            delta = self.dictionary.decode(codes) - self.dictionary.decode(codes.detach())  # zero, with a gradient
-            logits = wide(final_position(self.run(batch.pairs.base_ids, lambda x: x + delta.to(x.dtype))))
-            loss = kl_patched_to_counterfactual(logits, batch.cf_logits).sum() / self.n_pairs
-            (grad,) = torch.autograd.grad(loss, codes)
+            everything = torch.ones(self.n_features, dtype=torch.bool, device=self.device)
+            edit = PatchCodes(self.dictionary, everything, codes)
+            with torch.enable_grad():
+                ids = batch.pairs.base_ids
+                logits = spliced_forward(self.model, ids, {self.hook: edit}, self.special_ids, at=_final(ids)).logits
+                loss = kl_patched_to_counterfactual(wide(logits), batch.cf_logits).sum() / self.n_pairs
+                (grad,) = torch.autograd.grad(loss, codes)
             sums += attribution_sums(batch.cf_codes - batch.codes, grad).cpu()
         return sums.float() if signed else sums.abs().float()
 
@@ -229,14 +229,19 @@ class CurveSettings:
                    points=int(attribution.get("points", 24)))
 
 
-def _candidates(problem: PatchingProblem, settings: CurveSettings, scores: torch.Tensor | None) -> torch.Tensor:
-    keep = problem.live() if settings.live_only else torch.ones(problem.n_features, dtype=torch.bool)
-    if settings.max_candidates is not None and int(keep.sum()) > settings.max_candidates:
-        if scores is None:
-            scores = problem.attribution()
-        top = ranked(scores, keep)[:int(settings.max_candidates)]
-        keep = torch.zeros_like(keep)
-        keep[top] = True
+def _live(problem: PatchingProblem, settings: CurveSettings) -> torch.Tensor:
+    return problem.live() if settings.live_only else torch.ones(problem.n_features, dtype=torch.bool)
+
+
+def _greedy_start(problem: PatchingProblem, settings: CurveSettings, scores: torch.Tensor | None,
+                  live: torch.Tensor) -> torch.Tensor:
+    """Greedy's start set: the live features, or only the top ``max_candidates`` of them by attribution (greedy
+    costs about one forward per candidate per threshold; the attribution curve always ranks every live feature)."""
+    if settings.max_candidates is None or int(live.sum()) <= settings.max_candidates:
+        return live
+    top = ranked(problem.attribution() if scores is None else scores, live)[:int(settings.max_candidates)]
+    keep = torch.zeros_like(live)
+    keep[top] = True
     return keep
 
 
@@ -258,15 +263,14 @@ def patching_curves(problem: PatchingProblem, settings: CurveSettings, *, method
     unpatched = problem.unpatched(orders)
     key = dict(method=method, hook=hook, model=model)
     stats = lambda patched: problem.evaluate(patched, orders)  # noqa: E731
-    needs_scores = "attribution" in settings.orderings or settings.max_candidates is not None
-    scores = problem.attribution() if needs_scores else None
-    candidates = _candidates(problem, settings, scores)
+    scores = problem.attribution() if "attribution" in settings.orderings else None
+    live = _live(problem, settings)
     rows: list[dict] = []
     if "greedy" in settings.orderings:
         selections = ["all"] if settings.select_on == "all" else orders
         for chosen_on in selections:
             points = greedy_prune(lambda patched: problem.kl(patched, chosen_on), problem.n_features,
-                                  settings.thresholds, settings.seed, stats, candidates,
+                                  settings.thresholds, settings.seed, stats, _greedy_start(problem, settings, scores, live),
                                   None if progress is None else
                                   lambda i, tau, n: progress(f"{method} {hook} greedy ({chosen_on}): tau {tau:.2g}, {n} features"),
                                   metric_many=lambda masks: problem.kl_many(masks, chosen_on),
@@ -274,8 +278,8 @@ def patching_curves(problem: PatchingProblem, settings: CurveSettings, *, method
             measured = orders if settings.select_on == "all" else [chosen_on]
             rows += _rows(points, measured, unpatched, ordering="greedy", **key)
     if "attribution" in settings.orderings:
-        sizes = settings.sizes if settings.sizes is not None else size_grid(int(candidates.sum()), settings.points)
-        points = attribution_curve(lambda patched: problem.kl(patched), scores, sizes, stats, candidates)
+        sizes = settings.sizes if settings.sizes is not None else size_grid(int(live.sum()), settings.points)
+        points = attribution_curve(lambda patched: problem.kl(patched), scores, sizes, stats, live)
         rows += _rows(points, orders, unpatched, ordering="attribution", **key)
     return rows
 

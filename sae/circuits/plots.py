@@ -15,6 +15,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from sae.io.atomic import atomic_path  # noqa: E402
+
 BASELINE_COLORS = {"pca": "tab:blue", "ica": "tab:orange", "random": "tab:green", "neurons": "tab:red"}
 DICTIONARY_COLORS = ["black", "tab:purple", "tab:brown", "tab:olive", "tab:cyan", "tab:pink", "tab:gray"]
 LINESTYLES = {"greedy": "-", "attribution": "--"}
@@ -68,8 +70,8 @@ def plot_patching(rows: Iterable[Mapping], path: Path, title: str, order: str = 
     right.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    with atomic_path(path) as tmp:  # a reader never sees half a PNG
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -53,6 +53,8 @@ class EvaluateConfig:
     stream: StreamOverrides = field(default_factory=StreamOverrides)
     analysis: Any = MISSING
     """The study: conf/analysis/<name>.yaml (its _target_ and settings)."""
+    task: Any = None
+    """The prompt pairs of a study that needs a behaviour (analysis=patching): conf/task/<name>.yaml, or null."""
 
 
 MOVED = {

@@ -1,8 +1,5 @@
-"""Feature patching on the tests' tiny GPT-NeoX: the intervention's identities, the attribution's gradient, the curves.
-
-The model is reached through a ``run(ids, edit)`` callable built here on ``sae.lm.hooks.intervene``; the LM session's
-splice provides the same callable in the study.
-"""
+"""Feature patching on the tests' tiny GPT-NeoX, through the project's one splice (``sae.lm.splice``): the
+intervention's identities, the attribution's gradient, the curves."""
 
 import dataclasses
 import random
@@ -19,19 +16,12 @@ from sae.circuits.patching import CurveSettings, PatchingProblem, patching_curve
 from sae.circuits.tasks import make_pair
 from sae.dictionaries import build
 from sae.errors import ConfigError
-from sae.lm.hooks import HookPoint, intervene
+from sae.lm.hooks import HookPoint
+from sae.lm.reader import token_mask
+from sae.lm.splice import Replace, spliced_forward
 
 HOOK = HookPoint(1, "resid")
-
-
-def runner(model, hook=HOOK):
-    def run(ids, edit):
-        if edit is None:
-            return model(input_ids=ids, use_cache=False).logits
-        with intervene(model, hook, edit):
-            return model(input_ids=ids, use_cache=False).logits
-
-    return run
+SPECIAL = [0]  # the word tokenizer's <|endoftext|>: BOS of every prompt
 
 
 @pytest.fixture(scope="module")
@@ -50,37 +40,50 @@ def setup(tmp_path_factory):
     return model, pairs
 
 
+def problem_of(model, dictionary, pairs, batch_size):
+    return PatchingProblem(model, SPECIAL, HOOK, dictionary, pairs, batch_size=batch_size)
+
+
 def activations(model, ids):
-    seen = []
-    runner(model)(ids, lambda x: seen.append(x) or x)
-    return seen[0]
+    return spliced_forward(model, ids, {}, SPECIAL, read=[HOOK]).activations[HOOK]
 
 
-def test_identities_with_a_sparse_dictionary(setup):
+def last_logits(model, ids, edits=None):
+    return spliced_forward(model, ids, edits or {}, SPECIAL).logits[:, -1]
+
+
+def test_identities_through_the_splice(setup):
     model, pairs = setup
     torch.manual_seed(0)
     dictionary = build("relu", 32, 64, l1_coeff=0.0).double()
-    problem = PatchingProblem(runner(model), dictionary, pairs, batch_size=4)
+    problem = problem_of(model, dictionary, pairs, 4)
     assert len(problem.batches) >= 3 and problem.n_features == 64
     none, everything = torch.zeros(64, dtype=torch.bool), torch.ones(64, dtype=torch.bool)
     for batch in problem.batches:
         ids = batch.pairs.base_ids
-        # nothing patched: the base run exactly
+        keep = token_mask(ids, SPECIAL)
+        assert not keep[:, 0].any() and keep[:, 1:].all()  # BOS first, then ordinary text
+        x, x_cf = activations(model, ids), activations(model, batch.pairs.counterfactual_ids)
+        # nothing patched: the base run exactly (and the edit changes nothing)
         logits, delta = problem.patched_logits(batch, none)
-        assert torch.equal(logits, model(input_ids=ids).logits[:, -1]) and not delta.any()
-        # everything patched: the counterfactual's reconstruction plus the base run's error, at every position
-        x = activations(model, ids)
-        x_cf = activations(model, batch.pairs.counterfactual_ids)
+        assert torch.equal(logits, batch.base_logits) and not delta.any()  # the untouched splice, bit for bit
+        assert torch.allclose(logits, model(input_ids=ids).logits[:, -1], atol=1e-12)  # = the plain model's run
+        assert torch.equal(problem.patch(batch, none)(x, keep), x)
+        # everything patched: the counterfactual's reconstruction plus the base run's error, at every ordinary position
         expected = dictionary.decode(dictionary.encode(x_cf)) + (x - dictionary.decode(dictionary.encode(x)))
-        assert torch.allclose(x + problem.edit(batch, everything), expected, atol=1e-10)
-        replaced = runner(model)(ids, lambda _: expected)[:, -1]
+        expected = torch.where(keep[..., None], expected, x)
+        assert torch.allclose(problem.patch(batch, everything)(x, keep), expected, atol=1e-10)
+        replaced = last_logits(model, ids, {HOOK: Replace(expected)})
         assert torch.allclose(problem.patched_logits(batch, everything)[0], replaced, atol=1e-10)
         # one feature: x moves only along that feature's atom (model units), by c̄_j − c_j
         j = int((batch.codes != batch.cf_codes).flatten(0, 1).any(0).nonzero()[0])
-        atom = dictionary.decode(torch.nn.functional.one_hot(torch.tensor(j), 64).double()) - dictionary.decode(torch.zeros(64).double())
-        single = problem.edit(batch, torch.nn.functional.one_hot(torch.tensor(j), 64).bool())
-        step = (batch.cf_codes - batch.codes)[..., j]
+        e = torch.nn.functional.one_hot(torch.tensor(j), 64)
+        atom = dictionary.decode(e.double()) - dictionary.decode(torch.zeros(64).double())
+        single = problem.patch(batch, e.bool())(x, keep) - x
+        step = (batch.cf_codes - batch.codes)[..., j] * keep
         assert torch.allclose(single, step[..., None] * atom, atol=1e-10) and single.abs().max() > 0
+        # the measured edit is that change
+        assert torch.allclose(problem.patched_logits(batch, e.bool())[1], single, atol=1e-12)
     base = torch.cat([model(input_ids=b.pairs.base_ids).logits[:, -1] for b in problem.batches])
     cf = torch.cat([model(input_ids=b.pairs.counterfactual_ids).logits[:, -1] for b in problem.batches])
     result = problem.unpatched(["all", "ABBA", "BABA"])
@@ -93,9 +96,9 @@ def test_identities_with_a_sparse_dictionary(setup):
 def test_full_patch_with_the_neuron_basis_is_the_counterfactual(setup):
     """An exact basis has no error: patching every coordinate is the counterfactual run, KL 0 and LD fully restored."""
     model, pairs = setup
-    sample = torch.cat([activations(model, torch.tensor([p.base_ids])) for p in pairs], 1)[0]
+    sample = torch.cat([activations(model, torch.tensor([p.base_ids]))[0, 1:] for p in pairs])
     neurons = fit("neurons", sample.float()).double()
-    problem = PatchingProblem(runner(model), neurons, pairs, batch_size=8)
+    problem = problem_of(model, neurons, pairs, 8)
     result = problem.evaluate(torch.ones(32, dtype=torch.bool))["all"]
     assert result["kl"] == pytest.approx(0.0, abs=1e-9) and result["logit_diff_restored"] == pytest.approx(1.0)
     assert result["edit_size"] > 0
@@ -108,7 +111,7 @@ def test_attribution_is_the_gradient(setup):
     dictionary = build("relu", 32, 64, l1_coeff=0.0).double()
     with torch.no_grad():
         dictionary.b_enc[:4] = -1e3  # four features that never fire
-    problem = PatchingProblem(runner(model), dictionary, pairs, batch_size=5)
+    problem = problem_of(model, dictionary, pairs, 5)
     signed = problem.attribution(signed=True)
     assert torch.equal(problem.attribution(), signed.abs())
     t = 1e-4
@@ -123,7 +126,7 @@ def test_attribution_is_the_gradient(setup):
 def test_curves_end_to_end(setup):
     model, pairs = setup
     torch.manual_seed(0)
-    problem = PatchingProblem(runner(model), build("relu", 32, 64, l1_coeff=0.0).double(), pairs, batch_size=8)
+    problem = problem_of(model, build("relu", 32, 64, l1_coeff=0.0).double(), pairs, 8)
     settings = CurveSettings(thresholds=(1e-4, 1e-2, 1.0), sizes=None, points=5)
     messages = []
     rows = patching_curves(problem, settings, method="relu", hook=HOOK.name, model="tiny test model", progress=messages.append)
@@ -155,8 +158,8 @@ def test_curves_end_to_end(setup):
     assert capped[0]["n_features"] == 5
 
 
-def test_settings_from_the_proposed_config():
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "proposed" / "analysis" / "patching.yaml"))
+def test_settings_from_the_config():
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "analysis" / "patching.yaml"))
     settings = CurveSettings.from_config(cfg)
     assert len(settings.thresholds) == 50 and settings.thresholds[0] == pytest.approx(1e-5)
     assert settings.orders == ("all", "ABBA", "BABA") and settings.orderings == ("greedy", "attribution")
@@ -172,7 +175,7 @@ def test_outputs(setup, tmp_path):
 
     model, pairs = setup
     torch.manual_seed(0)
-    problem = PatchingProblem(runner(model), build("relu", 32, 64, l1_coeff=0.0).double(), pairs, batch_size=8)
+    problem = problem_of(model, build("relu", 32, 64, l1_coeff=0.0).double(), pairs, 8)
     rows = patching_curves(problem, CurveSettings(thresholds=(1e-3, 1.0), points=4), method="relu", hook=HOOK.name)
     written = write_outputs(rows, tmp_path, "tiny test model; word pairs")
     assert len(read_rows(written["curves"])) == len(rows) and len(read_rows(written["summary"])) == 6
