@@ -82,12 +82,21 @@ class NextTokenScorer:
         z = logits[:, :-1].float()
         return (torch.logsumexp(z, -1) - z.gather(-1, self.targets).squeeze(-1)).double().sum().item()
 
+    def kl_per_token(self, logits: torch.Tensor) -> torch.Tensor:
+        """KL(clean || softmax(logits)) at every next-token prediction, ``[batch, seq - 1]``; differentiable in
+        ``logits``. The KL training objective is this tensor's mean and ``kl_spliced`` its mean over held-out
+        text: one definition."""
+        z = logits[:, :-1].float()
+        return self._kl(z, torch.logsumexp(z, -1))
+
+    def _kl(self, z: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        return (lse - self.clean_lse) * self.p_sum - _row_dot(self.p, z - self.clean)
+
     def ce_and_kl(self, logits: torch.Tensor) -> tuple[float, float]:
         z = logits[:, :-1].float()
         lse = torch.logsumexp(z, -1)
         ce = (lse - z.gather(-1, self.targets).squeeze(-1)).double().sum().item()
-        kl = ((lse - self.clean_lse) * self.p_sum - _row_dot(self.p, z - self.clean)).double().sum().item()
-        return ce, kl
+        return ce, self._kl(z, lse).double().sum().item()
 
 
 def histogram(values: torch.Tensor, bins: int, low: float, high: float) -> dict[str, list[float]]:
