@@ -171,3 +171,18 @@ def test_objective_yamls_match_the_schema():
         cfg = OmegaConf.load(ROOT / "conf" / "objective" / f"{name}.yaml")
         objective = Objective.from_config(cfg)
         assert objective.name == name and objective.problems() == []
+
+
+def test_the_kl_gradient_written_out_equals_autograds():
+    from sae.evaluation.metrics import NextTokenScorer
+
+    torch.manual_seed(0)
+    z, clean, ids = torch.randn(2, 7, 30, requires_grad=True), torch.randn(2, 7, 30), torch.randint(0, 30, (2, 7))
+    scorer = NextTokenScorer(clean, ids)
+    weights = torch.rand(2, 6)
+    (written,) = torch.autograd.grad((scorer.kl_per_token(z) * weights).sum(), z)
+    zs = z[:, :-1]
+    (auto,) = torch.autograd.grad((scorer._kl(zs, torch.logsumexp(zs, -1)) * weights).sum(), z)
+    torch.testing.assert_close(written, auto, rtol=1e-5, atol=1e-7)
+    with torch.no_grad():
+        torch.testing.assert_close(scorer.kl_per_token(z), scorer._kl(zs, torch.logsumexp(zs, -1)))
