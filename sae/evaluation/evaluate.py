@@ -17,7 +17,8 @@ from sae.evaluation.entries import (Entry, baseline_problems, eval_tokens, fit_b
                                     sparsified)
 from sae.evaluation.heldout import heldout_metrics_many
 from sae.evaluation.metrics import l0
-from sae.evaluation.plots import plot_all
+from sae.evaluation.perplexity import objective_of, plot_ce_vs_l0, ppl_table
+from sae.evaluation.plots import _model_label, plot_all
 from sae.io.atomic import write_csv, write_json
 from sae.io.saving import save_dictionary
 from sae.lm.hooks import HookPoint
@@ -50,7 +51,8 @@ def evaluate_hook(session: LMSession, hook: HookPoint, dictionaries: list[Entry]
 def _row(entry: Entry, metrics: dict) -> dict:
     scalars = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
     k = getattr(entry.dictionary, "k", None)  # codes kept per input: TopK dictionaries and top-k baselines
-    return {"name": entry.name, "kind": entry.kind, "layer": entry.hook.layer, "site": entry.hook.site, "k": k, **scalars}
+    return {"name": entry.name, "kind": entry.kind, "layer": entry.hook.layer, "site": entry.hook.site, "k": k,
+            "objective": objective_of(entry.meta), **scalars}
 
 
 def write_entry(out: Path, entry: Entry, metrics: dict) -> None:
@@ -76,6 +78,8 @@ def evaluate(cfg: DictConfig, entries: list[Entry]) -> list[dict]:
         write_entry(out, entry, metrics)
     rows = [_row(e, m) for e, m in results]
     plot_all(out / "plots", rows, results)
+    plot_ce_vs_l0(rows, out / "plots" / "ce_vs_l0.png", _model_label(results))
+    print(ppl_table(rows))
     if cfg.analysis.baselines:
         matched = compare(rows)
         write_csv(out / "comparison.csv", matched, list(matched[0]))

@@ -82,12 +82,42 @@ class NextTokenScorer:
         z = logits[:, :-1].float()
         return (torch.logsumexp(z, -1) - z.gather(-1, self.targets).squeeze(-1)).double().sum().item()
 
+    def kl_per_token(self, logits: torch.Tensor) -> torch.Tensor:
+        """KL(clean || softmax(logits)) at every next-token prediction, ``[batch, seq - 1]``; differentiable in
+        ``logits``. The KL training objective is this tensor's mean and ``kl_spliced`` its mean over held-out
+        text: one definition."""
+        z = logits[:, :-1].float()
+        if not (torch.is_grad_enabled() and z.requires_grad):
+            return self._kl(z, torch.logsumexp(z, -1))
+        return _NextTokenKL.apply(z, self)
+
+    def _kl(self, z: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+        return (lse - self.clean_lse) * self.p_sum - _row_dot(self.p, z - self.clean)
+
     def ce_and_kl(self, logits: torch.Tensor) -> tuple[float, float]:
         z = logits[:, :-1].float()
         lse = torch.logsumexp(z, -1)
         ce = (lse - z.gather(-1, self.targets).squeeze(-1)).double().sum().item()
-        kl = ((lse - self.clean_lse) * self.p_sum - _row_dot(self.p, z - self.clean)).double().sum().item()
-        return ce, kl
+        return ce, self._kl(z, lse).double().sum().item()
+
+
+class _NextTokenKL(torch.autograd.Function):
+    """``NextTokenScorer._kl`` with its gradient written out, d KL / d z = softmax(z) · sum p − p: one pass over
+    the vocabulary in the backward instead of autograd's several (the KL objective's step is vocabulary-bound)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, scorer: "NextTokenScorer") -> torch.Tensor:
+        lse = torch.logsumexp(z, -1)
+        ctx.save_for_backward(z, lse)
+        ctx.scorer = scorer
+        return scorer._kl(z, lse)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        z, lse = ctx.saved_tensors
+        s = ctx.scorer
+        dz = (z - lse.unsqueeze(-1)).exp_().mul_(s.p_sum.unsqueeze(-1)).sub_(s.p).mul_(grad.unsqueeze(-1))
+        return dz, None
 
 
 def histogram(values: torch.Tensor, bins: int, low: float, high: float) -> dict[str, list[float]]:

@@ -113,6 +113,20 @@ class TrainConfig:
 
 
 @dataclass
+class ObjectiveConfig:
+    name: str = MISSING
+    """mse (reconstruction on shuffled activations), kl, kl_mse or e2e_ds (token contexts through the LM)."""
+    splice: str = MISSING
+    """each (every dictionary of a set spliced alone, as evaluate.py measures it) or all (the set at once)."""
+    kl_coeff: float = MISSING
+    """Weight of KL(clean || spliced), per-token mean (the KL objectives)."""
+    mse_coeff: float = MISSING
+    """Weight of the reconstruction loss (mse: always 1; kl_mse: the mix)."""
+    downstream_coeff: float = MISSING
+    """Weight of the later block outputs' normalised squared error (e2e_ds)."""
+
+
+@dataclass
 class TrainerConfig:
     accelerator: str = MISSING
     """auto, cpu or gpu (Lightning's)."""
@@ -165,6 +179,7 @@ class RunConfig:
     data: Any = MISSING
     stream: Any = MISSING
     train: Any = MISSING
+    objective: Any = MISSING
     trainer: Any = MISSING
     logger: Any = MISSING
 
@@ -184,6 +199,7 @@ SCHEMAS = {
     ("data", "toy_schema"): ToyDataConfig,
     ("stream", "stream_schema"): StreamConfig,
     ("train", "train_schema"): TrainConfig,
+    ("objective", "objective_schema"): ObjectiveConfig,
     ("trainer", "trainer_schema"): TrainerConfig,
     ("logger", "wandb_schema"): WandbLoggerConfig,
     ("logger", "csv_schema"): CsvLoggerConfig,

@@ -21,7 +21,9 @@ from sae.dictionaries import Dictionary, build
 from sae.distributed import broadcast_tensors_, gather_batches, gather_rows, sum_across_ranks, world_size
 from sae.errors import TrainingDiverged
 from sae.evaluation.metrics import fvu
-from sae.training.objectives import reconstruction_loss
+from sae.lm.hooks import HookPoint
+from sae.training.objectives import Objective, objective_loss, reconstruction_loss
+from sae.training.spliced import SplicedTerms, downstream_hooks, n_layers, spliced_terms
 from sae.training.plan import label, log_prefix
 from sae.training.resampling import resampling_plan
 
@@ -92,6 +94,20 @@ class TrainedDictionary(nn.Module):
             "l0": active.sum(-1, dtype=torch.float32).mean(),
             "dead_frac": self.dead_mask().float().mean(),
         }
+        return loss, {f"{self.prefix}/{k}": v for k, v in metrics.items()}
+
+    def spliced_loss(self, objective: Objective, spliced: SplicedTerms, sparsity_weight: float) -> tuple[torch.Tensor, dict]:
+        """This dictionary's end-to-end loss from the LM's clean input and spliced run (``sae.training.spliced``),
+        and its metrics (``kl``, ``downstream`` and every term of the reconstruction loss); counts firing."""
+        x = spliced.x / self.dictionary.scale
+        self.remember(x)
+        terms = self.dictionary.train_terms(x, dead=self.dead_mask())
+        loss, out = objective_loss(objective, terms, x, spliced.kl, spliced.downstream, sparsity_weight)
+        active = out["codes"] != 0
+        self.track_firing(active)
+        metrics = {key: out[key].detach() for key in ("kl", "mse", "sparsity", "aux", "downstream")}
+        metrics.update(loss=loss.detach(), fvu=fvu(x, out["x_hat"].detach()),
+                       l0=active.sum(-1, dtype=torch.float32).mean(), dead_frac=self.dead_mask().float().mean())
         return loss, {f"{self.prefix}/{k}": v for k, v in metrics.items()}
 
     def make_pool(self, rows: int) -> None:
@@ -170,6 +186,11 @@ class DictionaryModule(pl.LightningModule):
     directions have cosine similarity above ``duplicate_cos`` (a duplicate atom fires, so it is never dead, but it
     is capacity lost to the features no atom has found); the new directions come from the last ``resample_pool``
     training inputs (``sae.training.resampling``).
+
+    ``objective`` (the fields of ``sae.training.objectives.Objective``): ``mse`` trains on batches of activations;
+    the end-to-end objectives on batches ``{"input_ids": [contexts, length]}`` (``sae.data.contexts``) through the
+    datamodule's session's LM, which stays outside this module (no parameters here, no optimizer state, nothing
+    in checkpoints). Each member's ``hook`` (``{layer, site}``, None on toy data) says where it is spliced.
     """
 
     def __init__(
@@ -189,6 +210,7 @@ class DictionaryModule(pl.LightningModule):
         duplicate_cos: float,
         resample_pool: int,
         seed: int,
+        objective: dict,
         histogram_every: int = 200,
     ):
         super().__init__()
@@ -197,6 +219,9 @@ class DictionaryModule(pl.LightningModule):
             TrainedDictionary(m["name"], m["input_key"], m["dictionary"], seed=seed, dead_window=dead_window, resample_pool=0)
             for m in dictionaries
         )
+        self.objective = Objective(**objective)
+        self.hooks = [HookPoint(**m["hook"]) if m.get("hook") else None for m in dictionaries]
+        self._later: list[list[HookPoint]] | None = None
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
         self._last_time = None
         self._loop_start = None
@@ -244,13 +269,32 @@ class DictionaryModule(pl.LightningModule):
         ramp = self.hparams.sparsity_warmup_frac * self.hparams.total_steps
         return min(1.0, (self.global_step + 1) / ramp) if ramp > 0 else 1.0
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        weight = self.sparsity_weight()
+    def _member_losses(self, batch: dict[str, torch.Tensor], weight: float) -> tuple[list[torch.Tensor], dict]:
+        """Each member's loss and metrics on ``batch`` under the objective."""
         losses, metrics = [], {}
-        for member in self.members:
-            loss, member_metrics = member.training_loss(batch, weight)
+        if self.objective.on_contexts:
+            pairs = zip(self.members, self._spliced_terms(batch["input_ids"]))
+            results = [member.spliced_loss(self.objective, terms, weight) for member, terms in pairs]
+        else:
+            results = [member.training_loss(batch, weight) for member in self.members]
+        for loss, member_metrics in results:
             losses.append(loss)
             metrics.update(member_metrics)
+        return losses, metrics
+
+    def _spliced_terms(self, input_ids: torch.Tensor) -> list[SplicedTerms]:
+        """The clean and spliced runs of the datamodule's LM on ``input_ids`` (``sae.training.spliced``)."""
+        session = self.trainer.datamodule.session
+        if self._later is None:
+            layers = n_layers(session.model.config)
+            uses = self.objective.downstream_coeff > 0
+            self._later = [downstream_hooks(hook, layers) if uses else [] for hook in self.hooks]
+        members = [(hook, member.dictionary) for hook, member in zip(self.hooks, self.members)]
+        return spliced_terms(session.model, input_ids, session.special_ids, members, self._later, self.objective.splice)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        weight = self.sparsity_weight()
+        losses, metrics = self._member_losses(batch, weight)
         total = torch.stack(losses).sum()
         if not torch.isfinite(total):
             self._diverged(losses)
@@ -259,7 +303,12 @@ class DictionaryModule(pl.LightningModule):
         if len(self.members) == 1:
             self.log("l0", metrics["train/l0"], prog_bar=True, logger=False)
             self.log("fvu", metrics["train/fvu"], prog_bar=True, logger=False)
-        self._log_speed(len(next(iter(batch.values()))))
+            if self.objective.on_contexts:
+                self.log("kl", metrics["train/kl"], prog_bar=True, logger=False)
+        if self.objective.on_contexts:
+            self._log_speed(batch["input_ids"].numel(), "tokens_per_s")
+        else:
+            self._log_speed(len(next(iter(batch.values()))))
         if (self.global_step + 1) % self.hparams.histogram_every == 0:
             self._log_density_histograms()
         return total
@@ -301,10 +350,10 @@ class DictionaryModule(pl.LightningModule):
                 "trainer/global_step": self.global_step,
             })
 
-    def _log_speed(self, n: int) -> None:
+    def _log_speed(self, n: int, name: str = "acts_per_s") -> None:
         now = time.perf_counter()
         if self._last_time is not None:
-            self.log("acts_per_s", n / max(now - self._last_time, 1e-9), prog_bar=True, on_step=True, on_epoch=False)
+            self.log(name, n / max(now - self._last_time, 1e-9), prog_bar=True, on_step=True, on_epoch=False)
         self._last_time = now
 
     def configure_optimizers(self):

@@ -17,6 +17,7 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from sae.data.contexts import ContextDataModule
 from sae.data.datamodule import ActivationDataModule, StreamSettings
 from sae.data.toy import ToyData, ToyDataModule
 from sae.dictionaries import Dictionary
@@ -29,7 +30,7 @@ from sae.io.saving import save_dictionary
 from sae.lm.session import LMSession, TextSettings
 from sae.training.callbacks import GroundTruthMetrics
 from sae.training.module import DictionaryModule
-from sae.training.objectives import LOSS_DOC
+from sae.training.objectives import Objective
 from sae.training.plan import DictionaryPlan, variant_hparams
 from sae.training.validation import n_processes, validate
 
@@ -81,7 +82,10 @@ def lm_setup(cfg: DictConfig, plans: list[DictionaryPlan]) -> Setup:
     session = LMSession(cfg.model.name_or_path, TextSettings.from_record(cfg.data), model_dtype=cfg.model.dtype,
                         lm_batch_size=stream.lm_batch_size, seed=cfg.seed)
     session.prepare_text()
-    datamodule = ActivationDataModule(session, hooks, stream, cfg.train.batch_size, cfg.seed)
+    if Objective.from_config(cfg.objective).on_contexts:  # the LM runs in every step: batches of token contexts
+        datamodule = ContextDataModule(session, hooks, cfg.train.batch_size, cfg.seed)
+    else:
+        datamodule = ActivationDataModule(session, hooks, stream, cfg.train.batch_size, cfg.seed)
 
     def evaluate(trained: list[tuple[DictionaryPlan, Dictionary]]) -> list[dict]:
         """Per hook, one set of clean and ablated forwards shared by every dictionary there."""
@@ -194,6 +198,7 @@ def _train(cfg: DictConfig, run: RunInfo, plans: list[DictionaryPlan], checkpoin
         warmup_steps=t.warmup_steps, lr_decay_frac=t.lr_decay_frac, sparsity_warmup_frac=t.sparsity_warmup_frac,
         dead_window=t.dead_window, init_tokens=t.init_tokens, resample_every=t.resample_every,
         resample_until=t.resample_until, duplicate_cos=t.duplicate_cos, resample_pool=t.resample_pool, seed=cfg.seed,
+        objective=OmegaConf.to_container(cfg.objective, resolve=True),
     )
     logger = make_logger(cfg.logger, run)
     checkpoints = ModelCheckpoint(dirpath=str(run.dir / "checkpoints"), every_n_train_steps=tr.checkpoint_every_n_steps, save_last=True)
@@ -230,7 +235,8 @@ def _member_config(plan: DictionaryPlan) -> dict:
     """How ``DictionaryModule`` builds and feeds one dictionary of the set."""
     s = plan.cfg.sae
     dictionary = {"variant": s.variant, "d_in": plan.d_in, "n_features": round(s.ratio * plan.d_in), **variant_hparams(s)}
-    return {"name": plan.name, "input_key": plan.input_key, "dictionary": dictionary}
+    hook = None if plan.is_toy else {"layer": plan.hook.layer, "site": plan.hook.site}
+    return {"name": plan.name, "input_key": plan.input_key, "hook": hook, "dictionary": dictionary}
 
 
 def _metadata(plan: DictionaryPlan, run_dir: Path, steps: int) -> dict:
@@ -242,8 +248,9 @@ def _metadata(plan: DictionaryPlan, run_dir: Path, steps: int) -> dict:
         **source_metadata(plan, run_dir),
         "data": OmegaConf.to_container(cfg.data, resolve=True),
         **({} if plan.is_toy else {"stream": OmegaConf.to_container(cfg.stream, resolve=True)}),
-        "train": {**OmegaConf.to_container(cfg.train, resolve=True), "steps": steps},
+        "train": {**OmegaConf.to_container(cfg.train, resolve=True), "steps": steps,
+                  "objective": OmegaConf.to_container(cfg.objective, resolve=True)},
         "trainer": OmegaConf.to_container(cfg.trainer, resolve=True),
-        "loss": LOSS_DOC,
+        "loss": Objective.from_config(cfg.objective).doc(),
         "seed": cfg.seed,
     }

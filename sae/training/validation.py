@@ -17,7 +17,9 @@ from sae.dictionaries import VARIANTS
 from sae.errors import ConfigError
 from sae.lm.hooks import check_hook, site_width
 from sae.lm.model import check_context_length, load_config
+from sae.training.objectives import Objective
 from sae.training.plan import DictionaryPlan, resolve
+from sae.training.spliced import downstream_hooks, n_layers
 
 SPAWNING = ("ddp_spawn", "ddp_fork", "ddp_notebook")  # strategies whose workers cannot hand results back to train()
 
@@ -113,10 +115,45 @@ def _width_problems(plan: DictionaryPlan, model_config) -> tuple[int, list[str]]
     return d_in, problems
 
 
+def _objective_problems(cfg: DictConfig, plans: list[DictionaryPlan]) -> list[str]:
+    """Problems of the objective and of what it needs: token contexts of an LM, no activation cache."""
+    objective = Objective.from_config(cfg.objective)
+    problems = objective.problems()
+    if problems or not objective.on_contexts:
+        return problems
+    name = f"objective={objective.name}"
+    if cfg.data.source == "toy":
+        return [f"{name} runs the LM on token contexts; toy data (data=toy) has no LM: use objective=mse"]
+    _check(cfg.stream.cache_dir is None, f"{name} runs the LM in every step, so the activation cache does not apply: "
+           "remove stream.cache_dir (or use objective=mse)", problems)
+    _check(cfg.train.resample_every == 0, f"{name} does not resample atoms yet: set train.resample_every=0 (TopK's "
+           "AuxK term revives dead atoms)", problems)
+    _check(cfg.train.batch_size >= cfg.data.context_length, f"{name} trains on whole contexts: train.batch_size "
+           f"({cfg.train.batch_size} tokens) must be >= data.context_length ({cfg.data.context_length})", problems)
+    hooks = [plan.hook for plan in plans]
+    if objective.splice == "all" and len(set(hooks)) < len(hooks):
+        problems.append("objective.splice=all splices every dictionary of the set at once, so each needs its own "
+                        "hook: use objective.splice=each for several dictionaries at one hook")
+    return problems
+
+
+def _later_layer_problems(cfg: DictConfig, plans: list[DictionaryPlan], model_config) -> list[str]:
+    """``e2e_ds`` needs a block output after each dictionary's hook."""
+    objective = Objective.from_config(cfg.objective)
+    if model_config is None or objective.downstream_coeff == 0 or not objective.on_contexts:
+        return []
+    layers = n_layers(model_config)
+    return [f"{plan.label}objective={objective.name} compares the block outputs after the hook, but "
+            f"{plan.hook.name} has none ({layers} blocks): choose an earlier hook.layer or objective=kl"
+            for plan in plans if not downstream_hooks(plan.hook, layers)]
+
+
 def config_problems(cfg: DictConfig) -> list[str]:
     """Every problem of the config that shows without reading the model or the data."""
-    dictionaries = [plan.label + p for plan in resolve(cfg) for p in _sae_problems(plan.cfg.sae)]
-    return dictionaries + _train_problems(cfg.train) + _trainer_problems(cfg.trainer, cfg.train.batch_size) + _data_problems(cfg)
+    plans = resolve(cfg)
+    dictionaries = [plan.label + p for plan in plans for p in _sae_problems(plan.cfg.sae)]
+    return (dictionaries + _train_problems(cfg.train) + _trainer_problems(cfg.trainer, cfg.train.batch_size)
+            + _data_problems(cfg) + _objective_problems(cfg, plans))
 
 
 def validate(cfg: DictConfig) -> list[DictionaryPlan]:
@@ -136,6 +173,8 @@ def validate(cfg: DictConfig) -> list[DictionaryPlan]:
             check_context_length(cfg.data.context_length, model_config)
         except ConfigError as err:
             problems.append(str(err))
+    if not problems:
+        problems = _later_layer_problems(cfg, plans, model_config)
     if problems:
         raise ConfigError("; ".join(problems))
     return [replace(plan, d_in=d_in) for plan, d_in, _ in checked]
