@@ -81,6 +81,9 @@ def model_label(name_or_path: str) -> str:
     return f"{path.name} (stand-in)" if "fixtures" in path.parts else path.name
 
 
+OUTPUTS = ["patching", "plots/patching_*.png"]  # what this study writes under out (sae.evaluation.studies)
+
+
 def clear_stale(out: Path) -> None:
     """Remove an earlier patching run's results under ``out`` (only this study's files)."""
     shutil.rmtree(out / "patching", ignore_errors=True)

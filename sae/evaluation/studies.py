@@ -5,9 +5,11 @@ So a study is added with one module and one YAML, and ``evaluate.py`` never chan
 ``settings_problems(settings) -> list[str]``: they are reported in the same line as every other problem, before any
 model runs.
 
-A study writes into a staging directory beside ``out``; only when it has finished are its files moved into ``out``
-(each replacing the file or folder of the same name there), so a failed or killed run never leaves new files beside
-old ones that look like one result. Studies sharing an ``out`` (``metrics`` and ``features`` both default to
+A study's module may also define ``OUTPUTS``, globs (relative to ``out``) of what it writes: before its new files are
+moved in, the old files they match are removed, so an earlier run's outputs the new one no longer has (a hook, a
+method) are not left beside it. A study writes into a staging directory beside ``out``; only when it has finished are its files moved into ``out``
+(each file replacing the file of the same name there, folders merged), so a failed or killed run never leaves new
+files beside old ones that look like one result. Studies sharing an ``out`` (``metrics`` and ``features`` both default to
 ``<run>/eval``) keep each other's files.
 """
 
@@ -27,7 +29,7 @@ from sae.evaluation.entries import validate
 
 
 def study_function(target: str) -> tuple[Callable, Callable[[DictConfig], list[str]]]:
-    """The study named by ``_target_`` and its settings check."""
+    """The study named by ``_target_`` and its settings check (its module's ``OUTPUTS``: ``study_outputs``)."""
     module_name, _, name = str(target).rpartition(".")
     try:
         module = importlib.import_module(module_name)
@@ -35,6 +37,15 @@ def study_function(target: str) -> tuple[Callable, Callable[[DictConfig], list[s
     except (ImportError, AttributeError, ValueError) as err:
         raise ConfigError(f"analysis._target_='{target}' cannot be imported ({err}); check conf/analysis/") from None
     return study, getattr(module, "settings_problems", lambda settings: [])
+
+
+def study_outputs(target: str) -> list[str]:
+    """The globs of the files the study named by ``_target_`` writes (its module's ``OUTPUTS``; none by default)."""
+    try:
+        module = importlib.import_module(str(target).rpartition(".")[0])
+    except ImportError:  # a study function not in an importable module (tests hand one in) owns nothing by name
+        return []
+    return list(getattr(module, "OUTPUTS", []))
 
 
 def run_analysis(cfg: DictConfig) -> Any:
@@ -50,6 +61,9 @@ def run_analysis(cfg: DictConfig) -> Any:
         staged.out = str(staging)
     try:
         result = study(staged, entries)
+        for pattern in study_outputs(cfg.analysis._target_):
+            for old in final.glob(pattern):
+                shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
         publish(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -58,12 +72,16 @@ def run_analysis(cfg: DictConfig) -> Any:
 
 
 def publish(staging: Path, final: Path) -> None:
-    """Move everything the study wrote under ``staging`` into ``final``, replacing what has the same name there."""
+    """Move everything the study wrote under ``staging`` into ``final``: a file replaces the file of the same name,
+    a folder is merged into the folder of the same name (``plots/`` holds several studies' figures)."""
     final.mkdir(parents=True, exist_ok=True)
     if not staging.is_dir():
         return
     for item in sorted(staging.iterdir()):
         target = final / item.name
+        if item.is_dir() and target.is_dir() and not target.is_symlink():
+            publish(item, target)
+            continue
         if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
         elif target.exists():

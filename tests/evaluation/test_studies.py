@@ -45,3 +45,17 @@ def test_a_failed_study_leaves_the_old_result_whole(tmp_path, monkeypatch):
 def test_an_unimportable_target_is_one_line():
     with pytest.raises(ConfigError, match="analysis._target_='sae.nowhere.study' cannot be imported"):
         studies.study_function("sae.nowhere.study")
+
+
+def test_publishing_merges_folders_and_replaces_files(tmp_path):
+    final, staging = tmp_path / "eval", tmp_path / "staging"
+    (final / "plots").mkdir(parents=True)
+    (final / "plots" / "frontier.png").write_text("metrics' figure")
+    (final / "plots" / "patching_x.png").write_text("old")
+    (staging / "plots").mkdir(parents=True)
+    (staging / "plots" / "patching_x.png").write_text("new")
+    (staging / "patching").mkdir()
+    (staging / "patching" / "summary.csv").write_text("s")
+    studies.publish(staging, final)
+    assert (final / "plots" / "frontier.png").read_text() == "metrics' figure"
+    assert (final / "plots" / "patching_x.png").read_text() == "new" and (final / "patching" / "summary.csv").is_file()
