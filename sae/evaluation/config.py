@@ -53,6 +53,8 @@ class EvaluateConfig:
     stream: StreamOverrides = field(default_factory=StreamOverrides)
     analysis: Any = MISSING
     """The study: conf/analysis/<name>.yaml (its _target_ and settings)."""
+    explainer: Any = None
+    """analysis=autointerp's explainer: conf/explainer/<backend>.yaml (untyped: each backend has its own keys)."""
 
 
 MOVED = {
