@@ -178,7 +178,7 @@ def code_batches(entry: Entry, acts: torch.Tensor, keep: torch.Tensor, device: t
     """The entry's codes ``[b, seq, n_features]`` over batches of contexts, zero at special tokens (BOS, EOS)."""
     dictionary = entry.dictionary.to(device)
     n_ctx, seq, width = acts.shape
-    step = max(1, CODE_BATCH_BYTES // (seq * dictionary.n_features * 4))
+    step = _contexts_per_batch(acts, entry)
     for start in range(0, n_ctx, step):
         x = acts[start: start + step].to(device)
         codes = dictionary.encode(x.reshape(-1, width)).reshape(len(x), seq, -1)
@@ -203,16 +203,15 @@ def method_activations(method: Method, acts: torch.Tensor, contexts: torch.Tenso
     features = sample_features(live, settings.n_features, settings.seed, f"{method.name} at {entry.hook.name}")
     method.info.update(entry=entry.name, hook=entry.hook.name, n_features=entry.dictionary.n_features,
                        n_live=int(live.sum()), n_sampled=len(features), l0=round(mean_l0, 3))
-    batches = zip(code_batches(entry, acts, keep, device), _context_batches(contexts, acts, keep, entry))
+    step = _contexts_per_batch(acts, entry)
+    batches = zip(code_batches(entry, acts, keep, device), contexts.split(step))
     yield from collect_feature_activations(method.name, entry.hook.name, entry.hook.layer, batches, features,
                                            settings.fragment_len)
 
 
-def _context_batches(contexts: torch.Tensor, acts: torch.Tensor, keep: torch.Tensor, entry: Entry) -> Iterator[torch.Tensor]:
-    """Token ids in the same batches as ``code_batches``."""
-    step = max(1, CODE_BATCH_BYTES // (acts.shape[1] * entry.dictionary.n_features * 4))
-    for start in range(0, len(contexts), step):
-        yield contexts[start: start + step]
+def _contexts_per_batch(acts: torch.Tensor, entry: Entry) -> int:
+    """Contexts encoded at once, so a batch of codes stays within CODE_BATCH_BYTES."""
+    return max(1, CODE_BATCH_BYTES // (acts.shape[1] * entry.dictionary.n_features * 4))
 
 
 # -- the study -----------------------------------------------------------------------------------------------------
