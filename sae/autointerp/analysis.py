@@ -13,21 +13,42 @@ from __future__ import annotations
 import math
 import os
 import socket
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sae.autointerp.backends import BACKENDS
-from sae.autointerp.records import (FeatureActivations, RecordConfig, collect_feature_activations, decoder_from_tokenizer,
-                                    sample_features)
-from sae.autointerp.study import RECORD_KEYS, SCORERS, StudyResult, output_paths, run_from_config
+from sae.autointerp.records import (
+    FeatureActivations,
+    RecordConfig,
+    collect_feature_activations,
+    decoder_from_tokenizer,
+    sample_features,
+)
+from sae.autointerp.study import (
+    RECORD_KEYS,
+    SCORERS,
+    StudyResult,
+    output_paths,
+    run_from_config,
+)
 from sae.errors import ConfigError
-from sae.evaluation.entries import Entry, baseline_problems, fit_baselines, groups, session_for, sparsified
-from sae.features.analysis import EXPLANATIONS  # the path the features dashboard reads explanations from
+from sae.evaluation.entries import (
+    Entry,
+    baseline_problems,
+    fit_baselines,
+    groups,
+    session_for,
+    sparsified,
+)
+from sae.features.analysis import (
+    EXPLANATIONS,  # the path the features dashboard reads explanations from
+)
 from sae.io.atomic import write_json
 from sae.lm.hooks import HookPoint
 from sae.lm.model import resolve_device
@@ -84,8 +105,9 @@ def _hf_local_problems(explainer: Mapping[str, Any]) -> list[str]:
     except ConfigError as err:
         return [str(err)]
     missing = [m for m in ("gguf", "accelerate") if gguf and not _importable(m)]
-    return [f"explainer.model={explainer['model']} is a GGUF file, which needs {' and '.join(missing)}: "
-            f"pip install -e \".[autointerp]\""] if missing else []
+    problem = (f"explainer.model={explainer['model']} is a GGUF file, which needs {' and '.join(missing)}: "
+               f"pip install -e \".[autointerp]\"")
+    return [problem] if missing else []
 
 
 def _openai_problems(explainer: Mapping[str, Any], scorers: list[str]) -> list[str]:

@@ -9,9 +9,8 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from conftest import run_cli, tiny_overrides
+from safetensors.torch import load_file, save_file
 
 # records small enough for the tiny run's held-out text (a few hundred tokens)
 SMALL = ["analysis.fragment_len=8", "analysis.n_top=3", "analysis.n_random=2", "analysis.n_explain=1",
@@ -55,8 +54,8 @@ def test_token_lookup_end_to_end_puts_explanations_on_the_dashboard(tiny_run, tm
     records = [json.loads(line) for line in (out / "autointerp" / "records.jsonl").read_text().splitlines()]
     assert records and all(r["fragments"]["explain"] for r in records)
     explained = json.loads((out / "autointerp" / "explanations.json").read_text())
-    (entry, by_feature), = [(k, v) for k, v in explained["entries"].items() if not k.startswith("baselines/")]
-    feature, text = next(iter(by_feature.items()))
+    (_entry, by_feature), = [(k, v) for k, v in explained["entries"].items() if not k.startswith("baselines/")]
+    feature = next(iter(by_feature))
     page = (out / "dashboard" / "dictionary" / f"{feature}.html")
     assert page.is_file(), "the features study made a page for every feature that fired"
     assert "Automatic explanation" in page.read_text() and "token_lookup" in page.read_text()
