@@ -23,32 +23,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sae.autointerp.backends import BACKENDS
-from sae.autointerp.records import (
-    FeatureActivations,
-    RecordConfig,
-    collect_feature_activations,
-    decoder_from_tokenizer,
-    sample_features,
-)
-from sae.autointerp.study import (
-    RECORD_KEYS,
-    SCORERS,
-    StudyResult,
-    output_paths,
-    run_from_config,
-)
+from sae.autointerp.records import (FeatureActivations, RecordConfig, collect_feature_activations, decoder_from_tokenizer,
+                                    sample_features)
+from sae.autointerp.study import RECORD_KEYS, SCORERS, StudyResult, output_paths, run_from_config
 from sae.errors import ConfigError
-from sae.evaluation.entries import (
-    Entry,
-    baseline_problems,
-    fit_baselines,
-    groups,
-    session_for,
-    sparsified,
-)
-from sae.features.analysis import (
-    EXPLANATIONS,  # the path the features dashboard reads explanations from
-)
+from sae.evaluation.entries import Entry, baseline_problems, fit_baselines, groups, session_for, sparsified
+from sae.features.analysis import EXPLANATIONS  # where the features dashboard reads explanations
 from sae.io.atomic import write_json
 from sae.lm.hooks import HookPoint
 from sae.lm.model import resolve_device
