@@ -9,8 +9,9 @@ import shutil
 
 import pytest
 import torch
-from conftest import run_cli, tiny_overrides
 from safetensors.torch import load_file, save_file
+
+from conftest import run_cli, tiny_overrides
 
 # records small enough for the tiny run's held-out text (a few hundred tokens)
 SMALL = ["analysis.fragment_len=8", "analysis.n_top=3", "analysis.n_random=2", "analysis.n_explain=1",
