@@ -3,6 +3,8 @@ dictionary under ``run`` and the baselines (``analysis.baselines``) fitted at th
 
 from __future__ import annotations
 
+import csv
+import json
 from pathlib import Path
 from typing import Iterator
 
@@ -16,6 +18,7 @@ from sae.features.records import Collector, Settings
 from sae.io.atomic import write_csv, write_json
 from sae.lm.model import resolve_device
 
+EXPLANATIONS = Path("autointerp") / "explanations.json"  # under `out`: written by analysis=autointerp, read by path
 SETTING_MINIMA = {"top_k": 1, "window": 0, "quantiles": 1, "per_quantile": 0, "min_count": 1, "causal_contexts": 0,
                   "logit_tokens": 1, "hist_tokens": 1, "bins": 1}  # the least each analysis.settings.* may be
 
@@ -70,11 +73,41 @@ def analyse_features(cfg: DictConfig, entries: list[Entry]) -> list[dict]:
         write_json(out / "features" / f"{method}.json", methods[method])
         rows.append(summary_row(method, entry, collector))
     names = token_names(tokenizer, methods)
-    write_dashboard(out / "dashboard", methods, names, rows)
+    write_dashboard(out / "dashboard", methods, names, rows, read_explanations(out, methods))
     _figures(out / "figures", methods, names, cfg.analysis.figures)
     write_csv(out / "monosemanticity.csv", rows, ["method", *SCORES])
     print(f"wrote monosemanticity.csv ({len(rows)} rows) and dashboard/index.html")
     return rows
+
+
+def read_explanations(out: Path, methods: dict) -> dict[str, dict[int, tuple[str, str]]]:
+    """The automatic explanations under ``out`` (analysis=autointerp's ``autointerp/explanations.json``: entry name
+    -> feature index -> text), by this study's method names; empty when there are none."""
+    path = out / EXPLANATIONS
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    by = saved.get("explainer", "?") + (f"; {saved['label']}" if saved.get("label") else "")
+    return {method: {int(i): (text, by) for i, text in saved["entries"].get(data["name"], {}).items()}
+            for method, data in methods.items()}
+
+
+def redraw_dashboard(out: Path, tokenizer) -> None:
+    """Write ``dashboard/`` again from the saved ``features/*.json`` and ``monosemanticity.csv``, with the automatic
+    explanations now under ``out`` (analysis=autointerp calls it when it runs after this study)."""
+    methods = {p.stem: json.loads(p.read_text()) for p in sorted((out / "features").glob("*.json"))}
+    with open(out / "monosemanticity.csv", newline="") as fh:
+        rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)]
+    write_dashboard(out / "dashboard", methods, token_names(tokenizer, methods), rows, read_explanations(out, methods))
+
+
+def _number(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def token_names(tokenizer, methods: dict) -> dict[int, str]:

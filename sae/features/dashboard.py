@@ -65,7 +65,16 @@ def logit_table(title: str, table: dict, names: dict[int, str]) -> str:
     return f"<div><h3>{title}</h3><table><tr><th>up</th><th></th><th>down</th><th></th></tr>{rows}</table></div>"
 
 
-def feature_page(method: str, hook: str, rec: dict, names: dict[int, str]) -> str:
+def explanation_html(explanation: tuple[str, str] | None) -> str:
+    """An automatic explanation (text, who wrote it) for the top of a feature page; nothing when there is none."""
+    if explanation is None:
+        return ""
+    text, by = explanation
+    return f"<p><b>Automatic explanation</b> ({html.escape(by)}): {html.escape(text)}</p>"
+
+
+def feature_page(method: str, hook: str, rec: dict, names: dict[int, str],
+                 explanation: tuple[str, str] | None = None) -> str:
     high = rec["max"]
     top = "".join(context_html(e, names, high) for e in rec["top"])
     quant = "".join(f"<h4>activations {q['range'][0]:.3g} to {q['range'][1]:.3g}</h4>"
@@ -76,6 +85,7 @@ def feature_page(method: str, hook: str, rec: dict, names: dict[int, str]) -> st
     body = (f"<p><a href='../index.html'>index</a></p><h1>{html.escape(method)} feature {rec['index']}</h1>"
             f"<p>{html.escape(hook)}; density {rec['density']:.3g} ({rec['count']} tokens); top-token share "
             f"{rec['top_token_share']:.2f}; token entropy {rec['token_entropy']:.2f} nats; activation mass on: {tokens}</p>"
+            f"{explanation_html(explanation)}"
             f"<h2>Activations by token</h2>{histogram_svg(rec['histogram'], names)}"
             f"<div class='tables'>{logit_table('Direct path (atom through the final norm weight and unembedding)', rec['direct'], names)}"
             f"{logit_table(causal_title, causal, names)}</div>"
@@ -105,11 +115,15 @@ def index_page(methods: dict, names: dict[int, str], rows: list[dict]) -> str:
     return _page("Features", body, SORT_JS)
 
 
-def write_dashboard(directory: Path, methods: dict, names: dict[int, str], rows: list[dict]) -> None:
-    """``index.html`` and a page per feature that fired, under ``directory``."""
+def write_dashboard(directory: Path, methods: dict, names: dict[int, str], rows: list[dict],
+                    explanations: dict[str, dict[int, tuple[str, str]]] | None = None) -> None:
+    """``index.html`` and a page per feature that fired, under ``directory``; ``explanations`` (method -> feature
+    index -> (text, who wrote it)), when given, are shown on the feature pages."""
+    explanations = explanations or {}
     for method, data in methods.items():
         (directory / method).mkdir(parents=True, exist_ok=True)
         for rec in data["features"]:
             if "top" in rec:
-                (directory / method / f"{rec['index']}.html").write_text(feature_page(method, data["hook"], rec, names))
+                page = feature_page(method, data["hook"], rec, names, explanations.get(method, {}).get(rec["index"]))
+                (directory / method / f"{rec['index']}.html").write_text(page)
     (directory / "index.html").write_text(index_page(methods, names, rows))

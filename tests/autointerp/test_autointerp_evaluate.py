@@ -1,0 +1,122 @@
+"""``evaluate.py analysis=autointerp`` end to end on a tiny trained run: token lookup, an in-process LLM on two
+features, the explanations on the features dashboard, and bad input (one line, exit 2, no summary)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import run_cli, tiny_overrides
+
+# records small enough for the tiny run's held-out text (a few hundred tokens)
+SMALL = ["analysis.fragment_len=8", "analysis.n_top=3", "analysis.n_random=2", "analysis.n_explain=1",
+         "analysis.n_score_top=1", "analysis.n_score_random=1", "analysis.n_quantiles=1", "analysis.per_quantile=1",
+         "analysis.n_bootstrap=50", "baseline_tokens=512"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_lm_dir, tiny_text, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("autointerp-run") / "run"
+    proc = run_cli("train.py", *tiny_overrides(tiny_lm_dir, tiny_text, run_dir), "sae=topk", "sae.k=8",
+                   "data.heldout_fraction=0.3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return run_dir
+
+
+def _summary(out) -> list[dict]:
+    with open(out / "autointerp_summary.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_token_lookup_end_to_end_puts_explanations_on_the_dashboard(tiny_run, tmp_path):
+    out = tmp_path / "eval"
+    features = run_cli("evaluate.py", f"run={tiny_run}", "analysis=features", "analysis.baselines=[pca]",
+                       "analysis.figures=0", f"out={out}", "baseline_tokens=512")
+    assert features.returncode == 0, features.stderr[-2000:]
+    proc = run_cli("evaluate.py", f"run={tiny_run}", "analysis=autointerp", "explainer=token_lookup",
+                   "analysis.n_features=4", "analysis.baselines=[pca,neurons,random]", "analysis.topk_baselines=true",
+                   f"out={out}", *SMALL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = _summary(out)
+    methods = {r["method"] for r in rows}
+    assert {"dictionary", "pca", "neurons", "random"} <= methods
+    assert any(m.startswith("pca_topk") for m in methods)  # the sparsified baselines, matched to the L0
+    simulation = [r for r in rows if r["score"] == "simulation" and r["method"] == "dictionary"]
+    assert len(simulation) == 1 and 0 < int(simulation[0]["n_features"]) <= 4
+    meta = json.loads((out / "autointerp" / "meta.json").read_text())
+    assert meta["explainer"]["backend"] == "token_lookup"
+    assert meta["lms"][0]["params"] and "parameters" in meta["label"]  # the LM is named with its size
+    assert {m["method"] for m in meta["methods"]} == methods and all("n_live" in m for m in meta["methods"])
+    records = [json.loads(line) for line in (out / "autointerp" / "records.jsonl").read_text().splitlines()]
+    assert records and all(r["fragments"]["explain"] for r in records)
+    explained = json.loads((out / "autointerp" / "explanations.json").read_text())
+    (_entry, by_feature), = [(k, v) for k, v in explained["entries"].items() if not k.startswith("baselines/")]
+    feature = next(iter(by_feature))
+    page = (out / "dashboard" / "dictionary" / f"{feature}.html")
+    assert page.is_file(), "the features study made a page for every feature that fired"
+    assert "Automatic explanation" in page.read_text() and "token_lookup" in page.read_text()
+    assert (out / "plots" / "autointerp_by_layer.png").is_file()
+
+
+def _byte_llama_dir(directory):
+    """A randomly initialised 2-block Llama over bytes, saved as a model directory (no chat template: plain text)."""
+    from autointerp_helpers import byte_backend
+
+    backend = byte_backend()
+    backend.lm.save_pretrained(directory)
+    backend.tok.save_pretrained(directory)
+    return directory
+
+
+def test_hf_local_on_two_features(tiny_run, tmp_path):
+    model_dir = _byte_llama_dir(tmp_path / "byte-llama")
+    out = tmp_path / "eval"
+    proc = run_cli("evaluate.py", f"run={tiny_run}", "analysis=autointerp", "explainer=hf_local",
+                   f"explainer.model={model_dir}", "explainer.explain_max_tokens=4", "explainer.dtype=float32",
+                   "analysis.n_features=2", "analysis.baselines=[]", "analysis.scorers=[simulation,detection]",
+                   f"out={out}", *SMALL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = json.loads((out / "autointerp" / "meta.json").read_text())
+    assert meta["explainer"]["backend"] == "hf_local" and meta["explainer"]["params"]
+    assert meta["n_features_scored"] + meta["n_features_skipped"] == 2
+    assert meta["cache"]["misses"] > 0
+    assert {r["method"] for r in _summary(out)} == {"dictionary"}
+
+
+def _dead_copy(run, tmp_path):
+    """The run with every code forced to zero (encoder bias far below any pre-activation)."""
+    dead = tmp_path / "dead"
+    shutil.copytree(run, dead)
+    weights = load_file(dead / "sae.safetensors")
+    weights["b_enc"] = torch.full_like(weights["b_enc"], -1e9)
+    save_file(weights, dead / "sae.safetensors")
+    return dead
+
+
+@pytest.mark.parametrize("case", ["unknown_method", "no_live_features", "chat_only_simulate", "missing_key",
+                                  "unreachable"])
+def test_bad_input_is_one_line(case, tiny_run, tmp_path):
+    run, extra, env = tiny_run, [], {}
+    chat = ["explainer=openai", "explainer.base_url=http://127.0.0.1:9/v1", "explainer.model=m", "explainer.api_key_env=null"]
+    if case == "unknown_method":
+        extra, expected = ["analysis.baselines=[pca,nmf]"], "unknown baselines ['nmf']"
+    elif case == "no_live_features":
+        run, extra, expected = _dead_copy(tiny_run, tmp_path), ["analysis.baselines=[]"], "no live features"
+    elif case == "chat_only_simulate":
+        extra, expected = [*chat, "explainer.completions=false", "analysis.scorers=[simulation]"], "simulation needs"
+    elif case == "missing_key":
+        extra, expected = [*chat, "explainer.api_key_env=SAE_TEST_NO_SUCH_KEY"], "SAE_TEST_NO_SUCH_KEY"
+        env = {"SAE_TEST_NO_SUCH_KEY": ""}
+    else:
+        extra, expected = chat, "cannot connect to 127.0.0.1:9"
+    out = tmp_path / "eval"
+    proc = run_cli("evaluate.py", f"run={run}", "analysis=autointerp", f"out={out}", *SMALL, *extra, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and expected in lines[-1], proc.stderr[-2000:]
+    assert not (out / "autointerp_summary.csv").exists() and not (out / "autointerp.csv").exists()
