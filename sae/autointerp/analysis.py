@@ -310,7 +310,7 @@ def study(cfg: DictConfig, entries: list[Entry]) -> StudyResult:
     result = run_from_config(source, decoder_from_tokenizer(parts[0].session.tokenizer), out, analysis, explainer,
                              str(device), meta)
     write_explanations(out, result, methods)
-    _redraw_dashboard(out, parts[0].session.tokenizer)
+    _redraw_dashboard(Path(cfg.get("published") or out), out, parts[0].session.tokenizer)
     _print_summary(result, out)
     return result
 
@@ -327,13 +327,14 @@ def write_explanations(out: Path, result: StudyResult, methods: list[Method]) ->
     write_json(out / EXPLANATIONS, {"explainer": by, "label": result.meta.get("label"), "entries": by_entry})
 
 
-def _redraw_dashboard(out: Path, tokenizer) -> None:
-    """Put the explanations on the features dashboard when ``analysis=features`` wrote one under the same ``out``."""
+def _redraw_dashboard(published: Path, out: Path, tokenizer) -> None:
+    """Put the explanations on the features dashboard when ``analysis=features`` wrote one under the same ``out``
+    (``published``: where it is; ``out``: this study's staging directory, published over it)."""
     from sae.features.analysis import redraw_dashboard
 
-    if (out / "dashboard" / "index.html").is_file() and (out / "features").is_dir():
-        redraw_dashboard(out, tokenizer)
-        print(f"explanations added to {out / 'dashboard'}")
+    if (published / "dashboard" / "index.html").is_file() and (published / "features").is_dir():
+        redraw_dashboard(published, out, tokenizer)
+        print("explanations added to the features dashboard")
 
 
 def _print_summary(result: StudyResult, out: Path) -> None:

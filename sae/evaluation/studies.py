@@ -10,7 +10,8 @@ moved in, the old files they match are removed, so an earlier run's outputs the 
 method) are not left beside it. A study writes into a staging directory beside ``out``; only when it has finished are its files moved into ``out``
 (each file replacing the file of the same name there, folders merged), so a failed or killed run never leaves new
 files beside old ones that look like one result. Studies sharing an ``out`` (``metrics`` and ``features`` both default to
-``<run>/eval``) keep each other's files.
+``<run>/eval``) keep each other's files; a study that reads another's results (the features dashboard shows
+autointerp's explanations) finds them under ``cfg.published``, the final ``out``, while ``cfg.out`` is its staging.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def run_analysis(cfg: DictConfig) -> Any:
     staging = final.parent / f".{final.name}.staging-{uuid.uuid4().hex[:8]}"
     staged = cfg.copy()
     with open_dict(staged):
-        staged.out = str(staging)
+        staged.out, staged.published = str(staging), str(final)  # published: earlier studies' results, to read
     try:
         result = study(staged, entries)
         for pattern in study_outputs(cfg.analysis._target_):

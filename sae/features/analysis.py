@@ -73,7 +73,8 @@ def analyse_features(cfg: DictConfig, entries: list[Entry]) -> list[dict]:
         write_json(out / "features" / f"{method}.json", methods[method])
         rows.append(summary_row(method, entry, collector))
     names = token_names(tokenizer, methods)
-    write_dashboard(out / "dashboard", methods, names, rows, read_explanations(out, methods))
+    published = Path(cfg.get("published") or out)  # where earlier studies' results are (out is this one's staging)
+    write_dashboard(out / "dashboard", methods, names, rows, read_explanations(published, methods))
     _figures(out / "figures", methods, names, cfg.analysis.figures)
     write_csv(out / "monosemanticity.csv", rows, ["method", *SCORES])
     print(f"wrote monosemanticity.csv ({len(rows)} rows) and dashboard/index.html")
@@ -92,13 +93,14 @@ def read_explanations(out: Path, methods: dict) -> dict[str, dict[int, tuple[str
             for method, data in methods.items()}
 
 
-def redraw_dashboard(out: Path, tokenizer) -> None:
-    """Write ``dashboard/`` again from the saved ``features/*.json`` and ``monosemanticity.csv``, with the automatic
-    explanations now under ``out`` (analysis=autointerp calls it when it runs after this study)."""
-    methods = {p.stem: json.loads(p.read_text()) for p in sorted((out / "features").glob("*.json"))}
-    with open(out / "monosemanticity.csv", newline="") as fh:
+def redraw_dashboard(source: Path, target: Path, tokenizer) -> None:
+    """Write ``target/dashboard/`` again from the ``features/*.json`` and ``monosemanticity.csv`` saved under
+    ``source``, with the automatic explanations under ``target`` (analysis=autointerp calls it when it runs after
+    this study; ``target`` is its staging directory, published over ``source``)."""
+    methods = {p.stem: json.loads(p.read_text()) for p in sorted((source / "features").glob("*.json"))}
+    with open(source / "monosemanticity.csv", newline="") as fh:
         rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)]
-    write_dashboard(out / "dashboard", methods, token_names(tokenizer, methods), rows, read_explanations(out, methods))
+    write_dashboard(target / "dashboard", methods, token_names(tokenizer, methods), rows, read_explanations(target, methods))
 
 
 def _number(text: str):
