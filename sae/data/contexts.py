@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from sae.data.datamodule import StreamDataModule
+from sae.data.datamodule import StreamDataModule, share_session
 from sae.data.stream import ContextOrder, ResumableStream
 from sae.errors import ConfigError
 from sae.lm.hooks import HookPoint
@@ -63,12 +63,7 @@ class ContextDataModule(StreamDataModule):
             raise ConfigError(f"train.batch_size={self.batch_size} gives {self.contexts_per_batch} contexts of "
                               f"{self.session.text.context_length} tokens per step, which {self.world_size} processes "
                               "cannot share: make it a multiple of data.context_length x the processes")
-        self.session.prepare_text()
-        if len(self.session.train_contexts) < self.world_size:
-            raise ConfigError(f"{len(self.session.train_contexts)} training contexts cannot be shared by "
-                              f"{self.world_size} processes: give more text or fewer trainer.devices")
-        if self.trainer is not None:
-            self.session.to(self.trainer.strategy.root_device)
+        share_session(self)
 
     def sample(self, n: int) -> Batch:
         """About ``n`` training activations per hook (the normalisation and decoder bias), as for activations."""

@@ -93,6 +93,17 @@ class StreamDataModule(pl.LightningDataModule):
         self._resume = ranks[self.rank]
 
 
+def share_session(dm: "StreamDataModule") -> None:
+    """Ready ``dm.session`` for this process: its text packed, enough training contexts for every process to take
+    its share, and the LM on the trainer's device (so LM and dictionary share the accelerator)."""
+    dm.session.prepare_text()
+    if len(dm.session.train_contexts) < dm.world_size:
+        raise ConfigError(f"{len(dm.session.train_contexts)} training contexts cannot be shared by "
+                          f"{dm.world_size} processes: give more text or fewer trainer.devices")
+    if dm.trainer is not None:
+        dm.session.to(dm.trainer.strategy.root_device)
+
+
 @dataclass(frozen=True)
 class StreamSettings:
     """How activations become training batches (the ``stream`` group; the one default of each: its YAML)."""
@@ -123,12 +134,7 @@ class ActivationDataModule(StreamDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
-        self.session.prepare_text()
-        if len(self.session.train_contexts) < self.world_size:
-            raise ConfigError(f"{len(self.session.train_contexts)} training contexts cannot be shared by "
-                              f"{self.world_size} processes: give more text or fewer trainer.devices")
-        if self.trainer is not None:
-            self.session.to(self.trainer.strategy.root_device)
+        share_session(self)
         if self.caches is None:
             settings = self._cache_settings()
             self.caches = prepare_caches(settings, self.hooks, self.session.model, self.session.train_contexts,
