@@ -167,3 +167,20 @@ def feature_settings(**settings):
 
     yaml = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "analysis" / "features.yaml"))["settings"]
     return Settings(**{**yaml, "seed": 0, **settings})
+
+
+def kill_after_checkpoint(overrides: list[str], run_dir: Path, step: int = 14) -> None:
+    """Start ``train.py`` with ``overrides`` (writing to ``run_dir``) and SIGKILL it once a checkpoint of ``step``
+    or later is on disk, as a pre-emption would."""
+    import signal
+    import time
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *overrides], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not any(int(p.stem.split("step=")[1]) >= step for p in run_dir.glob("checkpoints/*step=*.ckpt")):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its second checkpoint"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()

@@ -2,18 +2,13 @@
 the frozen LM, exact resume after SIGKILL, and the one-line refusals."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import pytorch_lightning as pl
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TEST_HPARAMS, run_cli, text_settings, tiny_model, tiny_overrides
+from conftest import kill_after_checkpoint, ROOT, TEST_HPARAMS, run_cli, text_settings, tiny_model, tiny_overrides
 from sae.data.contexts import ContextDataModule
 from sae.dictionaries import build
 from sae.lm.hooks import HookPoint
@@ -130,15 +125,7 @@ def test_killed_kl_run_resumes_to_the_same_dictionary(tiny_lm_dir, tiny_text, tm
     meta = json.loads((tmp_path / "whole" / "sae.json").read_text())
     assert meta["train"]["objective"]["name"] == "kl_mse" and "kl(clean || spliced)" in meta["loss"].lower()
     killed = tmp_path / "killed"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *kl_overrides(tiny_lm_dir, tiny_text, killed)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not any(int(p.stem.split("step=")[1]) >= 14 for p in killed.glob("checkpoints/*step=*.ckpt")):
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its second checkpoint"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(kl_overrides(tiny_lm_dir, tiny_text, killed), killed)
     assert not (killed / "sae.safetensors").exists()
     resumed = run_cli("train.py", *kl_overrides(tiny_lm_dir, tiny_text, killed), "resume=true")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -4,17 +4,13 @@ the run directory and a corrupted checkpoint are checked before any work."""
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 import zipfile
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, make_lm_datamodule, run_cli, tiny_overrides, toy_data
+from conftest import kill_after_checkpoint, make_lm_datamodule, run_cli, tiny_overrides, toy_data
 from sae.io.checkpoints import LAST, AtomicCheckpointIO, resume_checkpoint, write_status
 from sae.data.datamodule import ActivationDataModule
 from sae.errors import ConfigError
@@ -76,15 +72,7 @@ def test_killed_run_resumes_to_the_same_dictionary(tiny_lm_dir, tiny_text, tmp_p
     whole = run_cli("train.py", *resume_overrides(tiny_lm_dir, tiny_text, tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr[-3000:]
     killed = tmp_path / "killed"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *resume_overrides(tiny_lm_dir, tiny_text, killed)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not any(int(p.stem.split("step=")[1]) >= 14 for p in killed.glob("checkpoints/*step=*.ckpt")):
-        assert proc.poll() is None and time.time() < deadline, "the run ended before its second checkpoint"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(resume_overrides(tiny_lm_dir, tiny_text, killed), killed)
     assert not (killed / "sae.safetensors").exists()
     assert json.loads((killed / "status.json").read_text())["state"] == "running"
     corrupted = tmp_path / "corrupted"
