@@ -143,6 +143,15 @@ def _explanations(graph: CircuitGraph, where: Path, names: dict[str, str], entri
     return graph.attach_explanations({(m, i): text for m, by_index in found.items() for i, (text, _) in by_index.items()})
 
 
+def _finite(value):
+    """``value`` with every NaN or infinity replaced by None (JSON has no NaN: a Spearman of a constant ranking)."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 def _summary_row(graph: CircuitGraph, folder: str, scores: dict, reports: list[LevelReport], settings, seconds: float) -> dict:
     agree = [a for r in reports for a in r.topk_agree]
     first = reports[0].spearman[0] if reports and reports[0].spearman else math.nan
@@ -245,8 +254,9 @@ def study(cfg: DictConfig, entries: list[Entry]) -> dict:
     _top_tokens(graph, stats, session.tokenizer)
     explained = _explanations(graph, Path(analysis.get("explanations") or cfg.get("published") or cfg.out), names, by_hook)
     seconds = time.perf_counter() - start
-    graph.meta = {"settings": analysis, "contexts": record, "scores": scores, "levels": [r.__dict__ for r in reports],
-                  "explanations": explained, "seconds": round(seconds, 1), **extra}
+    graph.meta = _finite({"settings": analysis, "contexts": record, "scores": scores,
+                          "levels": [r.__dict__ for r in reports], "explanations": explained, "seconds": round(seconds, 1),
+                          **extra})
     folder = folder_name(FeatureTarget(top, index) if index is not None else target)
     out = Path(cfg.out)
     write_all(graph, out / "circuits" / folder, str(analysis["dashboard"]))

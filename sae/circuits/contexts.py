@@ -16,6 +16,8 @@ from sae.errors import ConfigError
 from sae.lm.hooks import HookPoint
 from sae.lm.reader import read_batches, token_mask
 
+CANDIDATES_PER_FORWARD = 16  # upstream features ablated together in one forward (each on its own copy of the batch)
+
 
 @dataclass
 class HeldOut:
@@ -59,7 +61,9 @@ def heldout_statistics(model, special_ids: list[int], dictionaries: dict[HookPoi
 def feature_contexts(stats: HeldOut, contexts: torch.Tensor, index: int, n_contexts: int, batch_rows: int,
                      what: str) -> tuple[list[Contexts], dict]:
     """Up to ``n_contexts`` held-out contexts whose maximum of feature ``index`` is in ``[M/2, M]``, in held-out
-    order, each cut after its read position; batches of at most ``batch_rows`` rows; and a record of the choice."""
+    order, each cut after its read position; and a record of the choice. The contexts are batched by length, a few
+    per batch (``batch_rows // CANDIDATES_PER_FORWARD``), so an ablation forward (contexts x candidates) runs few
+    tokens past any context's read position."""
     values = stats.context_max[:, index]
     top = float(values.max()) if len(values) else 0.0
     if top <= 0:
@@ -68,7 +72,8 @@ def feature_contexts(stats: HeldOut, contexts: torch.Tensor, index: int, n_conte
     chosen = (values >= top / 2).nonzero().squeeze(-1)[:n_contexts]
     positions = stats.context_argmax[chosen, index]
     batches = []
-    for part in chosen.split(batch_rows):
+    by_length = chosen[positions.argsort(stable=True)]  # few contexts of like length per batch: less padding-free waste
+    for part in by_length.split(max(1, batch_rows // CANDIDATES_PER_FORWARD)):
         pos = stats.context_argmax[part, index]
         batches.append(Contexts(contexts[part, : int(pos.max()) + 1], pos))
     record = {"max_M": top, "contexts": len(chosen), "asked": n_contexts, "context_indices": chosen.tolist(),

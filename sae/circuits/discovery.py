@@ -38,10 +38,14 @@ from sae.circuits.graph import CircuitGraph, error_id, feature_id
 from sae.circuits.scores import same_top_k, spearman
 from sae.dictionaries import Dictionary
 from sae.errors import ConfigError
-from sae.lm.hooks import HookPoint
+from sae.lm.hooks import HookPoint, intervene
 from sae.lm.splice import Ablate, Edit, Reconstruct, atoms_in_model_units, spliced_forward
 
 METHODS = ("ablation", "attribution")
+
+
+class _Arrived(Exception):
+    """Raised at the hook a level is read at: the rest of the forward is not needed."""
 
 
 @dataclass
@@ -156,16 +160,31 @@ class CircuitProblem:
     # ---------------------------------------------------------------- reading
 
     def read(self, level: Level, indices: Sequence[int], batch: Contexts, edits: Mapping[HookPoint, Edit]) -> torch.Tensor:
-        """``[b, m]``: the nodes ``indices`` of ``level`` (or the output's logit difference, ``m = 1``) per row."""
+        """``[b, m]``: the nodes ``indices`` of ``level`` (or the output's logit difference, ``m = 1``) per row.
+
+        A feature level's forward stops at its hook (the blocks above cannot change what is read there)."""
         rows = torch.arange(len(batch), device=self.device)
-        read = [level.hook] if level.hook is not None else []
-        out = spliced_forward(self.model, batch.ids, edits, self.special_ids, read=read, at=(rows, batch.positions))
         if level.hook is None:
-            logits = out.logits.float()
+            logits = spliced_forward(self.model, batch.ids, edits, self.special_ids, at=(rows, batch.positions)).logits.float()
             return (logits[rows, batch.good] - logits[rows, batch.bad]).unsqueeze(-1)
-        x = out.activations[level.hook][rows, batch.positions]
+        x = self._arriving(level.hook, batch, edits)[rows, batch.positions]
         codes = level.dictionary.encode(x.to(level.dictionary.b_dec.dtype))
         return codes[:, list(indices)].float()
+
+    def _arriving(self, hook: HookPoint, batch: Contexts, edits: Mapping[HookPoint, Edit]) -> torch.Tensor:
+        """The activation arriving at ``hook`` (``[b, T, w]``) in the spliced forward with ``edits``, stopping there."""
+        seen: dict[str, torch.Tensor] = {}
+
+        def grab(x: torch.Tensor) -> None:
+            seen["x"] = x
+            raise _Arrived
+
+        with intervene(self.model, hook, grab):  # registered first: runs before the splice's own hook at ``hook``
+            try:
+                spliced_forward(self.model, batch.ids, {h: e for h, e in edits.items() if h != hook}, self.special_ids)
+            except _Arrived:
+                pass
+        return seen["x"]
 
     @torch.no_grad()
     def mean_value(self, level: Level, indices: Sequence[int],
@@ -180,8 +199,7 @@ class CircuitProblem:
         if level.hook not in self._clean:
             parts = []
             for batch in self.contexts:
-                x = spliced_forward(self.model, batch.ids, {}, self.special_ids, read=[level.hook],
-                                    at=(torch.arange(len(batch), device=self.device), batch.positions)).activations[level.hook]
+                x = self._arriving(level.hook, batch, {})
                 parts.append(level.dictionary.encode(x.to(level.dictionary.b_dec.dtype)))
             self._clean[level.hook] = parts
         return self._clean[level.hook]
@@ -207,9 +225,7 @@ class CircuitProblem:
         """Mean ``||x − decode(encode(x))||`` at the read positions: an error node's activation."""
         d, total = level.dictionary, 0.0
         for batch in self.contexts:
-            rows = torch.arange(len(batch), device=self.device)
-            x = spliced_forward(self.model, batch.ids, {}, self.special_ids, read=[level.hook],
-                                at=(rows, batch.positions)).activations[level.hook][rows, batch.positions]
+            x = self._arriving(level.hook, batch, {})[torch.arange(len(batch), device=self.device), batch.positions]
             x = x.to(d.b_dec.dtype)
             total += float((x - d(x)).norm(dim=-1).sum())
         return total / self.n
