@@ -380,6 +380,9 @@ def discover(problem: CircuitProblem, levels: Sequence[Level], target_index: int
             for method, values in errors.items():
                 if settings.error_nodes and values is not None:
                     graph.add_edge(error_id(upstream.label), node, float(values[q]), _edge_method(method, settings))
+        if settings.error_nodes and errors.get(settings.primary) is not None:  # its largest edge, by magnitude
+            values = errors[settings.primary]
+            graph.nodes[error_id(upstream.label)].effect = float(values[values.abs().argmax()])
         for j, weight in kept.items():
             graph.nodes[feature_id(upstream.label, j)].effect = weight
         order = sorted(kept, key=lambda j: -kept[j])
