@@ -43,7 +43,7 @@ from sae.lm.splice import atoms_in_model_units
 SUMMARY = Path("circuits") / "summary.csv"
 COLUMNS = ["model", "target", "folder", "selected_by", "contexts", "nodes", "edges", "faithfulness", "random_mean",
            "random_std", "beats_random", "n_random", "completeness_left", "spearman_target", "topk_agreement",
-           "seconds_ablation", "seconds_attribution", "seconds"]
+           "seconds_ablation", "seconds_attribution", "cpu_seconds_ablation", "cpu_seconds_attribution", "seconds"]
 
 
 def _settings(settings: DictConfig) -> dict:
@@ -68,6 +68,9 @@ def settings_problems(settings: DictConfig) -> list[str]:
     except ConfigError as err:
         problems.append(str(err))
     problems += _int_at_least(values, "n_contexts", 1) + _int_at_least(values, "depth", 1, nullable=True)
+    chosen = values.get("dictionaries")
+    if chosen is not None and (isinstance(chosen, str) or not all(isinstance(n, str) for n in chosen)):
+        problems.append(f"analysis.dictionaries={chosen!r} must be a list of dictionary names such as [l0, l1] (or null)")
     faith = values.get("faithfulness") or {}
     if faith.get("ablation") not in ("mean", "zero"):
         problems.append(f"analysis.faithfulness.ablation={faith.get('ablation')!r} must be mean or zero")
@@ -80,15 +83,21 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _by_hook(group: list[Entry]) -> dict[str, Entry]:
-    """The one dictionary at each hook; several at one hook is ambiguous (which one's features would the circuit use?)."""
+def _by_hook(group: list[Entry], chosen: list[str] | None) -> dict[str, Entry]:
+    """The one dictionary at each hook (of those named in ``analysis.dictionaries``, when given); several at one hook
+    is ambiguous (which one's features would the circuit use?)."""
+    names = [e.name for e in group]
+    unknown = sorted(set(chosen or []) - set(names))
+    if unknown:
+        raise ConfigError(f"analysis.dictionaries: no dictionary named {unknown} under run (there: {names})")
     found: dict[str, list[Entry]] = {}
     for entry in group:
-        found.setdefault(entry.hook.name, []).append(entry)
+        if chosen is None or entry.name in chosen:
+            found.setdefault(entry.hook.name, []).append(entry)
     several = {h: [e.name for e in es] for h, es in found.items() if len(es) > 1}
     if several:
-        raise ConfigError(f"analysis=circuits needs one dictionary per hook, but {several} share a hook; give run= a "
-                          "set with one dictionary at each layer")
+        raise ConfigError(f"analysis=circuits needs one dictionary per hook, but {several} share a hook; choose one "
+                          "per hook with analysis.dictionaries=[<name>, ...]")
     return {h: es[0] for h, es in found.items()}
 
 
@@ -162,6 +171,7 @@ def _summary_row(graph: CircuitGraph, folder: str, scores: dict, reports: list[L
                                       "completeness_left")},
             "spearman_target": first, "topk_agreement": sum(agree) / len(agree) if agree else math.nan,
             "seconds_ablation": seconds_of("ablation"), "seconds_attribution": seconds_of("attribution"),
+            "cpu_seconds_ablation": seconds_of("ablation_cpu"), "cpu_seconds_attribution": seconds_of("attribution_cpu"),
             "seconds": round(seconds, 1)}
 
 
@@ -182,7 +192,7 @@ def study(cfg: DictConfig, entries: list[Entry]) -> dict:
     by_model = groups(entries)
     if len(by_model) != 1:
         raise ConfigError(f"analysis=circuits works on one model's dictionaries; run= holds {len(by_model)} models or texts")
-    by_hook = _by_hook(by_model[0])
+    by_hook = _by_hook(by_model[0], analysis.get("dictionaries"))
     widths = {h: e.dictionary.n_features for h, e in by_hook.items()}
     meta = by_model[0][0].meta
     session = session_for(meta, resolve_device(cfg.device), cfg.seed)
