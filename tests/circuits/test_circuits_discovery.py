@@ -244,3 +244,15 @@ def test_settings_problems():
     problems = settings_problems(bad)
     assert len(problems) == 4 and problems[0].startswith("analysis.methods=") and "analysis.depth=0" in problems[2]
     assert settings_problems(OmegaConf.merge(good, {"fan_in": 0}))[0] == "analysis.fan_in=0 must be an integer >= 1"
+
+
+def test_one_dictionary_per_hook():
+    from sae.circuits.circuits_study import _by_hook
+    from sae.errors import ConfigError
+
+    entries = [SimpleNamespace(name=n, hook=HookPoint(layer)) for n, layer in (("l0", 0), ("l3", 3), ("l3_k4", 3))]
+    with pytest.raises(ConfigError, match="share a hook; choose one per hook with analysis.dictionaries"):
+        _by_hook(entries, None)
+    assert {h: e.name for h, e in _by_hook(entries, ["l0", "l3"]).items()} == {"layers.0.resid": "l0", "layers.3.resid": "l3"}
+    with pytest.raises(ConfigError, match=r"no dictionary named \['l9'\]"):
+        _by_hook(entries, ["l0", "l9"])
