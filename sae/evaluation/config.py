@@ -55,6 +55,8 @@ class EvaluateConfig:
     """The study: conf/analysis/<name>.yaml (its _target_ and settings)."""
     task: Any = None
     """The prompt pairs of a study that needs a behaviour (analysis=patching): conf/task/<name>.yaml, or null."""
+    target: Any = None
+    """What analysis=circuits explains: ``<hook>:<index>``, or a mapping with one of feature, token, task."""
     explainer: Any = None
     """analysis=autointerp's explainer: conf/explainer/<backend>.yaml (untyped: each backend has its own keys)."""
 

@@ -30,8 +30,9 @@ def settings_problems(settings: DictConfig) -> list[str]:
                        if k in SETTING_MINIMA and v < (low := SETTING_MINIMA[k])]
 
 
-def _method(entry: Entry, n_dictionaries: int, n_hooks: int) -> str:
-    """``dictionary`` (with its name when there are several), or the baseline's kind (with its hook when several)."""
+def method_name(entry: Entry, n_dictionaries: int, n_hooks: int) -> str:
+    """The dashboard's folder name for an entry (analysis=circuits links to it): ``dictionary`` (with its name when
+    there are several), or the baseline's kind (with its hook when several)."""
     if entry.kind == "dictionary":
         return "dictionary" if n_dictionaries == 1 else f"dictionary_{entry.name.replace('/', '_')}"
     return entry.kind if n_hooks == 1 else f"{entry.kind}_{entry.hook.name}"
@@ -51,7 +52,7 @@ def collectors(entries: list[Entry], cfg: DictConfig, n_dictionaries: int) -> It
             at_hook += fit_baselines(sample, list(cfg.analysis.baselines), hook, meta, cfg.seed)
         for entry in at_hook:
             collector = Collector(session, entry.dictionary, hook, contexts, settings)
-            yield _method(entry, n_dictionaries, len(hooks)), entry, collector
+            yield method_name(entry, n_dictionaries, len(hooks)), entry, collector
 
 
 def summary_row(method: str, entry: Entry, collector: Collector) -> dict:
