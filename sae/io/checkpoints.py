@@ -89,7 +89,13 @@ def write_status(run_dir: str | Path, state: str, **extra) -> None:
 def read_status(run_dir: str | Path) -> str | None:
     """The state ``status.json`` records, or None when there is none."""
     path = Path(run_dir) / STATUS
-    return json.loads(path.read_text())["state"] if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())["state"]
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+        raise ConfigError(f"{path} is corrupt (no JSON object with a 'state'): delete the run directory (or choose a "
+                          "new hydra.run.dir) and train again") from None
 
 
 def resume_checkpoint(run_dir: str | Path, resume: bool) -> Path | None:
