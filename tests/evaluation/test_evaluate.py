@@ -35,8 +35,8 @@ def test_run_with_all_baselines(topk_run):
     assert kinds == sorted(["dictionary", *BASELINES, *(f"{b}_topk" for b in BASELINES)])
     for row in rows:
         assert json.loads((out / row["name"] / "eval.json").read_text())["kind"] == row["kind"]
-        if row["kind"].endswith("_topk"):
-            assert float(row["l0"]) <= 8
+        if row["kind"].endswith("_topk"):  # exactly the k codes of largest magnitude: the name's and the row's k
+            assert float(row["l0"]) == float(row["k"]) == int(row["name"].rsplit("_topk", 1)[1])
     [matched] = _rows(out, "comparison.csv")
     dictionary = next(r for r in rows if r["kind"] == "dictionary")
     assert matched["k"] == str(round(float(dictionary["l0"]))) and matched["kl_spliced_dictionary"] == dictionary["kl_spliced"]
