@@ -19,6 +19,7 @@ from sae.baselines import fit
 from sae.dictionaries import Dictionary
 from sae.errors import ConfigError
 from sae.evaluation.comparison import matched_k
+from sae.io.checkpoints import read_status
 from sae.io.saelens import is_saelens_dir, load_saelens
 from sae.io.saving import META, load, read_meta
 from sae.lm.hooks import HookPoint, check_hook, site_width
@@ -63,8 +64,22 @@ def _with_overrides(meta: dict, cfg: DictConfig) -> dict:
     return {**meta, "model": merged("model"), "data": data, "stream": merged("stream")}
 
 
+def check_finished(directory: Path) -> None:
+    """Raise ConfigError if the training run that wrote ``directory`` (its own ``status.json``, or its set's, one
+    level up) has not finished: a set killed while saving holds some members and not others, and a run that failed
+    after saving may hold a dictionary it never evaluated. Directories without one (SAELens', older runs) pass."""
+    for run_dir in (directory, directory.parent):
+        state = read_status(run_dir)
+        if state is not None:
+            if state != "finished":
+                raise ConfigError(f"{directory}: the run in {run_dir} has not finished (status: {state}); resume it "
+                                  "with train.py ... resume=true, then evaluate it")
+            return
+
+
 def load_entry(directory: Path, run: Path, cfg: DictConfig) -> Entry:
     """A discovered dictionary with its metadata (command-line overrides applied); named by its path under ``run``."""
+    check_finished(directory)
     dictionary, meta = load_saelens(directory) if is_saelens_dir(directory) else (load(directory), read_meta(directory))
     name = directory.relative_to(run).as_posix()
     return Entry(run.resolve().name if name == "." else name, "dictionary", dictionary, _with_overrides(meta, cfg))

@@ -26,6 +26,10 @@ from sae.lm.model import resolve_device
 from sae.lm.session import LMSession
 
 COLUMNS = ["name", "kind", "layer", "site", "l0", "fvu", "ce_loss_recovered", "kl_spliced"]
+# what this study writes under ``out`` (sae.evaluation.studies removes the old ones when a new evaluation is published,
+# so a dictionary or baseline the new one no longer has leaves no eval.json, comparison.csv or plot behind)
+OUTPUTS = ["eval.csv", "comparison.csv", "**/eval.json", "baselines", "plots/frontier.png", "plots/by_layer.png",
+           "plots/ce_vs_l0.png", "plots/density"]
 
 
 def settings_problems(settings: DictConfig) -> list[str]:

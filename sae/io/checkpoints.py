@@ -18,6 +18,7 @@ from sae.errors import ConfigError
 from sae.io.atomic import atomic_path, write_json, write_text
 
 STATUS = "status.json"
+SETTINGS = "train_settings.json"  # the training settings a fresh run started with, checked when it is resumed
 LAST = Path("checkpoints") / "last.ckpt"
 DIGEST = ".sha256"  # suffix of a checkpoint's checksum file
 
@@ -88,7 +89,13 @@ def write_status(run_dir: str | Path, state: str, **extra) -> None:
 def read_status(run_dir: str | Path) -> str | None:
     """The state ``status.json`` records, or None when there is none."""
     path = Path(run_dir) / STATUS
-    return json.loads(path.read_text())["state"] if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())["state"]
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError):
+        raise ConfigError(f"{path} is corrupt (no JSON object with a 'state'): delete the run directory (or choose a "
+                          "new hydra.run.dir) and train again") from None
 
 
 def resume_checkpoint(run_dir: str | Path, resume: bool) -> Path | None:
@@ -112,6 +119,28 @@ def resume_checkpoint(run_dir: str | Path, resume: bool) -> Path | None:
                           "resume=true to start")
     verify_checkpoint(last)
     return last
+
+
+def record_settings(run_dir: str | Path, settings: dict[str, Any]) -> None:
+    """Keep the settings a fresh run starts with (``{dotted key: value}``), for ``check_resumed_settings``."""
+    write_json(Path(run_dir) / SETTINGS, settings)
+
+
+def check_resumed_settings(run_dir: str | Path, settings: dict[str, Any]) -> None:
+    """Raise ConfigError naming every setting in ``settings`` that differs from those the run in ``run_dir`` started
+    with: a resumed run continues the same training, so it cannot change what it trains on or how (a run that
+    predates the record is not checked)."""
+    path = Path(run_dir) / SETTINGS
+    if not path.is_file():
+        return
+    recorded = json.loads(path.read_text())
+    settings = json.loads(json.dumps(settings, default=str))  # compared as recorded: tuples become lists
+    unset = "<unset>"
+    changed = [f"{key}={settings.get(key, unset)} (was {recorded.get(key, unset)})"
+               for key in sorted(set(settings) | set(recorded)) if settings.get(key, unset) != recorded.get(key, unset)]
+    if changed:
+        raise ConfigError(f"resume=true with changed training settings: {', '.join(changed)}; resume with the run's "
+                          f"own settings ({path}), or train anew in a new hydra.run.dir")
 
 
 def dictionary_from_checkpoint(path: str | Path, name: str | None = None):

@@ -20,6 +20,8 @@ from typing import Callable
 import torch
 
 from sae.dictionaries import Dictionary, build
+from sae.dictionaries.topk import TopKDictionary
+from sae.errors import ConfigError
 
 # what an imported (inference-only) dictionary records as its training settings
 INFERENCE_SETTINGS = {"jumprelu": {"l0_coeff": 0.0, "bandwidth": 0.001, "init_threshold": 0.001},
@@ -69,6 +71,30 @@ def export_gated(dictionary: Dictionary) -> tuple[str, dict[str, torch.Tensor]]:
         "W_enc": (dictionary.W_enc.T / dictionary.scale).contiguous(),
         **{name: getattr(dictionary, name).detach().clone() for name in ("b_gate", "b_mag", "r_mag")},
     }
+
+
+class RankedTopKDictionary(TopKDictionary):
+    """SAELens' TopK with ``rescale_acts_by_decoder_norm: false`` and decoder rows of unequal norm, imported.
+
+    SAELens keeps the ``k`` largest of its own pre-activations; ours are those times ``rank_scale`` (each row's
+    norm over the mean norm), so this ranks ours divided by ``rank_scale`` and keeps our values: the same ``k``
+    atoms, codes times ``rank_scale``, SAELens' reconstruction. Inference only: SAELens' files do not say how to
+    train it, and our TopK training ranks unit-norm atoms as ``TopKDictionary`` does. Not a registered variant
+    (``sae=`` cannot choose it); it is rebuilt from its SAELens directory each time it is read.
+    """
+
+    def __init__(self, d_in: int, n_features: int, *, k: int, rank_scale: torch.Tensor):
+        super().__init__(d_in, n_features, k=k, aux_coeff=0.0, k_aux=None)
+        self.register_buffer("rank_scale", rank_scale.detach().clone())
+
+    def encode_normalised(self, x: torch.Tensor) -> torch.Tensor:
+        pre = self.pre_activations(x)
+        indices = torch.relu(pre / self.rank_scale).topk(self.k, dim=-1, sorted=False).indices
+        return torch.zeros_like(pre).scatter_(-1, indices, torch.relu(pre).gather(-1, indices))
+
+    def train_terms(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        raise ConfigError("a SAELens TopK dictionary that ranks by its unnormalised pre-activations "
+                          "(rescale_acts_by_decoder_norm: false, unequal decoder norms) is imported for inference only")
 
 
 Importer = Callable[[dict, torch.Tensor, torch.Tensor, bool], Dictionary]

@@ -25,14 +25,15 @@ from sae.errors import ConfigError
 from sae.evaluation.heldout import heldout_metrics_many
 from sae.evaluation.toy import toy_metrics
 from sae.io.atomic import write_json
-from sae.io.checkpoints import LAST, AtomicCheckpointIO, resume_checkpoint, write_status
+from sae.io.checkpoints import (LAST, AtomicCheckpointIO, check_resumed_settings, record_settings, resume_checkpoint,
+                                 write_status)
 from sae.io.saving import save_dictionary
 from sae.lm.session import LMSession, TextSettings
 from sae.training.callbacks import GroundTruthMetrics
 from sae.training.module import DictionaryModule
 from sae.training.objectives import Objective
 from sae.training.plan import DictionaryPlan, variant_hparams
-from sae.training.validation import n_processes, validate
+from sae.training.validation import n_processes, training_settings, validate
 
 __all__ = ["RunInfo", "hydra_run_info", "train", "validate"]
 
@@ -169,8 +170,12 @@ def train(cfg: DictConfig, run: RunInfo) -> dict:
     check_launch(cfg, run)
     lead = is_lead_process()
     checkpoint = resume_checkpoint(run.dir, cfg.resume) if lead else (run.dir / LAST if cfg.resume else None)
+    if lead and checkpoint is not None:
+        check_resumed_settings(run.dir, training_settings(cfg))
     setup = toy_setup(cfg, run) if cfg.data.source == "toy" else lm_setup(cfg, plans)  # text problems show here
     if lead:
+        if checkpoint is None:
+            record_settings(run.dir, training_settings(cfg))
         write_status(run.dir, "running")
     try:
         metrics, loop_seconds = _train(cfg, run, plans, checkpoint, setup)

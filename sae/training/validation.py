@@ -21,6 +21,9 @@ from sae.training.objectives import Objective
 from sae.training.plan import DictionaryPlan, resolve
 from sae.training.spliced import downstream_hooks, n_layers
 
+# what a resumed run may change: where and how often it reports, and the held-out evaluation after training;
+# every other setting (any key added later included) changes the trained result and must stay as the run began
+RESUMABLE = ("resume", "logger", "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps", "data.eval_tokens")
 SPAWNING = ("ddp_spawn", "ddp_fork", "ddp_notebook")  # strategies whose workers cannot hand results back to train()
 
 
@@ -178,6 +181,22 @@ def validate(cfg: DictConfig) -> list[DictionaryPlan]:
     if problems:
         raise ConfigError("; ".join(problems))
     return [replace(plan, d_in=d_in) for plan, d_in, _ in checked]
+
+
+def training_settings(cfg: DictConfig) -> dict:
+    """The run's settings as ``{dotted key: value}`` (lists whole), without those a resumed run may change
+    (``RESUMABLE``)."""
+    flat: dict = {}
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        elif not any(prefix[:-1] == k or prefix.startswith(f"{k}.") for k in RESUMABLE):
+            flat[prefix[:-1]] = node
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    return flat
 
 
 def n_processes(tr: DictConfig) -> int | None:

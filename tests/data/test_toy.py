@@ -15,8 +15,12 @@ from sae.evaluation.metrics import dictionary_mmcs, mmcs, recovered_fraction
 def test_toy_statistics():
     toy = toy_data(n_features=64, d=32, avg_active=4, decay=0.97, seed=1)
     torch.testing.assert_close(toy.features.norm(dim=-1), torch.ones(64))
-    codes_active = (toy.sample(20000) @ toy.features.T).shape
-    assert codes_active == (20000, 64)
+    x = toy.sample(20000)
+    assert x.shape == (20000, 32)
+    # codes fire independently with probability p_i, magnitudes uniform in [0, 1): E[c_i²] = p_i / 3, E[c_i c_j] = p_i p_j / 4
+    p, gram = toy.probs, toy.features @ toy.features.T
+    expected = (p / 3).sum() + ((p[:, None] * p[None, :] / 4) * gram).sum() - (p * p / 4).sum()
+    assert x.pow(2).sum(-1).mean().item() == pytest.approx(expected.item(), rel=0.03)
     firing = toy._firing(20000, torch.Generator().manual_seed(0)).float()
     assert firing.sum(-1).mean().item() == pytest.approx(4, rel=0.05)
     assert firing.mean(0)[0] > firing.mean(0)[-1] * 2  # frequencies decay with the index

@@ -40,8 +40,15 @@ def test_normalisation_gives_unit_total_variance():
 
 
 def test_topk_keeps_k():
+    """Exactly k positive codes per input (the k largest pre-activations), where at least k are positive."""
+    torch.manual_seed(0)
     d = build("topk", 16, 64, k=5, aux_coeff=0.0, k_aux=None)
-    assert ((d.encode(torch.randn(100, 16)) != 0).sum(-1) <= 5).all()
+    with torch.no_grad():
+        d.b_enc.fill_(10.0)  # every pre-activation positive: the count is exact
+        x = torch.randn(100, 16)
+        codes, pre = d.encode(x), d.pre_activations(x / d.scale)
+    assert ((codes > 0).sum(-1) == 5).all() and (codes >= 0).all()
+    assert torch.equal(codes.topk(5, dim=-1).indices.sort(-1).values, pre.topk(5, dim=-1).indices.sort(-1).values)
 
 
 def test_tied_encoder_is_decoder_transpose():

@@ -35,8 +35,8 @@ def test_run_with_all_baselines(topk_run):
     assert kinds == sorted(["dictionary", *BASELINES, *(f"{b}_topk" for b in BASELINES)])
     for row in rows:
         assert json.loads((out / row["name"] / "eval.json").read_text())["kind"] == row["kind"]
-        if row["kind"].endswith("_topk"):
-            assert float(row["l0"]) <= 8
+        if row["kind"].endswith("_topk"):  # exactly the k codes of largest magnitude: the name's and the row's k
+            assert float(row["l0"]) == float(row["k"]) == int(row["name"].rsplit("_topk", 1)[1])
     [matched] = _rows(out, "comparison.csv")
     dictionary = next(r for r in rows if r["kind"] == "dictionary")
     assert matched["k"] == str(round(float(dictionary["l0"]))) and matched["kl_spliced_dictionary"] == dictionary["kl_spliced"]
@@ -45,8 +45,11 @@ def test_run_with_all_baselines(topk_run):
     assert float(pca["fvu"]) < 1e-6 and float(pca["kl_spliced"]) < 1e-5
     for png in ("frontier.png", "by_layer.png", f"density/{topk_run.name}.png"):
         assert (out / "plots" / png).read_bytes()[:4] == b"\x89PNG"
-    again = run_cli("evaluate.py", f"run={topk_run}", f"out={topk_run}/eval2")
-    assert again.returncode == 0 and len(_rows(topk_run / "eval2")) == 1  # saved baselines are not dictionaries
+    # again into the same out without baselines: nothing of the first evaluation is left beside the new eval.csv
+    again = run_cli("evaluate.py", f"run={topk_run}")
+    assert again.returncode == 0 and len(_rows(out)) == 1  # saved baselines are not dictionaries
+    assert not (out / "comparison.csv").exists() and not (out / "baselines").exists()
+    assert [p.relative_to(out).as_posix() for p in out.rglob("eval.json")] == [f"{topk_run.name}/eval.json"]
 
 
 def test_sweep(tiny_lm_dir, tiny_text, tmp_path):
@@ -109,6 +112,31 @@ def test_every_problem_in_one_line(topk_run, tmp_path):
     for problem in ("eval_tokens=0 must be > 0", "baseline_tokens=0 must be > 0", "hook.layer=9 does not exist"):
         assert problem in line[0]
     assert not (tmp_path / "run" / "eval").exists()
+
+
+def test_a_run_that_has_not_finished_is_not_evaluated(tmp_path):
+    """A set killed while saving its members (or a run that failed after saving) holds dictionaries that look whole."""
+    from omegaconf import OmegaConf
+
+    from sae.errors import ConfigError
+    from sae.evaluation.entries import check_finished, validate
+    from sae.io.checkpoints import write_status
+
+    member = tmp_path / "set" / "layer1"
+    member.mkdir(parents=True)
+    (member / "sae.json").write_text(json.dumps({"variant": "relu"}))  # found; refused before it is read
+    write_status(tmp_path / "set", "running")
+    cfg = OmegaConf.create({"run": str(tmp_path / "set"), "baseline_tokens": 1, "eval_tokens": None, "device": "cpu"})
+    with pytest.raises(ConfigError, match=r"layer1: the run in .*set has not finished \(status: running\); resume it"):
+        validate(cfg)
+    write_status(tmp_path / "set", "finished")
+    check_finished(member)
+    write_status(member, "failed")  # a run's own status comes first
+    with pytest.raises(ConfigError, match=r"has not finished \(status: failed\)"):
+        check_finished(member)
+    (member / "status.json").write_text("{")
+    with pytest.raises(ConfigError, match="status.json is corrupt"):
+        check_finished(member)
 
 
 def test_each_hooks_unconverged_ica_is_named(capsys):

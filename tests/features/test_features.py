@@ -89,10 +89,17 @@ def test_collection_on_planted_feature(tiny_text):
     assert rec["causal"]["contexts"] == 3 and len(rec["direct"]["up"]) == 10
 
 
-def test_dashboard_from_cli(planted_run):
+@pytest.fixture(scope="module")
+def features_out(planted_run) -> Path:
+    """``evaluate.py analysis=features`` on the planted run, once for the tests that read its output (each fails,
+    never skips, when it cannot be built)."""
     proc = run_cli("evaluate.py", f"run={planted_run / 'run'}", "analysis=features", "baseline_tokens=256", "analysis.figures=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = planted_run / "run" / "eval"
+    return planted_run / "run" / "eval"
+
+
+def test_dashboard_from_cli(features_out):
+    out = features_out
     with open(out / "monosemanticity.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == ["dictionary", "neurons", "pca"]
@@ -112,14 +119,12 @@ def _dump_dom(page: Path, tmp: Path) -> str:
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is absent: apt-get install chromium (.ci/run does)")
-def test_dashboard_in_chromium(planted_run, tmp_path):
-    dashboard = planted_run / "run" / "eval" / "dashboard"
-    if not dashboard.is_dir():
-        pytest.skip("test_dashboard_from_cli did not build the dashboard")
+def test_dashboard_in_chromium(features_out, tmp_path):
+    dashboard = features_out / "dashboard"
     index = _dump_dom(dashboard / "index.html", tmp_path / "profile")
     assert "<table id=\"features\"" in index and "dictionary/0.html" in index
     page = _dump_dom(dashboard / "dictionary" / "0.html", tmp_path / "profile")
-    top = json.loads((planted_run / "run" / "eval" / "features" / "dictionary.json").read_text())["features"][0]["top"][0]
+    top = json.loads((features_out / "features" / "dictionary.json").read_text())["features"][0]["top"][0]
     focus = "<span class=\"focus\""
     assert focus in page and f"{top['activation']:.3g}: " in page
     assert page.count(">cat</span>") >= 1 and "Direct path" in page and "Causal" in page

@@ -6,10 +6,10 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import sae
-from conftest import ROOT
+from conftest import FIXTURES, ROOT, needs_fixtures
 from sae.errors import ConfigError
 from sae.io.saelens import hook_from_name, is_saelens_dir, load_saelens
 
@@ -70,3 +70,91 @@ def test_unsupported_hook_and_normalisation(tmp_path):
     (tmp_path / "cfg.json").write_text(json.dumps({"normalize_activations": "layer_norm", "hook_name": "blocks.0.hook_resid_post"}))
     with pytest.raises(ConfigError, match="layer_norm"):
         load_saelens(tmp_path)
+
+
+def _fixture(kind: str) -> tuple[dict, dict, dict]:
+    """SAELens' own file of ``kind``: its cfg, its weights and the reference codes and reconstructions."""
+    directory = FIXTURES / "saelens" / kind
+    return (json.loads((directory / "cfg.json").read_text()), load_file(str(directory / "sae_weights.safetensors")),
+            load_file(str(FIXTURES / "saelens" / "reference.safetensors")))
+
+
+def _check_against(directory, w: dict, codes_ref: torch.Tensor, reconstruction_ref: torch.Tensor, x: torch.Tensor,
+                   rescaled: bool = False):
+    """Our import of ``directory`` gives SAELens' reconstruction to 1e-5 and its codes times each atom's decoder norm
+    over the mean norm (the module docstring's rescaling; ``rescaled``: SAELens' codes already carry the norms, so
+    ours are theirs over the mean norm), with the same active features."""
+    loaded, meta = load_saelens(directory)
+    norms = w["W_dec"].norm(dim=1)
+    per_atom = 1 / norms.mean() if rescaled else norms / norms.mean()
+    with torch.no_grad():
+        codes, reconstruction = loaded.encode(x), loaded(x)
+    torch.testing.assert_close(codes, codes_ref * per_atom, rtol=0, atol=1e-5)
+    torch.testing.assert_close(reconstruction, reconstruction_ref, rtol=0, atol=1e-5)
+    assert torch.equal(codes != 0, codes_ref != 0)
+    return loaded, meta
+
+
+@needs_fixtures
+@pytest.mark.parametrize("kind", ["standard", "topk"])
+def test_saelens_own_files_give_saelens_own_codes_and_reconstructions(kind):
+    cfg, w, ref = _fixture(kind)
+    loaded, meta = _check_against(FIXTURES / "saelens" / kind, w, ref[f"{kind}.codes"], ref[f"{kind}.reconstruction"], ref["input"])
+    assert meta["hook"] == {"layer": 3, "site": "resid"} and loaded.variant == ("relu" if kind == "standard" else "topk")
+    if kind == "topk":
+        assert cfg["rescale_acts_by_decoder_norm"] is False and (w["W_dec"].norm(dim=1).std() > 0.01)  # ranks unequal norms
+        assert ((ref["topk.codes"] != 0).sum(-1) == cfg["k"]).all()
+
+
+@needs_fixtures
+def test_topk_rescaled_by_decoder_norm(tmp_path):
+    """SAELens' TopK with rescale_acts_by_decoder_norm: true ranks and reports pre-activations times the decoder row
+    norms and divides them out again to decode (sae_lens/saes/topk_sae.py), written out here by hand."""
+    cfg, w, ref = _fixture("topk")
+    save_file(w, str(tmp_path / "sae_weights.safetensors"))
+    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "rescale_acts_by_decoder_norm": True}))
+    x, norms = ref["input"], w["W_dec"].norm(dim=1)
+    hidden = ((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]) * norms
+    values, indices = hidden.topk(cfg["k"], dim=-1)
+    codes = torch.zeros_like(hidden).scatter_(-1, indices, values.relu())
+    reconstruction = (codes / norms) @ w["W_dec"] + w["b_dec"]
+    assert not torch.equal(codes != 0, ref["topk.codes"] != 0)  # the setting changes which features are kept
+    _check_against(tmp_path, w, codes, reconstruction, x, rescaled=True)
+
+
+@needs_fixtures
+@pytest.mark.parametrize("kind", ["standard", "topk", "jumprelu"])
+def test_unfolded_activation_scaling_is_folded_on_import(kind, tmp_path):
+    """A cfg still saying normalize_activations: expected_average_only_in holds weights for activations times
+    norm_scaling_factor: SAELens' own file, unfolded by that factor, must load to SAELens' own results."""
+    cfg, w, ref = _fixture(kind)
+    factor = 0.37
+    unfolded = {**w, "W_enc": w["W_enc"] / factor, "W_dec": w["W_dec"] * factor, "b_dec": w["b_dec"] * factor}
+    save_file(unfolded, str(tmp_path / "sae_weights.safetensors"))
+    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "normalize_activations": "expected_average_only_in",
+                                                   "norm_scaling_factor": factor}))
+    _check_against(tmp_path, w, ref[f"{kind}.codes"], ref[f"{kind}.reconstruction"], ref["input"])
+    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "normalize_activations": "expected_average_only_in"}))
+    with pytest.raises(ConfigError, match=r"expected_average_only_in'.*does not record \(got None\); add \"norm_scaling_factor\""):
+        load_saelens(tmp_path)
+
+
+def test_export_is_whole_or_absent(tmp_path, monkeypatch):
+    """A failed export leaves the earlier export untouched and no temporary directory; a foreign directory is refused."""
+    import sae.io.saelens as saelens
+
+    sae.save_dictionary(_trained_like("relu", l1_coeff=0.0), tmp_path / "run", META)
+    sae.save_dictionary(sae.build("relu", 16, 64, l1_coeff=0.0), tmp_path / "other", META)
+    saelens.export_saelens(tmp_path / "run", tmp_path / "lens")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "lens").iterdir()}
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(saelens, "write_json", fail)  # the weights are written, the cfg is not
+    with pytest.raises(OSError, match="disk full"):
+        saelens.export_saelens(tmp_path / "other", tmp_path / "lens")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "lens").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lens", "other", "run"]
+    with pytest.raises(ConfigError, match="is not a SAELens directory of ours"):
+        saelens.export_saelens(tmp_path / "run", tmp_path / "run")

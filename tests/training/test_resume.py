@@ -10,8 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import kill_after_checkpoint, make_lm_datamodule, run_cli, tiny_overrides, toy_data
-from sae.io.checkpoints import LAST, AtomicCheckpointIO, resume_checkpoint, write_status
+from conftest import compose_config, kill_after_checkpoint, make_lm_datamodule, run_cli, tiny_overrides, toy_data
+from sae.io.checkpoints import (LAST, AtomicCheckpointIO, check_resumed_settings, record_settings, resume_checkpoint,
+                               write_status)
 from sae.data.datamodule import ActivationDataModule
 from sae.errors import ConfigError
 from sae.lm.hooks import HookPoint
@@ -82,11 +83,18 @@ def test_killed_run_resumes_to_the_same_dictionary(tiny_lm_dir, tiny_text, tmp_p
     lines = refused.stderr.strip().splitlines()
     assert refused.returncode == 2 and len(lines) == 1, refused.stderr[-2000:]
     assert lines[0].startswith(f"error: checkpoint {corrupted / LAST} is corrupted: delete")
-    resumed = run_cli("train.py", *resume_overrides(tiny_lm_dir, tiny_text, killed), "resume=true")
+    changed = run_cli("train.py", *resume_overrides(tiny_lm_dir, tiny_text, killed), "resume=true", "train.lr=0.5",
+                      "stream.buffer_size=512", "data.eval_tokens=256")  # the last one may change
+    lines = changed.stderr.strip().splitlines()
+    assert changed.returncode == 2 and len(lines) == 1, changed.stderr[-2000:]
+    assert lines[0].startswith("error: resume=true with changed training settings: stream.buffer_size=512 (was 1024), "
+                               "train.lr=0.5 (was 0.003); resume with the run's own settings"), lines[0]
+    # how often it logs and checkpoints may change: the result is still the uninterrupted run's, bit for bit
+    resumed = run_cli("train.py", *resume_overrides(tiny_lm_dir, tiny_text, killed), "resume=true",
+                      "trainer.log_every_n_steps=3", "trainer.checkpoint_every_n_steps=9")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     want, got = load_file(str(tmp_path / "whole" / "sae.safetensors")), load_file(str(killed / "sae.safetensors"))
-    for k in want:
-        assert torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-6), k
+    assert want.keys() == got.keys() and all(torch.equal(got[k], want[k]) for k in want)  # the README: "identical"
     assert json.loads((killed / "status.json").read_text())["state"] == "finished"
 
 
@@ -102,6 +110,23 @@ def test_run_directory_and_resume_must_agree(tmp_path):
     write_status(tmp_path, "finished")
     with pytest.raises(ConfigError, match="is already finished"):
         resume_checkpoint(tmp_path, resume=True)
+
+
+def test_resume_refuses_changed_training_settings_only(tmp_path):
+    from sae.training.validation import training_settings
+
+    def settings(*extra: str) -> dict:
+        return training_settings(compose_config(tiny_overrides(tmp_path / "lm", tmp_path / "t.jsonl", tmp_path, *extra)))
+
+    record_settings(tmp_path, settings())
+    check_resumed_settings(tmp_path, settings("resume=true", "logger=wandb", "trainer.log_every_n_steps=1",
+                                              "trainer.checkpoint_every_n_steps=3", "data.eval_tokens=64"))
+    with pytest.raises(ConfigError, match=r"changed training settings: sae.aux_coeff=.*, sae.k=32 \(was <unset>\), .*"
+                                          r"sae.variant=topk \(was relu_tied\); resume with"):
+        check_resumed_settings(tmp_path, settings("sae=topk"))
+    for changed in ("seed=1", "trainer.precision=bf16-mixed", "stream.lm_batch_size=4", "data.context_length=16"):
+        with pytest.raises(ConfigError, match=f"changed training settings: {changed.split('=')[0]}="):
+            check_resumed_settings(tmp_path, settings(changed))
 
 
 def _flip_tensor_byte(path) -> None:

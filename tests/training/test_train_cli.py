@@ -58,7 +58,7 @@ def test_wandb_offline(tiny_lm_dir, tiny_text, tmp_path):
     proc = run_cli("train.py", *overrides, "logger=wandb", "sae=topk", "sae.k=8")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert list((tmp_path / "wandb").glob("offline-run-*"))
-    assert json.loads((tmp_path / "metrics.json").read_text())["l0"] <= 8
+    assert json.loads((tmp_path / "metrics.json").read_text())["l0"] == 8  # every input keeps exactly its k codes
 
 
 BAD = [
@@ -99,7 +99,10 @@ def test_default_command_fails_offline_with_the_offline_command(tmp_path):
 
 @needs_fixtures
 def test_real_model_short_run(tmp_path):
-    """A short run on the stand-in LM learns something (FVU well under 1) and splices at modest CE cost."""
+    """A short run on the stand-in LM reaches the README's figures for this command ("The offline command",
+    150,000 tokens: FVU 0.146, CE difference 0.066, CE loss recovered 0.995), within a stated margin: 20% on FVU, 50% on
+    the small CE difference, 0.005 on CE loss recovered (the run is deterministic on one machine; another CPU or BLAS
+    rounds differently). The bounds this replaced (FVU < 0.5, CE recovered > 0.9) held for a dictionary 3× worse."""
     proc = run_cli(
         "train.py", f"model.name_or_path={FIXTURES / 'neox-owt-14m'}", "data=text_files",
         f"data.path={FIXTURES / 'text' / 'openwebtext-1k.jsonl'}", "train.tokens=150000", "data.eval_tokens=4096",
@@ -107,4 +110,6 @@ def test_real_model_short_run(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     m = json.loads((tmp_path / "metrics.json").read_text())
-    assert m["fvu"] < 0.5 and m["ce_spliced"] - m["ce_clean"] < 1.0 and m["ce_loss_recovered"] > 0.9
+    assert m["fvu"] <= 1.2 * 0.146, m
+    assert m["ce_spliced"] - m["ce_clean"] <= 1.5 * 0.066, m
+    assert m["ce_loss_recovered"] >= 0.995 - 0.005, m
