@@ -295,6 +295,16 @@ def render(template: str, order: str, io: str, subject: str, place: str, obj: st
     raise AssertionError("unreachable: check_template guarantees a last name slot")
 
 
+def sentence(template: str, order: str, io: str, subject: str, place: str, obj: str) -> str:
+    """The whole sentence (the prompt, its answer and the template's tail): IOI text to train dictionaries on, in
+    the same words and orders the pairs are built from (``experiments/ioi_mixed_text.py``)."""
+    prompt, answer = render(template, order, io, subject, place, obj)
+    last = [m for m in PLACEHOLDER.finditer(template) if m.group(1) in {"A", "B", "A0", "B0"}][-1]
+    words = {"P": place, "O": obj}
+    tail = PLACEHOLDER.sub(lambda m: words[m.group(1)], template[last.end():])  # check_template: only {P}/{O} here
+    return prompt + answer + tail
+
+
 def _check_names(tokenizer, names: Sequence[str], source: str) -> None:
     for name in names:
         if len(encode(tokenizer, name)) != 1:

@@ -13,6 +13,7 @@ from sae.baselines import fit
 from sae.circuits.curves import summarise
 from sae.circuits.metrics import mean_kl
 from sae.circuits.patching import CurveSettings, PatchingProblem, patching_curves
+from sae.circuits.pruning import ranked
 from sae.circuits.tasks import make_pair
 from sae.dictionaries import build
 from sae.errors import ConfigError
@@ -157,6 +158,23 @@ def test_curves_end_to_end(setup):
                                                     max_candidates=5), method="relu", hook=HOOK.name)
     assert capped[0]["n_features"] == 5
 
+
+def test_attribution_curve_runs_one_pass_per_point(setup, monkeypatch):
+    """Each attribution point's KL comes from the same pass as its other metrics (the unpatched run, then one pass
+    per grid size, per batch of pairs), and equals ``problem.kl`` of the same set."""
+    model, pairs = setup
+    torch.manual_seed(0)
+    problem = problem_of(model, build("relu", 32, 64, l1_coeff=0.0).double(), pairs, 8)
+    calls = []
+    forward = problem.patched_logits
+    monkeypatch.setattr(problem, "patched_logits", lambda *a, **k: calls.append(1) or forward(*a, **k))
+    rows = patching_curves(problem, CurveSettings(orderings=("attribution",), sizes=(0, 2, 5)), method="relu",
+                           hook=HOOK.name)
+    assert len(calls) == (1 + 3) * len(problem.batches)
+    scores, live = problem.attribution(), problem.live()
+    top = torch.zeros(64, dtype=torch.bool)
+    top[ranked(scores, live)[:5]] = True
+    assert [r["kl"] for r in rows if r["order"] == "all"][-1] == pytest.approx(problem.kl(top), rel=1e-9)
 
 def test_settings_from_the_config():
     cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "analysis" / "patching.yaml"))

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import FIXTURES, make_tokenizer, needs_fixtures
 from sae.circuits.tasks import (build_task, batches, check_template, encode, ioi_task, load_pairs, load_vocabulary,
-                                make_pair, render, write_pairs)
+                                make_pair, render, sentence, write_pairs)
 from sae.errors import ConfigError
 
 IOI_VOCABULARY = FIXTURES / "neox-ioi-14m" / "ioi_vocabulary.json"
@@ -37,6 +37,15 @@ def test_render_orders():
     assert render(spaceless, "ABBA", " Mary", " John", "park", "ball")[0] == "Mary and John went to the park. John handed the ball to"
     assert render(spaceless, "BABA", " Mary", " John", "park", "ball")[0] == "John and Mary went to the park. John handed the ball to"
 
+
+
+def test_sentence_completes_the_prompt():
+    """The training sentence is the pair's prompt, its answer and the tail, the tail's place/object filled in."""
+    assert sentence(TEMPLATE, "BABA", " Mary", " John", "store", "drink") == \
+        "When John and Mary went to the store, John gave a drink to Mary."
+    tail = "{A0} and{B} met.{B} thanked{A} at the {P} for the {O}."
+    assert sentence(tail, "ABBA", " Mary", " John", "park", "ball") == \
+        "Mary and John met. John thanked Mary at the park for the ball."
 
 @needs_fixtures
 def test_fixture_names_are_single_tokens_with_a_leading_space(pythia):
@@ -218,3 +227,43 @@ def test_task_configs(pythia, tmp_path):
     assert set(pairs) == {"kind", "path", "prepend_bos"} and pairs["path"] == "???"
     write_pairs(tmp_path / "p.jsonl", task.pairs[:5], pythia)
     assert build_task({**pairs, "path": str(tmp_path / "p.jsonl")}, pythia).pairs == task.pairs[:5]
+
+
+
+def _mixed_text_script():
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("ioi_mixed_text", ROOT / "experiments" / "ioi_mixed_text.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ioi_mixed_text_script(tmp_path, capsys):
+    """experiments/ioi_mixed_text.py: IOI is about --fraction of the training characters, training names only, and
+    the printed data.heldout_fraction holds out exactly the text's last documents; bad input is one line, exit 2."""
+    from sae.lm.text import load_documents, split_heldout
+
+    script = _mixed_text_script()
+    text = tmp_path / "owt.jsonl"
+    owt = [f"document {i} " + "words and more words. " * (5 + i % 7) for i in range(40)]
+    text.write_text("".join(json.dumps({"text": d}) + "\n" for d in owt))
+    vocabulary = str(load_vocabulary(None, "train")[1])
+    out = tmp_path / "mixed.jsonl"
+    script.main(["--text", str(text), "--vocabulary", vocabulary, "--out", str(out), "--fraction", "0.4",
+                 "--sentences", "3", "--heldout", "5"])
+    fraction = float(re.search(r"data.heldout_fraction=([0-9.]+)", capsys.readouterr().out).group(1))
+    split = split_heldout(load_documents("files", str(out)), fraction)
+    assert split.heldout == owt[-5:]
+    ioi = [d for d in split.train if not d.startswith("document ")]
+    assert sorted(set(split.train) - set(ioi)) == sorted(owt[:-5])
+    assert 0.4 <= sum(map(len, ioi)) / sum(map(len, split.train)) < 0.5
+    train, held_out = (set(load_vocabulary(None, s)[0].names) for s in ("train", "held_out"))
+    used = {" " + w.strip(".,") for d in ioi for w in d.split()}
+    assert used & train and not used & (held_out - train)
+    with pytest.raises(SystemExit) as exit_:
+        script.main(["--text", str(text), "--vocabulary", vocabulary, "--out", str(tmp_path / "x.jsonl"),
+                     "--heldout", "40"])
+    assert exit_.value.code == 2 and capsys.readouterr().err.startswith("error: ") and not (tmp_path / "x.jsonl").exists()
