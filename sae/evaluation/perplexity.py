@@ -15,11 +15,14 @@ MARKERS = {"mse": ("o", "black"), "kl": ("*", "tab:red"), "kl_mse": ("s", "tab:b
 
 
 def objective_of(meta: dict) -> str | None:
-    """The objective a dictionary was trained with (``mse`` for runs that predate the choice); None for a
-    baseline or a dictionary trained elsewhere (no ``train`` record)."""
+    """The objective a dictionary was trained with (``mse`` for runs that predate the choice), after the one of
+    the dictionary it started from (``train.init_from``: ``mse→kl``); None for a baseline or a dictionary trained
+    elsewhere (no ``train`` record)."""
     if "baseline" in meta or "train" not in meta:
         return None
-    return ((meta.get("train") or {}).get("objective") or {}).get("name", "mse")
+    name = ((meta.get("train") or {}).get("objective") or {}).get("name", "mse")
+    start = meta.get("initialised_from")
+    return f"{start['objective']}→{name}" if start else name
 
 
 def ppl_table(rows: list[dict]) -> str:
@@ -45,9 +48,12 @@ def plot_ce_vs_l0(rows: list[dict], path: Path, title: str) -> None:
         at_hook = [r for r in rows if (r["layer"], r["site"]) == (layer, site)]
         for objective in sorted({r.get("objective") or "?" for r in at_hook}):
             series = sorted((r for r in at_hook if (r.get("objective") or "?") == objective), key=lambda r: r["l0"])
-            marker, color = MARKERS.get(objective, ("x", "gray"))
+            # a fine-tuned dictionary (mse→kl) takes its last objective's marker, hollow, on a dashed line
+            marker, color = MARKERS.get(objective.split("→")[-1], ("x", "gray"))
+            tuned = "→" in objective
             ax.plot([r["l0"] for r in series], [r["ce_spliced"] - r["ce_clean"] for r in series], marker=marker,
-                    color=color, label=f"objective={objective}", linestyle="-" if len(series) > 1 else "none")
+                    color=color, label=f"objective={objective}", markerfacecolor="none" if tuned else color,
+                    linestyle=("--" if tuned else "-") if len(series) > 1 else "none")
         ax.set(title=f"layer {layer} {site}", xlabel="L0", ylabel="CE increase (nats/token)")
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=7)

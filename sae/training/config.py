@@ -110,6 +110,11 @@ class TrainConfig:
     """When resampling, also re-seed one of each pair of atoms this similar."""
     resample_pool: int = MISSING
     """Resampling re-seeds atoms from this many of the latest training inputs."""
+    init_from: Optional[str] = MISSING
+    """A finished run's directory whose dictionaries this run starts from, weights and normalisation included (its
+    only dictionary, or ``<dir>/<name>`` for each of a set; same variant, size, hook and model), then trains on
+    ``tokens`` more: MSE for most of the tokens, then a KL objective for the last few (sae.training.warm_start).
+    null: a fresh initialisation."""
 
 
 @dataclass

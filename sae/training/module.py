@@ -12,6 +12,7 @@ makes the same change. Generators and pools are saved in checkpoints, so a resum
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -26,6 +27,7 @@ from sae.training.objectives import Objective, objective_loss, reconstruction_lo
 from sae.training.spliced import SplicedTerms, downstream_hooks, n_layers, spliced_terms
 from sae.training.plan import label, log_prefix
 from sae.training.resampling import resampling_plan
+from sae.training.warm_start import load_into
 
 
 def lr_factor(step: int, total: int, warmup: int, decay_frac: float) -> float:
@@ -190,7 +192,8 @@ class DictionaryModule(pl.LightningModule):
     ``objective`` (the fields of ``sae.training.objectives.Objective``): ``mse`` trains on batches of activations;
     the end-to-end objectives on batches ``{"input_ids": [contexts, length]}`` (``sae.data.contexts``) through the
     datamodule's session's LM, which stays outside this module (no parameters here, no optimizer state, nothing
-    in checkpoints). Each member's ``hook`` (``{layer, site}``, None on toy data) says where it is spliced.
+    in checkpoints). Each member's ``hook`` (``{layer, site}``, None on toy data) says where it is spliced, and
+    its optional ``init_from`` (a saved dictionary's directory) what it starts from instead of a fresh start.
     """
 
     def __init__(
@@ -242,10 +245,17 @@ class DictionaryModule(pl.LightningModule):
                 member.make_pool(rows)
 
     def on_fit_start(self) -> None:
+        # A member with ``init_from`` (a saved dictionary's directory, sae.training.warm_start) starts from it; the
+        # others from a sample of activations. A resumed run has ``initialised`` set and keeps its checkpoint's.
         if not self.initialised:
-            sample = self.trainer.datamodule.sample(self.hparams.init_tokens)
-            for member in self.members:
-                member.dictionary.init_from_data(sample[member.input_key].to(self.device))
+            starts = [m.get("init_from") for m in self.hparams.dictionaries]
+            if not all(starts):
+                sample = self.trainer.datamodule.sample(self.hparams.init_tokens)
+            for member, start in zip(self.members, starts):
+                if start:
+                    load_into(member.dictionary, Path(start))
+                else:
+                    member.dictionary.init_from_data(sample[member.input_key].to(self.device))
                 broadcast_tensors_([*member.dictionary.parameters(), *member.dictionary.buffers()])
             self.initialised.fill_(True)
 

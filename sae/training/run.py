@@ -34,6 +34,7 @@ from sae.training.module import DictionaryModule
 from sae.training.objectives import Objective
 from sae.training.plan import DictionaryPlan, variant_hparams
 from sae.training.validation import n_processes, training_settings, validate
+from sae.training.warm_start import provenance, source_directory
 
 __all__ = ["RunInfo", "hydra_run_info", "train", "validate"]
 
@@ -199,7 +200,7 @@ def _train(cfg: DictConfig, run: RunInfo, plans: list[DictionaryPlan], checkpoin
     t, tr = cfg.train, cfg.trainer
     steps = t.tokens // t.batch_size
     module = DictionaryModule(
-        dictionaries=[_member_config(plan) for plan in plans], total_steps=steps, lr=t.lr, betas=tuple(t.betas),
+        dictionaries=[_member_config(plan, t.init_from) for plan in plans], total_steps=steps, lr=t.lr, betas=tuple(t.betas),
         warmup_steps=t.warmup_steps, lr_decay_frac=t.lr_decay_frac, sparsity_warmup_frac=t.sparsity_warmup_frac,
         dead_window=t.dead_window, init_tokens=t.init_tokens, resample_every=t.resample_every,
         resample_until=t.resample_until, duplicate_cos=t.duplicate_cos, resample_pool=t.resample_pool, seed=cfg.seed,
@@ -236,12 +237,14 @@ def _train(cfg: DictConfig, run: RunInfo, plans: list[DictionaryPlan], checkpoin
     return metrics, module.train_loop_seconds
 
 
-def _member_config(plan: DictionaryPlan) -> dict:
-    """How ``DictionaryModule`` builds and feeds one dictionary of the set."""
+def _member_config(plan: DictionaryPlan, init_from: str | None) -> dict:
+    """How ``DictionaryModule`` builds, starts and feeds one dictionary of the set."""
     s = plan.cfg.sae
     dictionary = {"variant": s.variant, "d_in": plan.d_in, "n_features": round(s.ratio * plan.d_in), **variant_hparams(s)}
     hook = None if plan.is_toy else {"layer": plan.hook.layer, "site": plan.hook.site}
-    return {"name": plan.name, "input_key": plan.input_key, "hook": hook, "dictionary": dictionary}
+    start = source_directory(plan, init_from)
+    return {"name": plan.name, "input_key": plan.input_key, "hook": hook, "dictionary": dictionary,
+            "init_from": None if start is None else str(start)}
 
 
 def _metadata(plan: DictionaryPlan, run_dir: Path, steps: int) -> dict:
@@ -251,6 +254,7 @@ def _metadata(plan: DictionaryPlan, run_dir: Path, steps: int) -> dict:
     return {
         **({} if plan.name is None else {"name": plan.name}),
         **source_metadata(plan, run_dir),
+        **provenance(plan, cfg.train.init_from),
         "data": OmegaConf.to_container(cfg.data, resolve=True),
         **({} if plan.is_toy else {"stream": OmegaConf.to_container(cfg.stream, resolve=True)}),
         "train": {**OmegaConf.to_container(cfg.train, resolve=True), "steps": steps,

@@ -20,6 +20,7 @@ from sae.lm.model import check_context_length, load_config
 from sae.training.objectives import Objective
 from sae.training.plan import DictionaryPlan, resolve
 from sae.training.spliced import downstream_hooks, n_layers
+from sae.training.warm_start import init_problems
 
 # what a resumed run may change: where and how often it reports, and the held-out evaluation after training;
 # every other setting (any key added later included) changes the trained result and must stay as the run began
@@ -177,7 +178,8 @@ def validate(cfg: DictConfig) -> list[DictionaryPlan]:
         except ConfigError as err:
             problems.append(str(err))
     if not problems:
-        problems = _later_layer_problems(cfg, plans, model_config)
+        widths = [replace(plan, d_in=d_in) for plan, d_in, _ in checked]
+        problems = _later_layer_problems(cfg, plans, model_config) + init_problems(widths, cfg.train.init_from)
     if problems:
         raise ConfigError("; ".join(problems))
     return [replace(plan, d_in=d_in) for plan, d_in, _ in checked]
