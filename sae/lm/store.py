@@ -39,6 +39,7 @@ FORMAT = "sae-token-store/1"
 TOKENS, OFFSETS, INDEX = "tokens.bin", "offsets.npy", "index.json"
 HELDOUT_SEED = 0  # the held-out documents' draw order: fixed, so training and evaluate.py draw the same contexts
 IDS = "ids"
+HELDOUT_BATCH = 64  # held-out documents tokenized at a time while drawing
 DOCS_PER_PROC = 1000  # fewer documents than this per process are tokenized by fewer processes (start-up costs)
 
 log = logging.getLogger(__name__)
@@ -235,7 +236,7 @@ def heldout_contexts(rows, text, tokenizer: PreTrainedTokenizerBase, n_contexts:
         return None
     order = start + np.random.default_rng(HELDOUT_SEED).permutation(len(rows) - start)
     needed, body, parts = n_contexts * (text.context_length - 1), text.context_length - 1, []
-    for chunk in np.array_split(order, max(1, len(order) // 64)):
+    for chunk in np.array_split(order, max(1, len(order) // HELDOUT_BATCH)):
         docs = [t for t in rows.select(chunk.tolist())[text.text_column] if is_text(t)]
         parts.extend(t for doc in token_ids(docs, tokenizer) for t in doc)
         if len(parts) >= needed:
