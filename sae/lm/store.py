@@ -172,7 +172,7 @@ def build_store(root: Path, key: str, material: dict, train_rows, tokenizer: Pre
     with staged_directory(final, INDEX) as tmp:
         mapped = train_rows.map(
             _tokenize_batch, fn_kwargs={"tokenizer": tokenizer, "column": column}, batched=True, batch_size=1000,
-            num_proc=procs if procs > 1 else None, remove_columns=train_rows.column_names,
+            num_proc=procs if procs > 1 else None, remove_columns=train_rows.column_names, writer_batch_size=1000,
             features=datasets.Features({IDS: datasets.Sequence(datasets.Value(dtype.name))}),
             cache_file_name=str(tmp / "tokenized.arrow"), desc=f"tokenizing {len(train_rows):,} documents",
         )
@@ -189,13 +189,18 @@ def build_store(root: Path, key: str, material: dict, train_rows, tokenizer: Pre
 
 
 def _write_stream(mapped, path: Path, dtype: np.dtype) -> np.ndarray:
-    """Append every row's ids to ``path`` in order, a batch at a time (memory stays one batch); the lengths."""
+    """Append every row's ids to ``path`` in order, one record batch at a time, read from the tokenized files
+    rather than memory-mapped (mapped pages would count in this process's resident memory); the lengths."""
+    import pyarrow as pa
+
     lengths = []
     with open(path, "wb") as out:
-        for table in mapped.with_format("arrow").iter(batch_size=10_000):
-            ids = table[IDS].combine_chunks()
-            out.write(ids.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False).tobytes())
-            lengths.append(ids.value_lengths().to_numpy(zero_copy_only=False))
+        for cache in mapped.cache_files:
+            with pa.OSFile(cache["filename"]) as source:
+                for batch in pa.ipc.open_stream(source):
+                    ids = batch.column(IDS)
+                    out.write(ids.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False).tobytes())
+                    lengths.append(ids.value_lengths().to_numpy(zero_copy_only=False))
     return np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
 
 

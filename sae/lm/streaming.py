@@ -36,6 +36,9 @@ def is_heldout(i: int, fraction: float) -> bool:
 def _documents(rows, column: str, start: int, keep) -> Iterator[tuple[int, str]]:
     """``(i, text)`` of the stream's documents from index ``start`` on for which ``keep(i)`` holds."""
     for i, row in enumerate(rows.skip(start) if start else rows, start):
+        if column not in row:
+            raise ConfigError(f"data.text_column '{column}' is not in the stream (columns: {', '.join(row)}); "
+                              "set data.text_column to one of them")
         if keep(i) and is_text(row[column]):
             yield i, row[column]
 

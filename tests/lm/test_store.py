@@ -123,3 +123,11 @@ def test_all_heldout_text_when_it_is_shorter_than_eval_tokens(tiny_lm_dir, tiny_
     everything = pack_contexts(split_heldout(docs, 0.1).heldout, first_tokenizer(tiny_lm_dir), 32)
     got = session(tiny_lm_dir, tiny_text, tmp_path).eval_contexts(10**6)
     assert got.shape == everything.shape  # every held-out token, in another document order
+
+
+def test_several_tokenizing_processes_keep_the_document_order(tiny_lm_dir, tiny_text, tmp_path, monkeypatch):
+    monkeypatch.setattr(store, "DOCS_PER_PROC", 10)
+    s = LMSession(str(tiny_lm_dir), text_settings(tiny_text), model_dtype="float32", lm_batch_size=4, seed=0,
+                  token_store_dir=str(tmp_path), tokenize_procs=2)
+    packed = pack_contexts(split_heldout(load_documents("files", str(tiny_text)), 0.1).train, s.tokenizer, 32)
+    assert torch.equal(s.train_contexts[:], packed)
