@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from sae.errors import ConfigError
 from sae.io.atomic import staged_directory, write_json
 from sae.lm.text import cut_contexts, heldout_start, is_text, separators, token_ids
 
@@ -209,6 +210,8 @@ def open_or_build(text, rows, tokenizer: PreTrainedTokenizerBase, root: Path | N
     key, built (and logged with its tokens per second) otherwise."""
     import time
 
+    if procs is not None and procs < 1:
+        raise ConfigError(f"data.tokenize_procs={procs} must be at least 1 (or null: the usable CPUs, at most 8)")
     root = Path(root) if root else default_root()
     material = {"format": FORMAT, "tokenizer": tokenizer_fingerprint(tokenizer), "data": data_fingerprint(text, rows),
                 "heldout_fraction": text.heldout_fraction}
