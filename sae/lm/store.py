@@ -221,12 +221,23 @@ def open_or_build(text, rows, tokenizer: PreTrainedTokenizerBase, root: Path | N
         log.info("token store: reading %s tokens from %s", f"{store.index['tokens']:,}", store.directory)
         return store
     start = time.perf_counter()
-    train = rows.select(range(heldout_start(len(rows), text.heldout_fraction)))
+    try:
+        train = rows.select(range(heldout_start(len(rows), text.heldout_fraction)))
+    except ConfigError:  # too few rows to split (so few that reading them all is cheap): say if none holds text
+        _check_text(rows[text.text_column], text)
+        raise
     store = build_store(root, key, material, train, tokenizer, text.text_column, procs or default_procs())
+    if store.index["documents"] == 0:
+        _check_text([], text)
     seconds = time.perf_counter() - start
     log.info("token store: tokenized %s tokens in %.1f s (%s tokens/s) into %s", f"{store.index['tokens']:,}", seconds,
              f"{store.index['tokens'] / max(seconds, 1e-9):,.0f}", store.directory)
     return store
+
+
+def _check_text(texts, text) -> None:
+    if not any(is_text(t) for t in texts):
+        raise ConfigError(f"data.path '{text.path}' holds no text in column '{text.text_column}'")
 
 
 def default_procs() -> int:
