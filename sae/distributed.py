@@ -5,10 +5,12 @@ Each function is the identity in a single process, so callers need no special ca
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 def world_size() -> int:
@@ -55,3 +57,29 @@ def broadcast_tensors_(tensors: list[torch.Tensor], src: int = 0) -> None:
     if world_size() > 1:
         for t in tensors:
             dist.broadcast(t.data, src=src)
+
+
+def rank() -> int:
+    return dist.get_rank() if world_size() > 1 else 0
+
+
+def lead_first(fn: Callable[[], T]) -> T:
+    """``fn()`` on rank 0 first, then on the others once it has finished: for work that builds something shared
+    on disk (a token store, an activation cache) that ``fn`` opens when it is already there, so exactly one process
+    builds it and no rename races. A failure on rank 0 stops every rank (none waits forever, none builds it
+    itself). The others wait in a collective, under the process group's timeout (Lightning's
+    ``DDPStrategy(timeout=...)``; 30 minutes by default)."""
+    if world_size() == 1:
+        return fn()
+    failed: list[Any] = [None]
+    if rank() == 0:
+        try:
+            result = fn()
+        except BaseException as err:
+            failed[0] = f"{type(err).__name__}: {err}"
+            dist.broadcast_object_list(failed, src=0)
+            raise
+    dist.broadcast_object_list(failed, src=0)
+    if failed[0] is not None:
+        raise RuntimeError(f"rank 0 failed to prepare shared data ({failed[0]})")
+    return result if rank() == 0 else fn()

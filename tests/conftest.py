@@ -122,24 +122,25 @@ def compose_config(overrides: list[str], config_name: str = "config", hydra: boo
         return compose(config_name, overrides=kept, return_hydra_config=hydra)
 
 
-def text_settings(path, context_length: int = 32, heldout_fraction: float = 0.1):
+def text_settings(path, context_length: int = 32, heldout_fraction: float = 0.1, streaming: bool = False):
     from sae.lm.session import TextSettings
 
     return TextSettings(source="files", path=str(path), text_column="text", split="train",
-                        context_length=context_length, heldout_fraction=heldout_fraction)
+                        context_length=context_length, heldout_fraction=heldout_fraction, streaming=streaming)
 
 
 def make_lm_datamodule(lm_dir, text, hooks, context_length: int = 32, lm_batch_size: int = 8, buffer_size: int = 256,
-                  batch_size: int = 64, seed: int = 0, cache_dir=None, cache_dtype: str = "float16"):
+                  batch_size: int = 64, seed: int = 0, cache_dir=None, cache_dtype: str = "float16",
+                  streaming: bool = False, plan=None):
     """A set-up ActivationDataModule over a session of ``lm_dir`` and ``text`` (no Trainer: on the CPU)."""
     from sae.data.datamodule import ActivationDataModule, StreamSettings
     from sae.lm.session import LMSession
 
-    session = LMSession(str(lm_dir), text_settings(text, context_length), model_dtype="float32", lm_batch_size=lm_batch_size,
-                        seed=seed)
+    session = LMSession(str(lm_dir), text_settings(text, context_length, streaming=streaming), model_dtype="float32",
+                        lm_batch_size=lm_batch_size, seed=seed)
     stream = StreamSettings(lm_batch_size=lm_batch_size, buffer_size=buffer_size,
                             cache_dir=None if cache_dir is None else str(cache_dir), cache_dtype=cache_dtype)
-    dm = ActivationDataModule(session, hooks, stream, batch_size, seed)
+    dm = ActivationDataModule(session, hooks, stream, batch_size, seed, plan)
     dm.setup()
     return dm
 

@@ -59,6 +59,9 @@ class ContextDataModule(StreamDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.trainer is not None:
             self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
+        if self.session.text.streaming:
+            raise ConfigError("the end-to-end objectives read contexts by index, which data.streaming=true does not "
+                              "have: use objective=mse or data.streaming=false")
         if self.contexts_per_batch < 1 or self.contexts_per_batch % self.world_size:
             raise ConfigError(f"train.batch_size={self.batch_size} gives {self.contexts_per_batch} contexts of "
                               f"{self.session.text.context_length} tokens per step, which {self.world_size} processes "

@@ -158,12 +158,13 @@ def groups(entries: list[Entry]) -> list[list[Entry]]:
 
 
 def session_for(meta: dict, device: torch.device | str, seed: int) -> LMSession:
-    """The training run's LM and text (same held-out split), on ``device``."""
+    """The training run's LM and text (same held-out split, same token store), on ``device``."""
     model, data = meta["model"], meta["data"]
     stream = meta.get("stream") or {}
     lm_batch_size = stream.get("lm_batch_size") or data.get("lm_batch_size") or 32  # older sae.json kept it in data
     return LMSession(model["name_or_path"], TextSettings.from_record(data), model_dtype=model.get("dtype") or "float32",
-                     lm_batch_size=lm_batch_size, seed=seed, device=device)
+                     lm_batch_size=lm_batch_size, seed=seed, device=device, token_store_dir=data.get("token_store_dir"),
+                     tokenize_procs=data.get("tokenize_procs"))
 
 
 def eval_tokens(meta: dict) -> int:

@@ -70,6 +70,23 @@ def write_csv(path: str | Path, rows: list[dict], columns: list[str] | None = No
     write_text(path, buffer.getvalue())
 
 
+@contextlib.contextmanager
+def staged_directory(final: str | Path, marker: str) -> Iterator[Path]:
+    """A new empty directory beside ``final`` to build a directory in: moved into place (``publish_directory``)
+    when the block ends without error, a finished copy already there (one holding ``marker``) winning; removed
+    otherwise, so a kill or an error never leaves a half-built ``final``."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish_directory(tmp, final, replace=not (final / marker).is_file())
+
+
 def publish_directory(tmp: Path, final: Path, replace: bool = False) -> None:
     """Move a finished directory ``tmp`` into place at ``final``.
 

@@ -8,8 +8,9 @@ first read from, onto the session's device.
 
 from __future__ import annotations
 
+import itertools
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING as MISSING_FIELD, asdict, dataclass, fields
 from functools import cached_property
 
 import torch
@@ -20,7 +21,9 @@ from sae.errors import ConfigError
 from sae.lm.hooks import HookPoint
 from sae.lm.model import load_model, load_tokenizer
 from sae.lm.reader import Batch, read_rows
-from sae.lm.text import load_documents, pack_contexts, special_ids, split_heldout
+from sae.lm.store import PackedContexts, heldout_contexts, open_or_build
+from sae.lm.streaming import StreamedContexts, streamed_heldout
+from sae.lm.text import load_rows, special_ids
 
 
 @dataclass
@@ -39,17 +42,22 @@ class TextSettings:
     context_length: int
     """Tokens per packed context, BOS included."""
     heldout_fraction: float
-    """The last fraction of documents, held out for evaluation."""
+    """The fraction of documents held out for evaluation: the last ones (``sae.lm.text.heldout_start``), or one
+    in every ``1/heldout_fraction`` when streaming (``sae.lm.streaming.is_heldout``)."""
+    streaming: bool = False
+    """Read the documents from a streamed dataset, in order, instead of the token store (``sae.lm.streaming``)."""
 
     @classmethod
     def from_record(cls, data) -> "TextSettings":
-        """The settings among ``data`` (a config's or ``sae.json``'s ``data``, which may hold other keys too)."""
-        names = [f.name for f in fields(cls)]
+        """The settings among ``data`` (a config's or ``sae.json``'s ``data``, which may hold other keys too; a
+        setting with a default may be absent, as in records older than it)."""
+        names = [f.name for f in fields(cls) if f.default is MISSING_FIELD]
         missing = [n for n in names if data.get(n) is None]
         if missing:
             raise ConfigError(f"the text settings lack {', '.join(missing)}: give them as data.<key>=... "
                               f"(a run records all of {', '.join(names)})")
-        return cls(**{n: data[n] for n in names})
+        optional = {f.name: data[f.name] for f in fields(cls) if f.name not in names and data.get(f.name) is not None}
+        return cls(**{n: data[n] for n in names}, **optional)
 
     def as_record(self) -> dict:
         return asdict(self)
@@ -60,10 +68,12 @@ class LMSession:
     (``[n, context_length]`` token ids), ``model``, and reading activations with ``read`` and ``sample``."""
 
     def __init__(self, model_name: str, text: TextSettings, *, model_dtype: str, lm_batch_size: int, seed: int,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", token_store_dir: str | None = None, tokenize_procs: int | None = None):
         self.model_name, self.model_dtype, self.text = model_name, model_dtype, text
         self.device, self.lm_batch_size, self.seed = torch.device(device), lm_batch_size, seed
+        self.token_store_dir, self.tokenize_procs = token_store_dir, tokenize_procs
         self._model: nn.Module | None = None
+        self._eval: dict[int, torch.Tensor | None] = {}
 
     @classmethod
     def of_model(cls, model: nn.Module, special_ids: list[int], tokenizer: PreTrainedTokenizerBase | None = None,
@@ -76,7 +86,7 @@ class LMSession:
         session = cls(getattr(model.config, "_name_or_path", ""), text, model_dtype=str(parameter.dtype).split(".")[-1],
                       lm_batch_size=lm_batch_size, seed=seed, device=parameter.device)
         session._model, session.__dict__["special_ids"] = model, list(special_ids)
-        session.__dict__["_contexts"] = (train_contexts, heldout_contexts)
+        session.__dict__["train_contexts"], session.__dict__["_heldout"] = train_contexts, heldout_contexts
         if tokenizer is not None:
             session.__dict__["tokenizer"] = tokenizer
         return session
@@ -91,24 +101,32 @@ class LMSession:
         return special_ids(self.tokenizer)
 
     @cached_property
-    def _contexts(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def rows(self):
+        """The text's rows: a memory-mapped dataset, or a streamed one (``data.streaming``)."""
         t = self.text
-        docs = split_heldout(load_documents(t.source, t.path, t.text_column, t.split), t.heldout_fraction)
-        train = pack_contexts(docs.train, self.tokenizer, t.context_length)
-        heldout = pack_contexts(docs.heldout, self.tokenizer, t.context_length) if docs.heldout else None
-        return train, heldout
+        return load_rows(t.source, t.path, t.split, t.text_column, t.streaming)
 
-    @property
-    def train_contexts(self) -> torch.Tensor:
-        return self._contexts[0]
+    @cached_property
+    def train_contexts(self) -> PackedContexts:
+        """``[n, context_length]`` training contexts cut on demand from the token store (``sae.lm.store``), which
+        the first session over this tokenizer and text builds and later ones (``evaluate.py`` too) reuse."""
+        if self.text.streaming:
+            raise ConfigError("data.streaming=true reads contexts in stream order, not by index: this needs "
+                              "data.streaming=false")
+        store = open_or_build(self.text, self.rows, self.tokenizer, self.token_store_dir, self.tokenize_procs)
+        return store.contexts(self.tokenizer, self.text.context_length)
 
-    @property
-    def heldout_contexts(self) -> torch.Tensor | None:
-        return self._contexts[1]
+    def streamed_contexts(self, rank: int = 0, world_size: int = 1) -> StreamedContexts:
+        """This rank's training contexts in stream order (``data.streaming``), from the start of the stream."""
+        return StreamedContexts(self.rows, self.text, self.tokenizer, rank, world_size)
 
     def prepare_text(self) -> None:
-        """Load, split and pack the text now (to find text problems before any heavy work)."""
-        self._contexts  # noqa: B018
+        """Load the text and cut its first context now (to find text problems before any heavy work); without
+        streaming this opens, or first builds, the token store."""
+        if self.text.streaming:
+            self.streamed_contexts().take(1)
+        else:
+            self.train_contexts  # noqa: B018
 
     @property
     def model(self) -> nn.Module:
@@ -125,10 +143,20 @@ class LMSession:
         return self
 
     def eval_contexts(self, eval_tokens: int) -> torch.Tensor:
-        """The first held-out contexts, enough for ``eval_tokens`` tokens."""
-        if self.heldout_contexts is None:
+        """Held-out contexts, enough for ``eval_tokens`` tokens (fewer if the held-out text is shorter), drawn
+        across the held-out documents and tokenized only as far as needed (``sae.lm.store.heldout_contexts``;
+        streaming: ``sae.lm.streaming.streamed_heldout``); the same in every session over this text."""
+        n = max(1, math.ceil(eval_tokens / self.text.context_length))
+        if "_heldout" in self.__dict__:  # a session around contexts in memory
+            heldout = self.__dict__["_heldout"]
+        else:
+            if n not in self._eval:
+                draw = streamed_heldout if self.text.streaming else heldout_contexts
+                self._eval[n] = draw(self.rows, self.text, self.tokenizer, n) if self.text.heldout_fraction else None
+            heldout = self._eval[n]
+        if heldout is None:
             raise ValueError("this session's text has no held-out documents (data.heldout_fraction is 0)")
-        return self.heldout_contexts[: max(1, math.ceil(eval_tokens / self.text.context_length))]
+        return heldout[:n]
 
     def read(self, hooks: list[HookPoint], contexts: torch.Tensor, desc: str | None = None) -> Batch:
         """Activations ``[n, width]`` (float32, on ``device``) at ``hooks`` over the ordinary-text positions of
@@ -137,14 +165,24 @@ class LMSession:
 
     def sample(self, hooks: list[HookPoint], n: int, read=None) -> Batch:
         """About ``n`` training activations per hook, from an order of all the training contexts seeded apart from
-        the training stream's (the same in every process); ``read`` maps context indices to activations (default:
-        a live forward), so a cache can serve it."""
-        read = read or (lambda indices: self.read(hooks, self.train_contexts[indices]))
-        order = torch.randperm(len(self.train_contexts), generator=torch.Generator().manual_seed(self.seed + 1))
+        the training stream's (``sample_order``, the same in every process); ``read`` maps context indices to
+        activations (default: a live forward), so a cache can serve it. Streaming: the first contexts of the
+        stream, read live."""
+        if self.text.streaming:  # the first contexts of the stream, read live
+            stream = self.streamed_contexts()
+            batches = (stream.take(self.lm_batch_size) for _ in itertools.count())
+            read = lambda contexts: self.read(hooks, contexts)  # noqa: E731
+        else:
+            read = read or (lambda indices: self.read(hooks, self.train_contexts[indices]))
+            batches = self.sample_order().split(self.lm_batch_size)
         chunks, rows = [], 0
-        for indices in order.split(self.lm_batch_size):
+        for indices in batches:
             chunks.append(read(indices))
             rows += len(next(iter(chunks[-1].values())))
             if rows >= n:
                 break
         return {k: torch.cat([c[k] for c in chunks])[:n] for k in chunks[0]}
+
+    def sample_order(self) -> torch.Tensor:
+        """The order ``sample`` reads the training contexts in (so a cache can plan for it)."""
+        return torch.randperm(len(self.train_contexts), generator=torch.Generator().manual_seed(self.seed + 1))

@@ -45,9 +45,16 @@ class TextDataConfig:
     context_length: int = MISSING
     """Tokens per packed context, BOS included (BOS/EOS/pad positions are never trained on)."""
     heldout_fraction: float = MISSING
-    """The last fraction of documents, held out for the final metrics."""
+    """The fraction of documents held out for the final metrics: the last ones, or one in every 1/fraction when
+    streaming (README, "Large corpora")."""
     eval_tokens: int = MISSING
-    """Held-out tokens for metrics.json (at most; all held-out text if fewer)."""
+    """Held-out tokens for metrics.json (at most; all held-out text if fewer), drawn across the held-out documents."""
+    streaming: bool = MISSING
+    """Train straight from a streamed dataset (hub or local files), in stream order, without a token store."""
+    token_store_dir: Optional[str] = MISSING
+    """Where the tokenized training text is stored once and reused (null: <HF datasets cache>/sae-token-store)."""
+    tokenize_procs: Optional[int] = MISSING
+    """Processes tokenizing the text into the token store (null: the usable CPUs, at most 8)."""
 
 
 @dataclass

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.callbacks import ModelCheckpoint
 
 from sae.data.contexts import ContextDataModule
-from sae.data.datamodule import ActivationDataModule, StreamSettings
+from sae.data.datamodule import ActivationDataModule, ReadPlan, StreamSettings
 from sae.data.toy import ToyData, ToyDataModule
 from sae.dictionaries import Dictionary
 from sae.errors import ConfigError
@@ -77,17 +77,24 @@ class Setup:
     callbacks: list = field(default_factory=list)
 
 
+def training_steps(train: DictConfig) -> int:
+    """The run's optimiser steps: ``train.tokens / train.batch_size``, rounded down."""
+    return train.tokens // train.batch_size
+
+
 def lm_setup(cfg: DictConfig, plans: list[DictionaryPlan]) -> Setup:
     """Live (or cached) activations of the configured LM at every hook of the set; metrics on held-out text."""
     hooks = list(dict.fromkeys(plan.hook for plan in plans))
     stream = StreamSettings(**cfg.stream)
     session = LMSession(cfg.model.name_or_path, TextSettings.from_record(cfg.data), model_dtype=cfg.model.dtype,
-                        lm_batch_size=stream.lm_batch_size, seed=cfg.seed)
+                        lm_batch_size=stream.lm_batch_size, seed=cfg.seed, token_store_dir=cfg.data.token_store_dir,
+                        tokenize_procs=cfg.data.tokenize_procs)
     session.prepare_text()
     if Objective.from_config(cfg.objective).on_contexts:  # the LM runs in every step: batches of token contexts
         datamodule = ContextDataModule(session, hooks, cfg.train.batch_size, cfg.seed)
     else:
-        datamodule = ActivationDataModule(session, hooks, stream, cfg.train.batch_size, cfg.seed)
+        plan = ReadPlan(training_steps(cfg.train), cfg.train.init_tokens)
+        datamodule = ActivationDataModule(session, hooks, stream, cfg.train.batch_size, cfg.seed, plan)
 
     def evaluate(trained: list[tuple[DictionaryPlan, Dictionary]]) -> list[dict]:
         """Per hook, one set of clean and ablated forwards shared by every dictionary there."""
@@ -198,7 +205,7 @@ def _train(cfg: DictConfig, run: RunInfo, plans: list[DictionaryPlan], checkpoin
     warnings.filterwarnings("ignore", ".*your dataloader is not resumable.*")  # ours is, through the datamodule
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     t, tr = cfg.train, cfg.trainer
-    steps = t.tokens // t.batch_size
+    steps = training_steps(t)
     module = DictionaryModule(
         dictionaries=[_member_config(plan, t.init_from) for plan in plans], total_steps=steps, lr=t.lr, betas=tuple(t.betas),
         warmup_steps=t.warmup_steps, lr_decay_frac=t.lr_decay_frac, sparsity_warmup_frac=t.sparsity_warmup_frac,

@@ -129,3 +129,29 @@ def test_training_from_the_cache_gives_the_same_dictionary(tiny_lm_dir, tiny_tex
     for name in ("writes", "reads"):
         for k, v in load_file(str(tmp_path / name / "sae.safetensors")).items():
             assert torch.equal(v, live[k]), (name, k)
+
+
+def test_a_short_run_stores_only_the_contexts_it_reads_in_shards(tiny_lm_dir, tiny_text, tmp_path, monkeypatch):
+    """train.tokens far below one epoch: the cache holds the planned contexts only (several shard files), and the
+    stream and the initialising sample then read every batch from it, never the LM."""
+    from sae.data.datamodule import LOOKAHEAD, ReadPlan
+
+    monkeypatch.setattr(sae.data.cache, "SHARD_BYTES", 4 * 32 * 32 * 2)  # four float16 contexts of width 32 a shard
+    plan = ReadPlan(steps=3, init_tokens=100)
+    dm = make_lm_datamodule(tiny_lm_dir, tiny_text, [HOOKS[0]], cache_dir=tmp_path, plan=plan, buffer_size=128)
+    cache = dm.caches[HOOKS[0]]
+    n_all = len(dm.session.train_contexts)
+    assert 0 < len(cache.stored) < n_all // 2 and list(cache.stored) == sorted(set(cache.stored.tolist()))
+    assert len(cache.meta["shards"]) == -(-len(cache.stored) // 4) > 1
+    live = datamodule(tiny_lm_dir, tiny_text, hooks=[HOOKS[0]])
+    picks = torch.from_numpy(cache.stored[::-3].copy())  # out of order, across shards
+    want = live.read(picks)[HOOKS[0].name].to(torch.float16).float()
+    assert torch.equal(dm.read(picks)[HOOKS[0].name], want)
+    forwards = CountingForward(dm.session.model)
+    for _ in zip(range(plan.steps + LOOKAHEAD), dm.make_stream()):
+        pass
+    dm.sample(plan.init_tokens)
+    assert forwards.calls == 0  # everything the run reads was planned
+    outside = torch.tensor(sorted(set(range(n_all)) - set(cache.stored.tolist()))[:3])
+    assert not cache.holds(outside) and torch.equal(dm.read(outside)[HOOKS[0].name], live.read(outside)[HOOKS[0].name])
+    assert forwards.calls > 0  # outside the plan: read live, correctly

@@ -29,17 +29,19 @@ def consume(dm, n: int) -> list[dict]:
     return batches
 
 
-def lm_datamodule(lm_dir, text) -> ActivationDataModule:
-    return make_lm_datamodule(lm_dir, text, [HookPoint(1, "resid")], lm_batch_size=4, buffer_size=512, batch_size=64, seed=3)
+def lm_datamodule(lm_dir, text, streaming: bool = False) -> ActivationDataModule:
+    return make_lm_datamodule(lm_dir, text, [HookPoint(1, "resid")], lm_batch_size=4, buffer_size=512, batch_size=64, seed=3,
+                              streaming=streaming)
 
 
 def toy_datamodule() -> ToyDataModule:
     return ToyDataModule(toy_data(n_features=32, d=16, avg_active=3, seed=1), batch_size=32, chunk=4)
 
 
-@pytest.mark.parametrize("kind", ["lm", "toy"])
+@pytest.mark.parametrize("kind", ["lm", "lm_streaming", "toy"])
 def test_stream_state_round_trips(kind, tiny_lm_dir, tiny_text):
-    make = (lambda: lm_datamodule(tiny_lm_dir, tiny_text)) if kind == "lm" else toy_datamodule
+    lm = lambda: lm_datamodule(tiny_lm_dir, tiny_text, streaming=kind == "lm_streaming")  # noqa: E731
+    make = toy_datamodule if kind == "toy" else lm
     reference = consume(make(), 30)
     for n in (3, 8, 13):  # the LM's buffer makes 8 batches per fill, the toy's chunk 4
         dm = make()
