@@ -31,21 +31,6 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
 
 
-@contextlib.contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """A fresh temporary directory beside ``path`` to fill; it replaces ``path`` (whole) when the block ends without
-    error, and is removed otherwise, so a reader finds the old directory or the new one, never a mix."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.mkdir()
-    try:
-        yield tmp
-        publish_directory(tmp, path, replace=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
@@ -71,10 +56,12 @@ def write_csv(path: str | Path, rows: list[dict], columns: list[str] | None = No
 
 
 @contextlib.contextmanager
-def staged_directory(final: str | Path, marker: str) -> Iterator[Path]:
+def staged_directory(final: str | Path, marker: str | None = None) -> Iterator[Path]:
     """A new empty directory beside ``final`` to build a directory in: moved into place (``publish_directory``)
-    when the block ends without error, a finished copy already there (one holding ``marker``) winning; removed
-    otherwise, so a kill or an error never leaves a half-built ``final``."""
+    when the block ends without error, removed otherwise, so a kill or an error never leaves a half-built ``final``.
+
+    With ``marker`` (a file only a finished build holds) a finished copy already there wins: a concurrent builder
+    of the same content (another rank, another run) made it. Without, the new directory replaces the old whole."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
@@ -84,7 +71,7 @@ def staged_directory(final: str | Path, marker: str) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    publish_directory(tmp, final, replace=not (final / marker).is_file())
+    publish_directory(tmp, final, replace=marker is None or not (final / marker).is_file())
 
 
 def publish_directory(tmp: Path, final: Path, replace: bool = False) -> None:

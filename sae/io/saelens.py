@@ -34,7 +34,7 @@ from sae.dictionaries import Dictionary
 from sae.dictionaries.relu import ReLUDictionary
 from sae.dictionaries.topk import TopKDictionary
 from sae.errors import ConfigError, exit_on_config_error
-from sae.io.atomic import atomic_directory, write_json
+from sae.io.atomic import staged_directory, write_json
 from sae.io.saelens_variants import EXPORTERS, IMPORTERS, RankedTopKDictionary
 from sae.io.saving import load, read_meta
 
@@ -207,7 +207,7 @@ def export_saelens(run_dir: str | Path, out_dir: str | Path) -> Path:
         raise ConfigError(f"'{out_dir}' exists and is not a SAELens directory of ours (only {CFG} and {WEIGHTS}); "
                           "give a new or empty directory")
     # both files appear together or not at all: an earlier export there is replaced only when this one is whole
-    with atomic_directory(out_dir) as tmp:
+    with staged_directory(out_dir) as tmp:
         save_file({name: t.float().cpu() for name, t in weights.items()}, str(tmp / WEIGHTS))
         write_json(tmp / CFG, cfg)
     return out_dir

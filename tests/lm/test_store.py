@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sae.lm.store as store
-from conftest import WORDS, make_tokenizer, random_text, text_settings
+from conftest import WORDS, make_tokenizer, text_settings
 from sae.lm.session import LMSession
 from sae.lm.text import load_documents, pack_contexts, split_heldout
 
