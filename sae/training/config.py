@@ -110,6 +110,10 @@ class TrainConfig:
     """When resampling, also re-seed one of each pair of atoms this similar."""
     resample_pool: int = MISSING
     """Resampling re-seeds atoms from this many of the latest training inputs."""
+    divergence_fvu: float = MISSING
+    """A run whose training FVU stays above this for divergence_steps steps in a row has diverged and stops."""
+    divergence_steps: int = MISSING
+    """See divergence_fvu (checked every trainer.log_every_n_steps steps, like a non-finite loss)."""
 
 
 @dataclass
