@@ -5,6 +5,9 @@ the objective (``sae.training.objectives``) + backward + an Adam step on one bat
 does, without Lightning or its logging); it is counted as 10·d·D FLOP per activation (encode, decode and three
 backward products of 2·d·D each). The set comparison (``ensemble_speedup``) runs the real training code: a set of
 dictionaries in one run against one run per dictionary over the same tokens.
+
+``--device`` (``auto``: CUDA when there is one) runs everything there; on a GPU each timed call ends with a CUDA
+synchronisation, so the times are those of the work done, not of the kernels queued.
 """
 
 from __future__ import annotations
@@ -27,20 +30,31 @@ FIXTURES = Path("..") / "shared" / "fixtures"
 HPARAMS = {"relu_tied": {"l1_coeff": 0.04}, "topk": {"k": 32, "aux_coeff": 1 / 32, "k_aux": None}}
 
 
+DEVICE = torch.device("cpu")  # where the figures are taken (``--device``)
+
+
+def synchronise() -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def best_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """The fastest of ``repeats`` timed calls, after one untimed warm-up call."""
+    """The fastest of ``repeats`` timed calls, after one untimed warm-up call (each call synchronised)."""
     fn()
+    synchronise()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
+        synchronise()
         times.append(time.perf_counter() - start)
     return min(times)
 
 
 def gemm_gflops(batch: int, d: int, n_features: int, repeats: int) -> float:
     """fp32 GFLOP/s of a ``[batch, d] @ [d, n_features]`` product: the train step's own shape."""
-    a, b = torch.randn(batch, d), torch.randn(d, n_features)
+    a, b = torch.randn(batch, d, device=DEVICE), torch.randn(d, n_features, device=DEVICE)
     return 2 * batch * d * n_features / best_seconds(lambda: a @ b, repeats) / 1e9
 
 
@@ -50,25 +64,26 @@ def train_step(variant: str, d: int, n_features: int, seed: int = 0, bf16: bool 
     under bfloat16 autocast (what ``train.precision=bf16-mixed`` does), ``compiled``: the loss through
     ``torch.compile``."""
     torch.manual_seed(seed)
-    dictionary = build(variant, d, n_features, **HPARAMS[variant])
-    optimizer = torch.optim.Adam(dictionary.parameters(), lr=1e-4)
+    dictionary = build(variant, d, n_features, **HPARAMS[variant]).to(DEVICE)
+    optimizer = torch.optim.Adam(dictionary.parameters(), lr=1e-4, fused=True)  # as DictionaryModule
     def loss(x: torch.Tensor) -> torch.Tensor:
         return reconstruction_loss(dictionary, x)[0]
 
     loss_fn = torch.compile(loss) if compiled else loss
 
     def step(x: torch.Tensor) -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
             value = loss_fn(x)
         value.float().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        dictionary.normalise_atoms_()
 
     return step
 
 
 def step_seconds(variant: str, d: int, n_features: int, batch: int, repeats: int, **options) -> float:
-    x = torch.randn(batch, d) / d**0.5
+    x = torch.randn(batch, d, device=DEVICE) / d**0.5
     step = train_step(variant, d, n_features, **options)
     return best_seconds(lambda: step(x), repeats)
 
@@ -91,9 +106,9 @@ def lm_figures(model_dir: Path, text: Path, batch: int, repeats: int) -> dict:
     from sae.lm.model import load_model, load_tokenizer
     from sae.lm.text import load_documents, pack_contexts
 
-    model, tokenizer = load_model(str(model_dir)), load_tokenizer(str(model_dir))
+    model, tokenizer = load_model(str(model_dir)).to(DEVICE), load_tokenizer(str(model_dir))
     contexts = pack_contexts(load_documents("files", str(text))[:200], tokenizer, 256)
-    ids = contexts[: max(1, batch // 256)]
+    ids = contexts[: max(1, batch // 256)].to(DEVICE)
     tokens = ids.numel()
     with torch.inference_mode():
         full = best_seconds(lambda: model(input_ids=ids, use_cache=False), repeats)
@@ -129,7 +144,8 @@ def ensemble_figures(model_dir: Path, text: Path, n_dicts: int, tokens: int, eva
     with initialize_config_dir(config_dir=str(CONF.resolve()), version_base="1.3"), tempfile.TemporaryDirectory() as tmp:
         cfg = compose("config", overrides=[
             "experiment=six_layers", f"model.name_or_path={model_dir}", "data=text_files", f"data.path={text}",
-            "logger=csv", f"train.tokens={tokens}", f"data.eval_tokens={eval_tokens}", *overrides])
+            "logger=csv", f"train.tokens={tokens}", f"data.eval_tokens={eval_tokens}",
+            f"trainer.accelerator={'gpu' if DEVICE.type == 'cuda' else 'cpu'}", *overrides])
         with open_dict(cfg):
             cfg.dictionaries = cfg.dictionaries[:n_dicts]
         shared, shared_loop = timed(cfg, Path(tmp) / "shared")
@@ -142,10 +158,12 @@ def ensemble_figures(model_dir: Path, text: Path, n_dicts: int, tokens: int, eva
 
 
 def run(args: argparse.Namespace) -> dict:
+    global DEVICE
+    DEVICE = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     d, n_features, batch, repeats = args.d, args.features, args.batch, args.repeats
     peak = gemm_gflops(batch, d, n_features, repeats)
-    figures: dict = {"threads": torch.get_num_threads(), "d": d, "n_features": n_features, "batch": batch, "gemm_gflops": peak}
-    print(f"fp32 GEMM [{batch}x{d}] @ [{d}x{n_features}], {figures['threads']} threads: {peak:.1f} GFLOP/s")
+    figures: dict = {"device": str(DEVICE), "threads": torch.get_num_threads(), "d": d, "n_features": n_features, "batch": batch, "gemm_gflops": peak}
+    print(f"fp32 GEMM [{batch}x{d}] @ [{d}x{n_features}] on {DEVICE}, {figures['threads']} threads: {peak:.1f} GFLOP/s")
     for variant in HPARAMS:
         rate = batch / step_seconds(variant, d, n_features, batch, repeats)
         frac = rate * 10 * d * n_features / (peak * 1e9)
@@ -179,6 +197,7 @@ def run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (CUDA when there is one)")
     parser.add_argument("--d", type=int, default=512, help="activation width")
     parser.add_argument("--features", type=int, default=4096, help="dictionary atoms")
     parser.add_argument("--batch", type=int, default=4096, help="activations per step (and LM tokens)")
@@ -189,7 +208,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--override", nargs="*", default=[], help="more Hydra overrides for those runs")
     parser.add_argument("--no-lm", action="store_true", help="skip the figures that need ../shared/fixtures")
     parser.add_argument("--options", action="store_true", help="also time the step under bf16 autocast and torch.compile")
-    print(json.dumps(run(parser.parse_args(argv))))
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this machine has no CUDA device (use --device cpu or auto)")
+    print(json.dumps(run(args)))
 
 
 if __name__ == "__main__":

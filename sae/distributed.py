@@ -1,6 +1,9 @@
 """The few collectives training needs when several processes train one dictionary (Lightning's DDP strategy).
 
-Each function is the identity in a single process, so callers need no special case.
+Each function is the identity in a single process, so callers need no special case. Each takes and returns
+tensors on the caller's device, and runs the collective on the device the process group's backend needs (NCCL:
+the process's CUDA device; gloo: the CPU): after ``trainer.fit`` Lightning has moved the module to the CPU, and the
+final checkpoint still gathers every process's state through NCCL.
 """
 
 from __future__ import annotations
@@ -17,21 +20,34 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def rank() -> int:
+    return dist.get_rank() if world_size() > 1 else 0
+
+
+def collective_device() -> torch.device:
+    """Where the process group's backend takes tensors: this process's CUDA device for NCCL, else the CPU."""
+    if world_size() > 1 and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def sum_across_ranks(t: torch.Tensor) -> torch.Tensor:
     """``t`` summed over every process (a new tensor)."""
-    t = t.clone()
-    if world_size() > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+    if world_size() == 1:
+        return t.clone()
+    summed = t.to(collective_device(), copy=True)
+    dist.all_reduce(summed, op=dist.ReduceOp.SUM)
+    return summed.to(t.device)
 
 
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
     """Every process's ``x`` (same shape on each) concatenated along dim 0, in rank order."""
     if world_size() == 1:
         return x
-    parts = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+    local = x.to(collective_device()).contiguous()
+    parts = [torch.empty_like(local) for _ in range(world_size())]
+    dist.all_gather(parts, local)
+    return torch.cat(parts).to(x.device)
 
 
 def gather_batches(x: torch.Tensor, batch_rows: int) -> torch.Tensor:
@@ -54,13 +70,29 @@ def gather_objects(obj: Any) -> list[Any]:
 
 def broadcast_tensors_(tensors: list[torch.Tensor], src: int = 0) -> None:
     """Overwrite ``tensors`` in place with rank ``src``'s values."""
-    if world_size() > 1:
-        for t in tensors:
+    if world_size() == 1:
+        return
+    device = collective_device()
+    for t in tensors:
+        if t.device == device:
             dist.broadcast(t.data, src=src)
+        else:
+            carried = t.data.to(device)
+            dist.broadcast(carried, src=src)
+            t.data.copy_(carried)
 
 
-def rank() -> int:
-    return dist.get_rank() if world_size() > 1 else 0
+def broadcast_from_lead(t: torch.Tensor) -> torch.Tensor:
+    """Rank 0's ``t`` on every process, whatever its length there (dim 0 may differ; the other dims and the dtype
+    must agree): what only rank 0 computed (a resampling plan) reaches every process."""
+    if world_size() == 1:
+        return t
+    device = collective_device()
+    length = torch.tensor([len(t)], device=device)
+    dist.broadcast(length, src=0)
+    out = t.to(device).contiguous() if rank() == 0 else torch.empty(int(length), *t.shape[1:], dtype=t.dtype, device=device)
+    dist.broadcast(out, src=0)
+    return out.to(t.device)
 
 
 def lead_first(fn: Callable[[], T]) -> T:

@@ -22,6 +22,21 @@ needs_fixtures = pytest.mark.skipif(
     not FIXTURES.is_dir(), reason=f"{FIXTURES} is absent: the real tokenizer, text and neox-owt-14m are needed"
 )
 
+
+def needs_cuda(test):
+    """Mark a test ``cuda`` (``pytest -m cuda`` selects them) and skip it, saying why, without a CUDA device."""
+    reason = "no CUDA device on this machine: the GPU test runs only where torch.cuda.is_available()"
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(), reason=reason)(test))
+
+
+def needs_gpus(n: int):
+    """Like ``needs_cuda``, for a test that needs ``n`` CUDA devices (multi-GPU DDP)."""
+    def mark(test):
+        reason = f"fewer than {n} CUDA devices here ({torch.cuda.device_count()}): the multi-GPU test needs {n}"
+        return pytest.mark.cuda(pytest.mark.skipif(torch.cuda.device_count() < n, reason=reason)(test))
+    return mark
+
+
 WORDS = "the a cat dog sat ran on under mat log big small red blue and then it was very quick slow".split()
 
 

@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from tests.conftest import FIXTURES, ROOT
+from tests.conftest import FIXTURES, ROOT, needs_cuda
 
 KEYS = {"gemm_gflops", "relu_frac_of_peak", "topk_over_relu", "lm_over_full_forward", "ensemble_speedup"}
 
@@ -26,3 +26,23 @@ def test_bench_runs_tiny_and_prints_json(tmp_path):
     assert (figures["ensemble_speedup"] is not None) == FIXTURES.is_dir()
     if FIXTURES.is_dir():
         assert figures["ensemble_dicts"] == 2 and figures["ensemble_end_to_end_speedup"] > 0
+
+
+def test_bench_device_option():
+    """``--device cuda`` without CUDA is one line (exit 2); with CUDA (marked ``cuda``: see the next test) it runs."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    done = subprocess.run([sys.executable, "-m", "sae.bench", "--device", "cuda", "--no-lm"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].endswith("this machine has no CUDA device (use --device cpu or auto)")
+
+
+@needs_cuda
+def test_bench_on_cuda():
+    done = subprocess.run([sys.executable, "-m", "sae.bench", "--device", "cuda", "--d", "16", "--features", "64",
+                           "--batch", "256", "--repeats", "1", "--no-lm"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    assert figures["device"].startswith("cuda") and figures["topk_over_relu"] > 0

@@ -40,9 +40,15 @@ def _scatter_rows(indices: torch.Tensor, weights: torch.Tensor, rows: torch.Tens
 
 
 def _gather_dots(indices: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``[batch, k]``: ``rows[b] · weight[indices[b, j]]``."""
+    """``[batch, k]``: ``rows[b] · weight[indices[b, j]]``.
+
+    A sampled product over the sparsity pattern of ``indices``. A CSR matrix must have its column indices sorted
+    within each row (cuSPARSE assumes it; ``topk(sorted=False)`` gives them in any order), so the indices are
+    sorted for the product and the dots put back in the caller's order."""
+    ordered, order = indices.sort(dim=-1)
     zeros = rows.new_zeros(indices.shape)
-    return torch.sparse.sampled_addmm(_pattern(indices, zeros, len(weight)), rows, weight.T).values().view(indices.shape)
+    dots = torch.sparse.sampled_addmm(_pattern(ordered, zeros, len(weight)), rows, weight.T).values().view(indices.shape)
+    return torch.empty_like(dots).scatter_(-1, order, dots)
 
 
 class SparseDecode(torch.autograd.Function):
@@ -143,13 +149,17 @@ class TopKDictionary(Dictionary):
 
     def _aux_loss(self, pre: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, atoms: torch.Tensor,
                   residual: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor:
-        if dead is None or self.aux_coeff == 0 or not dead.any():
+        """AuxK with a fixed ``k_aux`` whatever the number of dead latents, so that no step asks the device how many
+        there are (a host synchronisation): the live latents' pre-activations are masked to -inf, so a selected
+        live (or non-positive) latent has code 0 and no gradient, and with no dead latent the term is 0."""
+        if dead is None or self.aux_coeff == 0:
             return pre.new_zeros(())
-        k_aux = min(self.k_aux, int(dead.sum()))
+        k_aux = min(self.k_aux, self.n_features)
         values, indices = sparse_topk(pre.masked_fill(~dead, float("-inf")), x, self.W_enc, bias, k_aux)
         residual_hat = sparse_decode(indices, values, atoms)
         variance = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
-        return self.aux_coeff * (residual_hat - residual).pow(2).sum() / variance
+        aux = self.aux_coeff * (residual_hat - residual).pow(2).sum() / variance
+        return torch.where(dead.any(), aux, aux.new_zeros(()))
 
     def hparams(self) -> dict:
         return {"k": self.k, "aux_coeff": self.aux_coeff, "k_aux": self.k_aux}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.func import functional_call
 
 from sae.lm.hooks import HookPoint, family_of
 from sae.lm.reader import model_device
@@ -11,11 +12,16 @@ from sae.lm.splice import AddDelta, spliced_forward
 
 
 def to_residual(model: nn.Module, hook: HookPoint, atoms: torch.Tensor) -> torch.Tensor:
-    """``atoms`` ``[n, width]`` as residual-stream directions: MLP neurons go through the down projection (no bias)."""
+    """``atoms`` ``[n, width]`` as residual-stream directions: MLP neurons go through the down projection (no bias).
+
+    The projection runs in float32 on ``atoms``' device whatever the model's dtype (``model.dtype=bfloat16``): its
+    weights are cast for this call only, so float32 atoms meet float32 weights."""
     if hook.site != "mlp":
         return atoms
     down = model.get_submodule(f"{family_of(model).blocks}.{hook.layer}.{family_of(model).mlp_down}")
-    return down(atoms) - down(torch.zeros_like(atoms[:1]))
+    weights = {name: t.to(atoms.device, torch.float32) for name, t in down.named_parameters()}
+    atoms = atoms.float()
+    return functional_call(down, weights, (atoms,)) - functional_call(down, weights, (torch.zeros_like(atoms[:1]),))
 
 
 @torch.no_grad()

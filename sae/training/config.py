@@ -122,6 +122,10 @@ class TrainConfig:
     only dictionary, or ``<dir>/<name>`` for each of a set; same variant, size, hook and model), then trains on
     ``tokens`` more: MSE for most of the tokens, then a KL objective for the last few (sae.training.warm_start).
     null: a fresh initialisation."""
+    divergence_fvu: float = MISSING
+    """A run whose training FVU stays above this for divergence_steps steps in a row has diverged and stops."""
+    divergence_steps: int = MISSING
+    """See divergence_fvu (checked every trainer.log_every_n_steps steps, like a non-finite loss)."""
 
 
 @dataclass

@@ -6,7 +6,12 @@ and Adam's update is elementwise, so one optimizer over all parameters takes eac
 
 With several processes (DDP) firing is counted over all of them, the normalisation is rank 0's, and resampling
 draws from the gathered pools of recent inputs with a generator in the same state everywhere, so every process
-makes the same change. Generators and pools are saved in checkpoints, so a resumed run resamples alike.
+makes the same change: rank 0 computes the change and broadcasts it. Generators and pools are saved in
+checkpoints, so a resumed run resamples alike.
+
+A training step asks the host nothing about the device (on a GPU each such question waits for all queued work):
+divergence is recorded on the device and read every ``trainer.log_every_n_steps`` steps (``sae.training.divergence``),
+firing counters are updated with masks, and metrics are logged, and the progress bar fed, at logging steps only.
 """
 
 from __future__ import annotations
@@ -19,11 +24,12 @@ import torch
 from torch import nn
 
 from sae.dictionaries import Dictionary, build
-from sae.distributed import broadcast_tensors_, gather_batches, gather_rows, sum_across_ranks, world_size
+from sae.distributed import broadcast_from_lead, broadcast_tensors_, gather_batches, gather_rows, rank, sum_across_ranks, world_size
 from sae.errors import TrainingDiverged
 from sae.evaluation.metrics import fvu
 from sae.lm.hooks import HookPoint
 from sae.training.objectives import Objective, objective_loss, reconstruction_loss
+from sae.training.divergence import FVU_HIGH, DivergenceWatch, skip_non_finite_step
 from sae.training.spliced import SplicedTerms, downstream_hooks, n_layers, spliced_terms
 from sae.training.plan import label, log_prefix
 from sae.training.resampling import resampling_plan
@@ -74,6 +80,13 @@ class TrainedDictionary(nn.Module):
     def prefix(self) -> str:
         return log_prefix(self.name, "train")
 
+    def _apply(self, fn, recurse: bool = True):
+        # The pool is not a buffer (see __init__) but must follow the module's device: a pool restored from a
+        # checkpoint before Lightning moves the module to the GPU would otherwise stay on the CPU.
+        super()._apply(fn, recurse)
+        self.recent_inputs = fn(self.recent_inputs)
+        return self
+
     def dead_mask(self) -> torch.Tensor:
         return self.tokens_since_fired >= self.dead_window
 
@@ -119,9 +132,9 @@ class TrainedDictionary(nn.Module):
 
     def pool_state(self) -> dict:
         """The pool for a checkpoint: every process's (``[processes, rows, d_in]``, on the CPU) and how many rows
-        each has seen."""
-        local = self.recent_inputs.to(self.dictionary.b_dec.device)[None]
-        return {"inputs": gather_rows(local).cpu(), "seen": self.recent_seen}
+        each has seen. Gathered on the backend's device (``sae.distributed``), wherever the module is now: the final
+        checkpoint is written after Lightning has moved it to the CPU."""
+        return {"inputs": gather_rows(self.recent_inputs[None]).cpu(), "seen": self.recent_seen}
 
     def load_pool_state(self, state: dict, rank: int) -> None:
         self.recent_inputs = state["inputs"][rank].to(self.dictionary.b_dec.device)
@@ -149,7 +162,7 @@ class TrainedDictionary(nn.Module):
         """Count firing from the ``[batch, n_features]`` mask of non-zero codes."""
         fired = sum_across_ranks(active.sum(0))
         self.tokens_since_fired += len(active) * world_size()  # every process's batch has the same size
-        self.tokens_since_fired[fired > 0] = 0
+        self.tokens_since_fired.masked_fill_(fired > 0, 0)  # a mask, not an index: no host synchronisation
         self.fired_since_histogram += fired
 
     def take_density(self, tokens: int) -> torch.Tensor:
@@ -163,13 +176,23 @@ class TrainedDictionary(nn.Module):
                  batch_rows: int | None = None) -> int:
         """Re-seed stale (dead and duplicate) atoms from the inputs ``x`` (normalised, consecutive batches of
         ``batch_rows``; gathered from every process) that the dictionary leaves most unexplained
-        (``sae.training.resampling``); their Adam state is reset. Returns how many."""
+        (``sae.training.resampling``); their Adam state is reset. Returns how many.
+
+        With several processes only rank 0 computes the plan (and draws from its generator) and re-seeds the atoms;
+        the stale atoms' indices and the dictionary's parameters are then broadcast, so every process holds the
+        same weights without relying on bitwise-equal results of the plan on different devices."""
         x = gather_batches(x, batch_rows or len(x))
         d = self.dictionary
-        stale, directions = resampling_plan(d, x, self.dead_mask(), duplicate_cos, self.generator)
+        if rank() == 0:
+            stale, directions = resampling_plan(d, x, self.dead_mask(), duplicate_cos, self.generator)
+        else:
+            stale = torch.zeros(0, dtype=torch.long, device=x.device)
+        stale = broadcast_from_lead(stale)
         if len(stale) == 0:
             return 0
-        d.reinit_atoms_(stale, directions)
+        if rank() == 0:
+            d.reinit_atoms_(stale, directions)
+        broadcast_tensors_(list(d.parameters()))
         for param in d.atom_parameters():
             for buf in optimizer.state.get(param, {}).values():
                 if torch.is_tensor(buf) and buf.dim() > 0 and buf.shape[0] == d.n_features:
@@ -194,6 +217,11 @@ class DictionaryModule(pl.LightningModule):
     datamodule's session's LM, which stays outside this module (no parameters here, no optimizer state, nothing
     in checkpoints). Each member's ``hook`` (``{layer, site}``, None on toy data) says where it is spliced, and
     its optional ``init_from`` (a saved dictionary's directory) what it starts from instead of a fresh start.
+
+    A member whose loss stops being finite, or whose training FVU stays above ``divergence_fvu`` for
+    ``divergence_steps`` steps in a row (``None``: not checked), stops the run with ``TrainingDiverged`` on every
+    process; a step with non-finite gradients is skipped on the device (``sae.training.divergence``). After each
+    optimiser step the decoder atoms are set back to unit norm (``Dictionary.normalise_atoms_``).
     """
 
     def __init__(
@@ -215,6 +243,8 @@ class DictionaryModule(pl.LightningModule):
         seed: int,
         objective: dict,
         histogram_every: int = 200,
+        divergence_fvu: float | None = None,
+        divergence_steps: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -226,7 +256,8 @@ class DictionaryModule(pl.LightningModule):
         self.hooks = [HookPoint(**m["hook"]) if m.get("hook") else None for m in dictionaries]
         self._later: list[list[HookPoint]] | None = None
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
-        self._last_time = None
+        self.divergence = DivergenceWatch(len(self.members), divergence_fvu, divergence_steps)
+        self._last_time, self._last_step = None, 0
         self._loop_start = None
         self.train_loop_seconds = 0.0
 
@@ -273,6 +304,7 @@ class DictionaryModule(pl.LightningModule):
         self._loop_start = time.perf_counter()
 
     def on_train_end(self) -> None:
+        self._check_divergence()  # the steps since the last check
         self.train_loop_seconds = time.perf_counter() - self._loop_start
 
     def sparsity_weight(self) -> float:
@@ -306,30 +338,57 @@ class DictionaryModule(pl.LightningModule):
         weight = self.sparsity_weight()
         losses, metrics = self._member_losses(batch, weight)
         total = torch.stack(losses).sum()
-        if not torch.isfinite(total):
-            self._diverged(losses)
-        metrics["train/lr"] = self.trainer.optimizers[0].param_groups[0]["lr"]
-        self.log_dict(metrics, on_step=True, on_epoch=False)
-        if len(self.members) == 1:
-            self.log("l0", metrics["train/l0"], prog_bar=True, logger=False)
-            self.log("fvu", metrics["train/fvu"], prog_bar=True, logger=False)
-            if self.objective.on_contexts:
-                self.log("kl", metrics["train/kl"], prog_bar=True, logger=False)
-        if self.objective.on_contexts:
-            self._log_speed(batch["input_ids"].numel(), "tokens_per_s")
-        else:
-            self._log_speed(len(next(iter(batch.values()))))
+        fvus = torch.stack([metrics[f"{member.prefix}/fvu"] for member in self.members])
+        self.divergence.observe(self.global_step, torch.stack(losses), fvus)
+        if self._logging_step():  # the only host synchronisations of a step, once every log_every_n_steps
+            self._check_divergence()
+            self._log_metrics(metrics, batch)
         if (self.global_step + 1) % self.hparams.histogram_every == 0:
             self._log_density_histograms()
         return total
 
-    def _diverged(self, losses: list[torch.Tensor]) -> None:
-        member, loss = next((m, loss) for m, loss in zip(self.members, losses) if not torch.isfinite(loss))
-        raise TrainingDiverged(
-            f"{label(member.name)}the loss became {loss.item()} at step {self.global_step}: the learning rate "
-            f"(train.lr={self.hparams.lr}) is probably too high, or activations overflow (model.dtype); "
-            "the last good checkpoint is checkpoints/last.ckpt in the run directory"
-        )
+    def _logging_step(self) -> bool:
+        """True in the steps whose metrics Lightning writes to the logger (every ``log_every_n_steps``)."""
+        return (self.global_step + 1) % max(1, self.trainer.log_every_n_steps) == 0
+
+    def _log_metrics(self, metrics: dict, batch: dict[str, torch.Tensor]) -> None:
+        """Log this step's metrics (device tensors, read by the logger now) and feed the progress bar CPU values
+        (Lightning reads progress-bar values at every step: a device tensor there would synchronise every step)."""
+        metrics["train/lr"] = torch.tensor(self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.log_dict(metrics, on_step=True, on_epoch=False)
+        if len(self.members) == 1:
+            names = ["l0", "fvu", *(["kl"] if self.objective.on_contexts else [])]
+            values = torch.stack([metrics[f"train/{name}"] for name in names]).cpu()
+            for name, value in zip(names, values):
+                self.log(name, value, prog_bar=True, logger=False, on_step=True, on_epoch=False)
+        if self.objective.on_contexts:
+            self._log_speed(batch["input_ids"].numel(), "tokens_per_s")
+        else:
+            self._log_speed(len(next(iter(batch.values()))))
+
+    def _check_divergence(self) -> None:
+        """Raise ``TrainingDiverged`` (on every process alike) if any member has diverged so far."""
+        found = self.divergence.earliest()
+        if found is None:
+            return
+        hp, member = self.hparams, self.members[found.member]
+        if found.reason == FVU_HIGH:
+            what = (f"the training diverged at step {found.step} (its FVU stayed above {hp.divergence_fvu:g} for "
+                    f"{hp.divergence_steps} steps, train.divergence_fvu and train.divergence_steps; then {found.value:.4g})")
+            after = "no dictionary or metrics were written"
+        else:  # the step itself was skipped, so the weights never held a NaN
+            what = f"the loss became {found.value} at step {found.step}"
+            after = "the last good checkpoint is checkpoints/last.ckpt in the run directory"
+        raise TrainingDiverged(f"{label(member.name)}{what}: the learning rate (train.lr={hp.lr}) is probably too "
+                               f"high, or activations overflow (model.dtype); {after}")
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        skip_non_finite_step(self.trainer.optimizers[0], list(self.members.parameters()))
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        for dictionary in self.dictionaries():
+            dictionary.normalise_atoms_()
 
     def on_train_batch_start(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         # Between optimizer steps, like after the previous batch, but after that step's checkpoint was written:
@@ -361,14 +420,18 @@ class DictionaryModule(pl.LightningModule):
             })
 
     def _log_speed(self, n: int, name: str = "acts_per_s") -> None:
-        now = time.perf_counter()
-        if self._last_time is not None:
-            self.log(name, n / max(now - self._last_time, 1e-9), prog_bar=True, on_step=True, on_epoch=False)
-        self._last_time = now
+        """Rows (or tokens) per second over the steps since the last call (``n`` per step); called after a host
+        synchronisation, so on a GPU the time is that of the work done, not of the work queued."""
+        now, step = time.perf_counter(), self.global_step
+        if self._last_time is not None and step > self._last_step:
+            rate = n * (step - self._last_step) / max(now - self._last_time, 1e-9)
+            self.log(name, torch.tensor(rate), prog_bar=True, on_step=True, on_epoch=False)
+        self._last_time, self._last_step = now, step
 
     def configure_optimizers(self):
         hp = self.hparams
-        opt = torch.optim.Adam(self.members.parameters(), lr=hp.lr, betas=tuple(hp.betas))
+        # fused: one kernel per step, and it can skip a step on the device (``skip_non_finite_step``)
+        opt = torch.optim.Adam(self.members.parameters(), lr=hp.lr, betas=tuple(hp.betas), fused=True)
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda step: lr_factor(step, hp.total_steps, hp.warmup_steps, hp.lr_decay_frac)
         )

@@ -38,7 +38,8 @@ def _train_problems(t: DictConfig) -> list[str]:
     problems: list[str] = []
     _check(t.tokens >= t.batch_size > 0, f"train.tokens ({t.tokens}) must be >= train.batch_size ({t.batch_size}) > 0", problems)
     _check(t.lr > 0, f"train.lr={t.lr} must be > 0", problems)
-    for key in ("init_tokens", "dead_window"):
+    _check(t.divergence_fvu > 1, f"train.divergence_fvu={t.divergence_fvu} must be > 1 (an FVU of 1 is the mean's)", problems)
+    for key in ("init_tokens", "dead_window", "divergence_steps"):
         _check(t[key] >= 1, f"train.{key}={t[key]} must be >= 1", problems)
     for key in ("warmup_steps", "resample_every", "resample_pool"):
         _check(t[key] >= 0, f"train.{key}={t[key]} must be >= 0", problems)

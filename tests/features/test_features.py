@@ -136,3 +136,27 @@ def test_no_dictionary(tmp_path):
     proc = run_cli("evaluate.py", f"run={tmp_path}", "analysis=features")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: no dictionary under"), proc.stderr[-2000:]
+
+
+def test_bfloat16_model_at_the_mlp_site(tiny_text):
+    """float32 atoms through a bfloat16 model's down projection (``model.dtype=bfloat16``, ``hook.site=mlp``): the
+    direct path matches the float32 model's, and a whole feature record is collected."""
+    from sae.features.logit_effects import direct_logits
+
+    hook = HookPoint(1, "mlp")
+    model32, model16 = tiny_model(), tiny_model().to(torch.bfloat16)
+    torch.manual_seed(0)
+    dictionary = build("relu_tied", 64, 8, l1_coeff=0.0)
+    atoms = dictionary.decoder_weight().detach()
+    want = direct_logits(model32, hook, atoms)
+    got = direct_logits(model16, hook, atoms)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0.05, atol=0.05 * want.abs().max().item())
+    tokenizer = make_tokenizer(Path(tiny_text).parent / "tok16")
+    docs = [json.loads(line)["text"] for line in Path(tiny_text).read_text().splitlines()]
+    contexts = pack_contexts(docs[-4:], tokenizer, 32)
+    with torch.no_grad():
+        dictionary.b_enc.fill_(-0.01)  # most atoms fire somewhere on the tiny model's MLP neurons
+    collector = Collector(LMSession.of_model(model16, [0]), dictionary, hook, contexts,
+                          feature_settings(top_k=3, window=2, causal_contexts=2))
+    assert len(collector.record(0)["direct"]["up"]) == 10

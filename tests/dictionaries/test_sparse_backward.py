@@ -1,0 +1,80 @@
+"""TopK's sparse training path against the dense reference: the same loss and the same gradients, on the CPU and
+(marked ``cuda``) on a GPU, where cuSPARSE requires a CSR matrix's columns sorted within each row."""
+
+import pytest
+import torch
+
+from conftest import needs_cuda
+from sae.dictionaries import build
+from sae.dictionaries import topk as topk_module
+from sae.dictionaries.topk import sparse_decode, sparse_topk
+
+
+_CSR = torch.sparse_csr_tensor
+
+
+def _strict_csr(*args, **kwargs):
+    """``torch.sparse_csr_tensor`` that checks the invariants cuSPARSE relies on (sorted, distinct columns)."""
+    return _CSR(*args, **{**kwargs, "check_invariants": True})
+
+
+def _dense_reference(pre, x, weight, bias, atoms, k):
+    """The same function with dense codes, through ordinary autograd."""
+    pre = x @ weight.T + bias
+    values, indices = torch.relu(pre).topk(k, dim=-1)
+    codes = torch.zeros_like(pre).scatter(-1, indices, values)
+    return codes @ atoms
+
+
+def _compare(device: str, monkeypatch=None) -> None:
+    torch.manual_seed(0)
+    batch, d, n, k = 64, 16, 48, 6
+    x = torch.randn(batch, d, device=device, requires_grad=True)
+    weight = torch.randn(n, d, device=device, requires_grad=True)
+    bias = torch.randn(n, device=device, requires_grad=True)
+    atoms = torch.randn(n, d, device=device, requires_grad=True)
+    upstream = torch.randn(batch, d, device=device)
+
+    with torch.no_grad():
+        pre = x @ weight.T + bias
+    values, indices = sparse_topk(pre, x, weight, bias, k)
+    order = torch.rand(indices.shape, device=device).argsort(dim=-1)  # columns in no particular order
+    values, indices = values.gather(-1, order), indices.gather(-1, order)
+    assert not (indices.diff(dim=-1) > 0).all()
+    out = sparse_decode(indices, values, atoms)
+    sparse_grads = torch.autograd.grad((out * upstream).sum(), (x, weight, bias, atoms))
+
+    dense = _dense_reference(pre, x, weight, bias, atoms, k)
+    dense_grads = torch.autograd.grad((dense * upstream).sum(), (x, weight, bias, atoms))
+    torch.testing.assert_close(out, dense, rtol=1e-5, atol=1e-5)
+    for name, got, want in zip(("x", "W_enc", "b_enc", "atoms"), sparse_grads, dense_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"gradient of {name}")
+
+
+def test_sparse_backward_matches_dense_with_unsorted_columns(monkeypatch):
+    # every CSR the backward builds must be valid as cuSPARSE reads it (the check fails on unsorted columns)
+    monkeypatch.setattr(topk_module.torch, "sparse_csr_tensor", _strict_csr, raising=True)
+    _compare("cpu")
+
+
+@needs_cuda
+def test_sparse_backward_matches_dense_on_cuda():
+    _compare("cuda")
+
+
+@needs_cuda
+def test_topk_train_terms_on_cuda_match_cpu():
+    """The whole TopK training step (AuxK included) gives the CPU's loss and gradients on a GPU."""
+    results = []
+    for device in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        d = build("topk", 16, 64, k=4, aux_coeff=1 / 32, k_aux=None).to(device)
+        x = torch.randn(128, 16, device=device)
+        dead = torch.arange(64, device=device) < 20
+        terms = d.train_terms(x, dead=dead)
+        loss = (terms["x_hat"] - x).pow(2).sum(-1).mean() + terms["aux"]
+        loss.backward()
+        results.append((loss.item(), {n: p.grad.cpu() for n, p in d.named_parameters()}))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-4)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-3, atol=1e-5, msg=name)
