@@ -4,7 +4,6 @@ non-finite gradients never reaches the weights; a run that diverges without a Na
 import json
 import os
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
