@@ -9,6 +9,7 @@ from sae.circuits.curves import CURVE_FIELDS, SUMMARY_FIELDS, curve_rows, read_r
 from sae.circuits.metrics import (PairTotals, edit_size, fraction_restored, kl_patched_to_counterfactual,
                                   logit_difference, mean_kl, patch_report)
 from sae.circuits.plots import plot_patching_hooks
+from sae.errors import ConfigError
 from sae.circuits.pruning import CurvePoint
 
 
@@ -88,7 +89,7 @@ def test_summary_and_csv_round_trip(tmp_path):
     assert float(back[2]["kl"]) == 0.9 and back[0]["model"] == "stand-in"
     assert list(read_rows(tmp_path / "patching" / "summary.csv")[0]) == list(SUMMARY_FIELDS)
     assert sorted(p.name for p in (tmp_path / "patching").iterdir()) == ["curves.csv", "summary.csv"]  # no temporaries
-    with pytest.raises(Exception, match="target_fraction"):
+    with pytest.raises(ConfigError, match=r"target_fraction=0.0 must be in \(0, 1\]"):
         summarise(rows, 0.0)
 
 
