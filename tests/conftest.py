@@ -11,7 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # `pytest -n 2` (the README's command): two workers on two cores, so each worker and every process it starts
+    # keeps to one thread (two 2-thread torch processes on 2 cores thrash).
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+import torch  # noqa: E402  (after the thread setting, which torch reads when it loads)
 
 import sae.evaluation.config  # noqa: F401  (importing registers evaluate.yaml's schema)
 import sae.training.config  # noqa: F401  (importing registers the training config's schemas)
