@@ -206,3 +206,13 @@ def kill_after_checkpoint(overrides: list[str], run_dir: Path, step: int = 14) -
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+
+
+def write_saelens_dir(directory: Path, weights: dict, cfg: dict) -> Path:
+    """A directory as SAELens writes one (``sae_weights.safetensors`` + ``cfg.json``), for the import tests."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(directory / "sae_weights.safetensors"))
+    (directory / "cfg.json").write_text(json.dumps(cfg))
+    return directory

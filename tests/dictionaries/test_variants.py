@@ -10,10 +10,10 @@ import sys
 import pytest
 import torch
 from omegaconf import OmegaConf
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import sae
-from conftest import FIXTURES, ROOT, needs_fixtures, run_cli, tiny_overrides, toy_data
+from conftest import FIXTURES, ROOT, needs_fixtures, run_cli, tiny_overrides, toy_data, write_saelens_dir
 from sae.dictionaries.batchtopk import batch_topk
 from sae.dictionaries.jumprelu import JumpReLU, Step
 from sae.training.objectives import reconstruction_loss
@@ -305,10 +305,8 @@ def test_saelens_gated_formula_with_unequal_norms_and_no_b_dec_on_input(tmp_path
     w = {"W_enc": torch.randn(8, 24, generator=gen), "W_dec": 3 * torch.rand(24, 1, generator=gen) * torch.randn(24, 8, generator=gen),
          "b_gate": torch.randn(24, generator=gen), "b_mag": torch.randn(24, generator=gen),
          "r_mag": 0.3 * torch.randn(24, generator=gen), "b_dec": torch.randn(8, generator=gen)}
-    save_file(w, str(tmp_path / "sae_weights.safetensors"))
-    cfg = {"architecture": "gated", "d_in": 8, "d_sae": 24, "apply_b_dec_to_input": False,
-           "normalize_activations": "none", "model_name": "m", "hook_name": "blocks.2.hook_resid_post"}
-    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    write_saelens_dir(tmp_path, w, {"architecture": "gated", "d_in": 8, "d_sae": 24, "apply_b_dec_to_input": False,
+                                    "normalize_activations": "none", "model_name": "m", "hook_name": "blocks.2.hook_resid_post"})
     loaded, _ = load_saelens(tmp_path)
     x = torch.randn(50, 8, generator=gen)
     gate = (x @ w["W_enc"] + w["b_gate"]) > 0

@@ -6,10 +6,10 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import sae
-from conftest import FIXTURES, ROOT, needs_fixtures
+from conftest import FIXTURES, ROOT, needs_fixtures, write_saelens_dir
 from sae.errors import ConfigError
 from sae.io.saelens import hook_from_name, is_saelens_dir, load_saelens
 
@@ -51,10 +51,8 @@ def test_saelens_formula_without_b_dec_on_input(tmp_path):
     gen = torch.Generator().manual_seed(0)
     w = {"W_enc": torch.randn(8, 24, generator=gen), "W_dec": 3 * torch.rand(24, 1, generator=gen) * torch.randn(24, 8, generator=gen),
          "b_enc": torch.randn(24, generator=gen), "b_dec": torch.randn(8, generator=gen)}
-    save_file(w, str(tmp_path / "sae_weights.safetensors"))
-    cfg = {"architecture": "standard", "d_in": 8, "d_sae": 24, "apply_b_dec_to_input": False,
-           "normalize_activations": "none", "model_name": "m", "hook_name": "blocks.2.hook_resid_pre"}
-    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    write_saelens_dir(tmp_path, w, {"architecture": "standard", "d_in": 8, "d_sae": 24, "apply_b_dec_to_input": False,
+                                    "normalize_activations": "none", "model_name": "m", "hook_name": "blocks.2.hook_resid_pre"})
     loaded, meta = load_saelens(tmp_path)
     x = torch.randn(50, 8, generator=gen)
     by_hand = torch.relu(x @ w["W_enc"] + w["b_enc"]) @ w["W_dec"] + w["b_dec"]
@@ -65,9 +63,8 @@ def test_saelens_formula_without_b_dec_on_input(tmp_path):
 def test_unsupported_hook_and_normalisation(tmp_path):
     with pytest.raises(ConfigError, match="hook_z"):
         hook_from_name("blocks.0.attn.hook_z")
-    save_file({"W_enc": torch.zeros(2, 3), "W_dec": torch.ones(3, 2), "b_enc": torch.zeros(3), "b_dec": torch.zeros(2)},
-              str(tmp_path / "sae_weights.safetensors"))
-    (tmp_path / "cfg.json").write_text(json.dumps({"normalize_activations": "layer_norm", "hook_name": "blocks.0.hook_resid_post"}))
+    write_saelens_dir(tmp_path, {"W_enc": torch.zeros(2, 3), "W_dec": torch.ones(3, 2), "b_enc": torch.zeros(3), "b_dec": torch.zeros(2)},
+                      {"normalize_activations": "layer_norm", "hook_name": "blocks.0.hook_resid_post"})
     with pytest.raises(ConfigError, match="layer_norm"):
         load_saelens(tmp_path)
 
@@ -111,8 +108,7 @@ def test_topk_rescaled_by_decoder_norm(tmp_path):
     """SAELens' TopK with rescale_acts_by_decoder_norm: true ranks and reports pre-activations times the decoder row
     norms and divides them out again to decode (sae_lens/saes/topk_sae.py), written out here by hand."""
     cfg, w, ref = _fixture("topk")
-    save_file(w, str(tmp_path / "sae_weights.safetensors"))
-    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "rescale_acts_by_decoder_norm": True}))
+    write_saelens_dir(tmp_path, w, {**cfg, "rescale_acts_by_decoder_norm": True})
     x, norms = ref["input"], w["W_dec"].norm(dim=1)
     hidden = ((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]) * norms
     values, indices = hidden.topk(cfg["k"], dim=-1)
@@ -130,9 +126,8 @@ def test_unfolded_activation_scaling_is_folded_on_import(kind, tmp_path):
     cfg, w, ref = _fixture(kind)
     factor = 0.37
     unfolded = {**w, "W_enc": w["W_enc"] / factor, "W_dec": w["W_dec"] * factor, "b_dec": w["b_dec"] * factor}
-    save_file(unfolded, str(tmp_path / "sae_weights.safetensors"))
-    (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "normalize_activations": "expected_average_only_in",
-                                                   "norm_scaling_factor": factor}))
+    write_saelens_dir(tmp_path, unfolded, {**cfg, "normalize_activations": "expected_average_only_in",
+                                           "norm_scaling_factor": factor})
     _check_against(tmp_path, w, ref[f"{kind}.codes"], ref[f"{kind}.reconstruction"], ref["input"])
     (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "normalize_activations": "expected_average_only_in"}))
     with pytest.raises(ConfigError, match=r"expected_average_only_in'.*does not record \(got None\); add \"norm_scaling_factor\""):
