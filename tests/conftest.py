@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,12 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     # `pytest -n 2` (the README's command): two workers on two cores, so each worker and every process it starts
     # keeps to one thread (two 2-thread torch processes on 2 cores thrash).
     os.environ["OMP_NUM_THREADS"] = "1"
+
+# The tests' token stores and datasets files go to a directory of this test process (its subprocesses inherit
+# it), never into the user's Hugging Face datasets cache; removed when the process exits.
+_DATASETS_CACHE = tempfile.mkdtemp(prefix="sae-tests-datasets-")
+os.environ["HF_DATASETS_CACHE"] = _DATASETS_CACHE
+atexit.register(shutil.rmtree, _DATASETS_CACHE, ignore_errors=True)
 
 import torch  # noqa: E402  (after the thread setting, which torch reads when it loads)
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from sae.io.atomic import staged_directory, write_json
+from sae.io.checkpoints import sha256_of
 from sae.lm.hooks import HookPoint
 from sae.lm.reader import read_batches
 
@@ -52,10 +53,6 @@ class CacheSettings:
     data: dict  # source, path, split, text_column, context_length, heldout_fraction
 
 
-def _sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def model_fingerprint(name_or_path: str) -> dict:
     """The model's directory (local, or its hub snapshot, whose name is the resolved commit), every file there by
     name, size and modification time, and the hash of ``config.json``'s content."""
@@ -65,7 +62,7 @@ def model_fingerprint(name_or_path: str) -> dict:
     directory = config.parent
     files = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(directory.iterdir()) if f.is_file()]
     revision = directory.name if directory.parent.name == "snapshots" else None
-    return {"revision": revision, "files": files, "config_sha256": _sha256_file(config)}
+    return {"revision": revision, "files": files, "config_sha256": sha256_of(config)}
 
 
 def contexts_material(contexts) -> dict:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from sae.dictionaries import Dictionary, build
+from sae.dictionaries import VARIANTS, Dictionary, build
 from sae.errors import ConfigError
 from sae.baselines import BASELINES
 from sae.io.atomic import atomic_path, write_json
@@ -19,6 +19,7 @@ FORMAT = "sae/1"
 
 def save_dictionary(dictionary: Dictionary, directory: str | Path, metadata: dict) -> None:
     """Write weights and ``sae.json`` (architecture, normalisation, plus ``metadata``: model, hook, data, loss...)."""
+    _check_rebuildable(dictionary)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in dictionary.state_dict().items()}
@@ -39,6 +40,16 @@ def save_dictionary(dictionary: Dictionary, directory: str | Path, metadata: dic
         **metadata,
     }
     write_json(directory / META, meta)
+
+
+def _check_rebuildable(dictionary: Dictionary) -> None:
+    """Refuse a dictionary that ``load`` could not rebuild from its ``variant`` name (e.g. an imported SAELens
+    TopK that ranks by unnormalised pre-activations): written anyway, it would fail only when read back."""
+    registered = BASELINES.get(dictionary.variant) or VARIANTS.get(dictionary.variant)
+    if type(dictionary) is not registered:
+        raise ConfigError(f"a {type(dictionary).__name__} cannot be saved as sae.safetensors + sae.json: "
+                          f"it is not the registered '{dictionary.variant}' class; keep the directory it was "
+                          "imported from (sae.load reads it again)")
 
 
 def read_meta(directory: str | Path) -> dict:

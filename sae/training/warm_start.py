@@ -13,12 +13,12 @@ The saved dictionary must be of the same variant, size, hook and model; its hype
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 from sae.dictionaries import Dictionary
 from sae.errors import ConfigError
 from sae.evaluation.perplexity import objective_of
+from sae.io.checkpoints import sha256_of
 from sae.io.saving import WEIGHTS, load, read_meta
 from sae.training.plan import DictionaryPlan
 
@@ -98,7 +98,7 @@ def provenance(plan: DictionaryPlan, init_from: str | None) -> dict:
     earlier = (meta.get(KEY) or {}).get("tokens_before", 0)
     return {KEY: {
         "directory": str(directory.resolve()),
-        "weights_sha256": hashlib.sha256((directory / WEIGHTS).read_bytes()).hexdigest(),
+        "weights_sha256": sha256_of(directory / WEIGHTS),
         "objective": objective_of(meta),
         "tokens_before": int(train.get("tokens", 0)) + int(earlier),
     }}

@@ -104,6 +104,17 @@ def test_saelens_own_files_give_saelens_own_codes_and_reconstructions(kind):
 
 
 @needs_fixtures
+def test_imported_ranked_topk_is_refused_by_save(tmp_path):
+    """The peer's TopK fixture imports as an inference-only class that ``sae.load`` could not rebuild from its
+    variant name: saving it is one ConfigError, and nothing is written."""
+    loaded, _ = load_saelens(FIXTURES / "saelens" / "topk")
+    assert type(loaded).__name__ == "RankedTopKDictionary"
+    with pytest.raises(ConfigError, match="cannot be saved"):
+        sae.io.saving.save_dictionary(loaded, tmp_path / "copy", dict(META))
+    assert not (tmp_path / "copy").exists()
+
+
+@needs_fixtures
 def test_topk_rescaled_by_decoder_norm(tmp_path):
     """SAELens' TopK with rescale_acts_by_decoder_norm: true ranks and reports pre-activations times the decoder row
     norms and divides them out again to decode (sae_lens/saes/topk_sae.py), written out here by hand."""
