@@ -114,6 +114,36 @@ def run_cli(script: str, *overrides: str, cwd: Path = ROOT, env: dict | None = N
                           capture_output=True, text=True, timeout=600)
 
 
+ENTRY_CONFIGS = {"evaluate.py": "evaluate"}  # entry points run_in_process can run: script -> its config name
+
+
+def run_in_process(script: str, *overrides: str) -> subprocess.CompletedProcess:
+    """``run_cli`` without starting a process: the script's own command-line check, then its Hydra main (with the
+    one-line ``ConfigError`` handling) on the composed config, in this process, stdout and stderr captured.
+
+    For the bad-input cases of a study, each of which would otherwise pay a Python + torch + Hydra start; every test
+    that uses it also runs one case through ``run_cli`` so the real entry point stays covered."""
+    import importlib.util
+    import io
+
+    from hydra import compose
+
+    spec = importlib.util.spec_from_file_location(f"entry_{Path(script).stem}", ROOT / script)
+    entry = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(entry)
+    config_name, out, err = ENTRY_CONFIGS[script], io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            entry.check_command_line(entry.CONF, config_name, entry.MOVED, argv=list(overrides))
+            with hydra_conf():
+                cfg = compose(config_name, overrides=list(overrides))
+            entry.main.__wrapped__(cfg)  # under hydra.main: exit_on_config_error(the study)
+            code = 0
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+    return subprocess.CompletedProcess([script, *overrides], code, out.getvalue(), err.getvalue())
+
+
 def tiny_overrides(lm_dir: Path, text: Path, run_dir: Path, *extra: str) -> list[str]:
     """A real training config shrunk to seconds: tiny LM, tiny text, few tokens, CSV logging."""
     return [

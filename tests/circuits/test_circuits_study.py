@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import WORDS, run_cli
+from conftest import WORDS, run_cli, run_in_process
 from sae.dictionaries import build
 from sae.io.saving import save_dictionary
 
@@ -94,8 +94,8 @@ def test_bad_input_is_one_line(patching_run, tmp_path):
     ]
     for extra, message in cases:
         task = extra.pop("task") if isinstance(extra, dict) else None
-        proc = run_cli("evaluate.py", *_args(root, *(extra or []), f"out={tmp_path / 'out'}", task=task))
+        proc = run_in_process("evaluate.py", *_args(root, *(extra or []), f"out={tmp_path / 'out'}", task=task))
         _single_error(proc, message)
         assert not (tmp_path / "out" / "patching").exists()  # nothing written
     no_task = [a for a in _args(root, f"out={tmp_path / 'out'}") if not a.startswith("task")]
-    _single_error(run_cli("evaluate.py", *no_task), "needs a task")
+    _single_error(run_cli("evaluate.py", *no_task), "needs a task")  # the real entry point, in its own process

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from conftest import run_cli, tiny_overrides
+from conftest import run_cli, run_in_process, tiny_overrides
 from sae.evaluation.evaluate import COLUMNS
 
 BASELINES = ["pca", "ica", "random", "neurons"]
@@ -84,7 +84,7 @@ def _single_error(proc, message: str) -> None:
 
 def test_no_dictionary(tmp_path):
     (tmp_path / "notes.txt").write_text("nothing here")
-    _single_error(run_cli("evaluate.py", f"run={tmp_path}"), "no dictionary under")
+    _single_error(run_in_process("evaluate.py", f"run={tmp_path}"), "no dictionary under")
     assert not (tmp_path / "eval").exists()
 
 
@@ -92,12 +92,12 @@ def test_width_mismatch(topk_run, tmp_path):
     shutil.copytree(topk_run, tmp_path / "run", ignore=shutil.ignore_patterns("eval*", "checkpoints"))
     meta = json.loads((tmp_path / "run" / "sae.json").read_text())
     (tmp_path / "run" / "sae.json").write_text(json.dumps({**meta, "hook": {"layer": 1, "site": "mlp"}}))
-    _single_error(run_cli("evaluate.py", f"run={tmp_path / 'run'}"), "does not match layers.1.mlp")
+    _single_error(run_in_process("evaluate.py", f"run={tmp_path / 'run'}"), "does not match layers.1.mlp")
     assert not (tmp_path / "run" / "eval").exists()
 
 
 def test_unknown_baseline(topk_run):
-    _single_error(run_cli("evaluate.py", f"run={topk_run}", "analysis.baselines=[nmf]", f"out={topk_run}/bad"), "unknown baselines ['nmf']")
+    _single_error(run_in_process("evaluate.py", f"run={topk_run}", "analysis.baselines=[nmf]", f"out={topk_run}/bad"), "unknown baselines ['nmf']")
     assert not (topk_run / "bad").exists()
 
 
@@ -106,7 +106,7 @@ def test_every_problem_in_one_line(topk_run, tmp_path):
     shutil.copytree(topk_run, tmp_path / "run" / "a", ignore=shutil.ignore_patterns("eval*", "checkpoints"))
     meta = json.loads((tmp_path / "run" / "a" / "sae.json").read_text())
     (tmp_path / "run" / "a" / "sae.json").write_text(json.dumps({**meta, "hook": {"layer": 9, "site": "resid"}}))
-    proc = run_cli("evaluate.py", f"run={tmp_path / 'run'}", "analysis.baselines=[nmf]", "eval_tokens=0", "baseline_tokens=0")
+    proc = run_in_process("evaluate.py", f"run={tmp_path / 'run'}", "analysis.baselines=[nmf]", "eval_tokens=0", "baseline_tokens=0")
     line = proc.stderr.strip().splitlines()
     _single_error(proc, "unknown baselines ['nmf']")
     for problem in ("eval_tokens=0 must be > 0", "baseline_tokens=0 must be > 0", "hook.layer=9 does not exist"):

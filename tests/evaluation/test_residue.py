@@ -5,7 +5,7 @@ import json
 import torch
 from torch import nn
 
-from conftest import run_cli, tiny_model, tiny_overrides
+from conftest import run_cli, run_in_process, tiny_model, tiny_overrides
 from sae.evaluation.residue import token_scores, top_records, top_share
 from sae.lm.hooks import HookPoint
 from sae.lm.reader import capture
@@ -72,6 +72,6 @@ def test_residue_study_writes_jsonl_page_and_summary(tiny_lm_dir, tiny_text, tmp
     metrics = json.loads((run / "metrics.json").read_text())
     assert abs(summary["kl_mean"] - metrics["kl_spliced"]) < 1e-4 * max(1.0, metrics["kl_spliced"]) + 1e-6
     assert "<table>" in (run / "eval" / "residue" / "run" / "index.html").read_text()
-    bad = run_cli("evaluate.py", f"run={run}", "analysis=residue", "analysis.top=0", "analysis.share_frac=2")
+    bad = run_in_process("evaluate.py", f"run={run}", "analysis=residue", "analysis.top=0", "analysis.share_frac=2")
     lines = bad.stderr.strip().splitlines()
     assert bad.returncode != 0 and len(lines) == 1 and "analysis.top=0 must be" in lines[0] and "share_frac=2" in lines[0]
