@@ -40,8 +40,12 @@ class LinearBasis(Dictionary):
         self.register_buffer("W_dec", torch.zeros(n_features, d_in))
 
     @classmethod
+    @torch.no_grad()
     def fit(cls, x: torch.Tensor, seed: int = 0) -> "LinearBasis":
-        """A basis fitted to raw activations ``x`` ``[n, d_in]``, on ``x``'s device."""
+        """A basis fitted to raw activations ``x`` ``[n, d_in]``, on ``x``'s device.
+
+        Without gradients: ``b_dec`` is a parameter, so ``z`` would otherwise carry a graph through every FastICA
+        iteration (kept until the fit ends: 16 GB for an MLP hook of width 512 on 32k activations)."""
         basis = cls(x.shape[1], x.shape[1]).to(x.device)
         basis.init_from_data(x)
         if not cls.centred:

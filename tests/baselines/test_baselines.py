@@ -23,6 +23,22 @@ def test_full_basis_reconstructs_exactly(kind):
     assert basis.decoder_weight().norm(dim=-1).sub(1).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("kind", sorted(BASELINES))
+def test_fit_builds_no_autograd_graph(kind, monkeypatch):
+    """The fit sees activations without a graph (``b_dec`` is a parameter): with one, FastICA kept every
+    iteration's tensors alive until the fit ended."""
+    cls, seen = BASELINES[kind], []
+    atoms = cls.atoms
+
+    def spy(z, seed):
+        seen.append(z.requires_grad or torch.is_grad_enabled())
+        return atoms(z, seed)
+
+    monkeypatch.setattr(cls, "atoms", staticmethod(spy))
+    basis = fit(kind, _data(n=500))
+    assert seen == [False] and not basis.decoder_weight().requires_grad
+
+
 def test_pca_orders_components_by_variance():
     x = _data()
     codes = fit("pca", x).encode(x)
