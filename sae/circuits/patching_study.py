@@ -100,6 +100,14 @@ def _hooks(entries: list[Entry], chosen: list[str]) -> list:
     return [h for h in covered if not chosen or h.name in chosen]
 
 
+def _check_greedy_layers(analysis: dict, settings: CurveSettings, studied: set[str]) -> None:
+    """A hook in ``analysis.greedy.layers`` that is not studied would silently run no greedy at all: one line."""
+    greedy_at = _hook_list((analysis.get("greedy") or {}).get("layers"), "analysis.greedy.layers")
+    missing = sorted(set(greedy_at) - studied)
+    if "greedy" in settings.orderings and missing:
+        raise ConfigError(f"analysis.greedy.layers: {missing} not among the hooks studied {sorted(studied)}")
+
+
 def _method(entry: Entry) -> str:
     return entry.name if entry.kind == "dictionary" else entry.kind
 
@@ -148,8 +156,8 @@ def study(cfg: DictConfig, entries: list[Entry]) -> list[dict]:
     task_cfg = task_settings(cfg)
     by_model = groups(entries)
     tasks = [build_task(task_cfg, session_for(g[0].meta, "cpu", cfg.seed).tokenizer) for g in by_model]  # no weights yet
-    for group in by_model:
-        _hooks(group, _hook_list(analysis.get("hooks"), "analysis.hooks"))
+    studied = {h.name for group in by_model for h in _hooks(group, _hook_list(analysis.get("hooks"), "analysis.hooks"))}
+    _check_greedy_layers(analysis, settings, studied)
     out = Path(cfg.out)
     clear_stale(out)
     rows, timings, start = [], [], time.perf_counter()

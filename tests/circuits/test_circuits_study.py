@@ -99,3 +99,17 @@ def test_bad_input_is_one_line(patching_run, tmp_path):
         assert not (tmp_path / "out" / "patching").exists()  # nothing written
     no_task = [a for a in _args(root, f"out={tmp_path / 'out'}") if not a.startswith("task")]
     _single_error(run_cli("evaluate.py", *no_task), "needs a task")  # the real entry point, in its own process
+
+
+def test_greedy_layers_not_studied_is_an_error():
+    """A typo in analysis.greedy.layers used to run no greedy at all, silently (the same ConfigError path as
+    analysis.hooks' check above, so one line and exit 2; tested here without a CLI run)."""
+    from sae.circuits.patching import CurveSettings
+    from sae.circuits.patching_study import _check_greedy_layers
+    from sae.errors import ConfigError
+
+    analysis = {"greedy": {"layers": ["layers.2.resid"]}}
+    with pytest.raises(ConfigError, match=r"analysis.greedy.layers: \['layers.2.resid'\] not among"):
+        _check_greedy_layers(analysis, CurveSettings(), {"layers.1.resid"})
+    _check_greedy_layers(analysis, CurveSettings(orderings=("attribution",)), {"layers.1.resid"})  # no greedy: fine
+    _check_greedy_layers({"greedy": {"layers": ["layers.1.resid"]}}, CurveSettings(), {"layers.1.resid"})
