@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import ClassVar
 
 import torch
@@ -159,7 +160,13 @@ def stacked(dictionaries: list[Dictionary], name: str) -> torch.Tensor:
 
 def scalars(dictionaries: list[Dictionary], name: str, like: torch.Tensor) -> torch.Tensor:
     """The members' scalar hyperparameter ``name`` as a ``[G]`` tensor (on ``like``'s device and dtype)."""
-    return torch.tensor([getattr(d, name) for d in dictionaries], dtype=like.dtype, device=like.device)
+    return _constant(tuple(float(getattr(d, name)) for d in dictionaries), like.dtype, like.device)
+
+
+@functools.lru_cache(maxsize=256)
+def _constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Made once: a copy from the host at every step would wait on a GPU for all the queued work."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 class PlusRows(torch.autograd.Function):

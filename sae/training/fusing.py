@@ -9,8 +9,10 @@ group, so the step costs a few large kernels instead of ``G`` times many small o
 
 Exactness: a dictionary's own ``train_terms`` is its variant's ``stacked_train_terms`` for a group of one, each
 member's loss touches only its slice of the stacks, whose backward hands each member's parameter its own gradient,
-and the parameters stay stored per member (one fused Adam over all of them, as before), so a member trains to the
-weights it gets alone, and saving, checkpoints, resampling and the firing counters do not change.
+the bias gradients are summed member by member (``sae.dictionaries.base.plus_rows``), and the parameters stay
+stored per member (one fused Adam over all of them, as before), so a member trains to the weights it gets alone
+(bitwise in one thread; with several threads, or on a GPU, a batched product may split its sums otherwise than a
+single one: then to float rounding), and saving, checkpoints, resampling and the firing counters do not change.
 
 What fuses: ``relu``, ``relu_tied`` and ``topk`` under ``objective=mse`` (the end-to-end objectives splice each
 member into the LM on its own); every other variant trains unfused in a set. To fuse a variant: give it a
