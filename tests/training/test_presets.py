@@ -26,3 +26,12 @@ def test_pythia410m_sweep_preset_covers_its_24_blocks():
     cfg = _compose("experiment=pythia410m_resid_sweep")
     assert cfg.model.name_or_path == "EleutherAI/pythia-410m-deduped" and cfg.sae.variant == "relu_tied"
     assert dict(cfg.hydra.sweeper.params) == {"hook.layer": "range(24)", "sae.l1_coeff": "0.02,0.04"}
+
+
+def test_jumprelu_set_preset_is_one_jumprelu_set_over_the_six_blocks():
+    """The README's recommended L0-penalised configuration: one set, one JumpReLU per block, the paper's sae untouched."""
+    cfg = _compose("experiment=neox14m_jumprelu_set")
+    assert cfg.sae.variant == "jumprelu" and cfg.sae.l0_coeff == 0.01 and cfg.train.tokens == 1_000_000
+    assert [(d.name, d.hook.layer) for d in cfg.dictionaries] == [(f"layer{i}", i) for i in range(6)]
+    assert (ROOT / cfg.model.name_or_path).resolve() == (FIXTURES / "neox-owt-14m").resolve()
+    assert _compose().sae.variant == "relu_tied"  # the default stays the paper's
