@@ -143,7 +143,7 @@ def train(args: argparse.Namespace) -> None:
 
     torch.manual_seed(args.seed)
     meta = json.loads((args.acts / META).read_text())
-    samples = meta["tokens"] // SAELENS_BATCH * SAELENS_BATCH
+    samples = min(meta["tokens"], args.tokens or meta["tokens"]) // SAELENS_BATCH * SAELENS_BATCH
     steps = samples // SAELENS_BATCH
     sae = saelens_sae(args, meta, steps)
     trainer_cfg = SAETrainerConfig(total_training_samples=samples, train_batch_size_samples=SAELENS_BATCH, lr=args.lr,
@@ -179,6 +179,7 @@ def main() -> None:
     t.add_argument("--lr", type=float, required=True)
     t.add_argument("--expansion", type=int, default=4, help="latents / d_in (ours: sae.ratio)")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--tokens", type=int, help="train on the first this many activations only (a pilot)")
     t.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if args.command == "dump":
