@@ -2,12 +2,12 @@
 
 ``evaluate.py``'s own plots draw FVU against L0 per layer and the CE increase per training objective; issue 18's
 figure is the KL of the spliced model against L0 for every variant at one hook, which this draws from the
-``eval.csv`` of one evaluation (so every point is on the same held-out tokens). A row's series is its name up to
+``eval.csv`` of evaluations of the same held-out tokens. A row's series is its name up to
 the first ``-k``/``-l0``/``-c`` field (``topk-k8-mse`` -> ``topk``), or the ``--series`` mapping's value for the
 name's first matching prefix; each series is drawn as points joined in L0 order, its Pareto front (the points no
 other point of the series beats on both axes) bold.
 
-    PYTHONPATH=$PWD python experiments/kl_frontier_plot.py /work/runs/issue18b/bench/eval/eval.csv docs/layer3_kl_frontier.png \\
+    PYTHONPATH=$PWD python experiments/kl_frontier_plot.py /work/runs/issue18b/bench/eval/eval.csv --out docs/layer3_kl_frontier.png \\
         --title "layer 3, neox-owt-14m (stand-in)"
 """
 
@@ -75,14 +75,14 @@ def plot(rows: list[dict], out: Path, title: str, mapping: dict[str, str]) -> No
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("eval_csv", type=Path)
-    parser.add_argument("out", type=Path)
+    parser.add_argument("eval_csv", type=Path, nargs="+", help="one or more eval.csv (evaluations of the same held-out tokens)")
+    parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--title", default="kl_spliced against L0")
     parser.add_argument("--series", nargs="*", default=[], metavar="PREFIX=LABEL",
                         help="name prefixes and the series they belong to (first match wins)")
     args = parser.parse_args()
     mapping = dict(item.split("=", 1) for item in args.series)
-    plot(read_rows(args.eval_csv), args.out, args.title, mapping)
+    plot([row for path in args.eval_csv for row in read_rows(path)], args.out, args.title, mapping)
 
 
 if __name__ == "__main__":
