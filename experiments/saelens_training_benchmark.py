@@ -27,8 +27,11 @@ by its own Python:
     # SAELens' side: one dictionary per call
     /work/venvs/saelens/bin/python experiments/saelens_training_benchmark.py train --acts /work/runs/issue18b/acts \\
         --architecture topk --k 8 --lr 3e-4 --out /work/runs/issue18b/bench/saelens/topk-k8-lr3e-4
-    # both sides in one evaluation on the same held-out tokens
-    python evaluate.py run=/work/runs/issue18b/bench eval_tokens=12288
+    # both sides in one evaluation on the same held-out tokens (SAELens' cfg.json names no local text: give it)
+    python evaluate.py run=/work/runs/issue18b/bench eval_tokens=12288 data.source=files \\
+        data.path=../shared/fixtures/text/openwebtext-1k.jsonl model.name_or_path=../shared/fixtures/neox-owt-14m
+
+README "Trained against SAELens' own training at layer 3" has the grid, the table and the verdict.
 """
 
 from __future__ import annotations
