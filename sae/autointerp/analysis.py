@@ -291,12 +291,16 @@ def _size(n: int) -> str:
 
 def study(cfg: DictConfig, entries: list[Entry]) -> StudyResult:
     """Explain and score the features of every dictionary and baseline; write the outputs under ``out``."""
-    out = Path(cfg.out)
+    out = Path(cfg.out)  # under evaluate.py a staging directory, published over ``published`` at the end
+    published = Path(cfg.get("published") or out)
     analysis = OmegaConf.to_container(cfg.analysis, resolve=True)
     explainer = analysis.pop("explainer")
-    existing = [str(p) for p in output_paths(out).values() if p.exists()]
+    existing = [str(p) for p in output_paths(published).values() if p.exists()]
     if existing and not analysis["overwrite"]:
         raise ConfigError(f"{existing[0]} exists: pass analysis.overwrite=true or another out=...")
+    # the cache lives where the results are published, not in the staging directory, so a killed study's answers
+    # are there for the next run of the same command
+    analysis["cache_path"] = analysis.get("cache_path") or str(published / "autointerp" / "cache.sqlite")
     device = resolve_device(cfg.device)
     parts = _groups(cfg, entries, device)
     labels = lm_label(parts)
@@ -310,7 +314,7 @@ def study(cfg: DictConfig, entries: list[Entry]) -> StudyResult:
     result = run_from_config(source, decoder_from_tokenizer(parts[0].session.tokenizer), out, analysis, explainer,
                              str(device), meta)
     write_explanations(out, result, methods)
-    _redraw_dashboard(Path(cfg.get("published") or out), out, parts[0].session.tokenizer)
+    _redraw_dashboard(published, out, parts[0].session.tokenizer)
     _print_summary(result, out)
     return result
 

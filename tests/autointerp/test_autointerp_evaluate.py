@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import run_cli, tiny_overrides
+from conftest import run_cli, run_in_process, tiny_overrides
 
 # records small enough for the tiny run's held-out text (a few hundred tokens)
 SMALL = ["analysis.fragment_len=8", "analysis.n_top=3", "analysis.n_random=2", "analysis.n_explain=1",
@@ -84,8 +84,15 @@ def test_hf_local_on_two_features(tiny_run, tmp_path):
     meta = json.loads((out / "autointerp" / "meta.json").read_text())
     assert meta["explainer"]["backend"] == "hf_local" and meta["explainer"]["params"]
     assert meta["n_features_scored"] + meta["n_features_skipped"] == 2
-    assert meta["cache"]["misses"] > 0
+    assert meta["cache"]["misses"] > 0 and meta["cache"]["path"] == str(out / "autointerp" / "cache.sqlite")
     assert {r["method"] for r in _summary(out)} == {"dictionary"}
+    args = proc.args[2:]  # the same command again: refused without overwrite, then answered from the default cache
+    again = run_in_process("evaluate.py", *args)
+    assert again.returncode == 2 and "exists: pass analysis.overwrite=true" in again.stderr
+    replay = run_in_process("evaluate.py", *args, "analysis.overwrite=true", "analysis.cache_mode=replay")
+    assert replay.returncode == 0, replay.stderr[-3000:]
+    meta = json.loads((out / "autointerp" / "meta.json").read_text())
+    assert meta["cache"]["misses"] == 0 and meta["cache"]["hits"] > 0
 
 
 def _dead_copy(run, tmp_path):
