@@ -22,12 +22,9 @@ from sae.training.plan import DictionaryPlan, resolve
 from sae.training.spliced import downstream_hooks, n_layers
 from sae.training.warm_start import init_problems
 
-# what a resumed run may change: where and how often it reports, the held-out evaluation after training, and
-# train.fuse (how a set's step is computed, not what it computes: the same weights, bitwise in one thread, to float
-# rounding otherwise, as with another thread count; so runs from before the setting existed resume too); every
-# other setting (any key added later included) changes the trained result and must stay as the run began
-RESUMABLE = ("resume", "logger", "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps", "data.eval_tokens",
-             "train.fuse")
+# what a resumed run may change: where and how often it reports, and the held-out evaluation after training;
+# every other setting (any key added later included) changes the trained result and must stay as the run began
+RESUMABLE = ("resume", "logger", "trainer.log_every_n_steps", "trainer.checkpoint_every_n_steps", "data.eval_tokens")
 SPAWNING = ("ddp_spawn", "ddp_fork", "ddp_notebook")  # strategies whose workers cannot hand results back to train()
 
 

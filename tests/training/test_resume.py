@@ -122,8 +122,7 @@ def test_resume_refuses_changed_training_settings_only(tmp_path):
 
     record_settings(tmp_path, settings())
     check_resumed_settings(tmp_path, settings("resume=true", "logger=wandb", "trainer.log_every_n_steps=1",
-                                              "trainer.checkpoint_every_n_steps=3", "data.eval_tokens=64",
-                                              "train.fuse=false"))
+                                              "trainer.checkpoint_every_n_steps=3", "data.eval_tokens=64"))
     with pytest.raises(ConfigError, match=r"changed training settings: sae.aux_coeff=.*, sae.k=32 \(was <unset>\), .*"
                                           r"sae.variant=topk \(was relu_tied\); resume with"):
         check_resumed_settings(tmp_path, settings("sae=topk"))
