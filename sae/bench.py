@@ -4,10 +4,7 @@
 the objective (``sae.training.objectives``) + backward + an Adam step on one batch of normalised activations (what ``DictionaryModule``
 does, without Lightning or its logging); it is counted as 10·d·D FLOP per activation (encode, decode and three
 backward products of 2·d·D each). The set comparison (``ensemble_speedup``) runs the real training code: a set of
-dictionaries in one run against one run per dictionary over the same tokens; ``fused_over_unfused`` one set of
-same-shape TopK dictionaries with ``train.fuse`` on against off, and ``<variant>_fused_step_speedup`` the bare
-step of ``--fused-dicts`` dictionaries of the ``--d``/``--features`` shape fused against one by one.
-``--only steps lm ensemble fused`` takes only some of them.
+dictionaries in one run against one run per dictionary over the same tokens.
 
 ``--device`` (``auto``: CUDA when there is one) runs everything there; on a GPU each timed call ends with a CUDA
 synchronisation, so the times are those of the work done, not of the kernels queued.
@@ -16,7 +13,6 @@ synchronisation, so the times are those of the work done, not of the kernels que
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import time
 from pathlib import Path
@@ -92,37 +88,6 @@ def step_seconds(variant: str, d: int, n_features: int, batch: int, repeats: int
     return best_seconds(lambda: step(x), repeats)
 
 
-def fused_step_figures(d: int, n_features: int, batch: int, repeats: int, members: int) -> dict:
-    """``members`` dictionaries of one shape trained together (each on its own batch), fused (one stacked step,
-    ``sae.training.fusing``) against one after another, per variant that fuses: loss, backward and one Adam step."""
-    from sae.training.objectives import terms_loss
-
-    figures = {}
-    for variant, hparams in HPARAMS.items():
-        torch.manual_seed(0)
-        dictionaries = [build(variant, d, n_features, **hparams).to(DEVICE) for _ in range(members)]
-        optimizer = torch.optim.Adam([p for m in dictionaries for p in m.parameters()], lr=1e-4, fused=True)
-        x = torch.randn(members, batch, d, device=DEVICE) / d**0.5
-        dead = torch.zeros(members, n_features, dtype=torch.bool, device=DEVICE)
-
-        def unfused() -> torch.Tensor:
-            return sum(reconstruction_loss(m, x[g], dead[g])[0] for g, m in enumerate(dictionaries))
-
-        def fused() -> torch.Tensor:
-            return terms_loss(type(dictionaries[0]).stacked_train_terms(dictionaries, x, dead), x, 1.0)[0].sum()
-
-        def step(loss_fn: Callable[[], torch.Tensor]) -> None:
-            loss_fn().backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        one_by_one, together = (best_seconds(lambda: step(fn), repeats) for fn in (unfused, fused))
-        figures[f"{variant}_fused_step_speedup"] = one_by_one / together
-        print(f"{members} {variant} dictionaries, one step: fused {together * 1e3:.1f} ms against one by one "
-              f"{one_by_one * 1e3:.1f} ms: {one_by_one / together:.2f}x")
-    return figures
-
-
 def option_figures(d: int, n_features: int, batch: int, repeats: int, fp32: dict[str, float]) -> dict:
     """Each variant's train step under bf16 autocast and through ``torch.compile``, against its fp32 eager step
     (``fp32``: activations/s by variant)."""
@@ -152,50 +117,39 @@ def lm_figures(model_dir: Path, text: Path, batch: int, repeats: int) -> dict:
             "lm_tokens": tokens}
 
 
-@contextlib.contextmanager
-def training_runs(model_dir: Path, text: Path, tokens: int, eval_tokens: int, overrides: list[str]):
-    """``(compose, timed)`` for real training runs on ``model_dir``: ``compose(*more)`` is the run config with
-    ``more`` overrides, ``timed(cfg, name)`` trains it (``sae.training.run.train``) in a temporary directory and returns
-    its seconds end to end and its training loop's (``status.json``). Inside the application's config search path,
-    as train.py runs (a set may name another variant)."""
-    import tempfile
-
-    from hydra import compose, initialize_config_dir
-
-    from sae.training.config import register_schemas
-    from sae.training.run import RunInfo, train
-
-    register_schemas()
-    base = [f"model.name_or_path={model_dir}", "data=text_files", f"data.path={text}", "logger=csv",
-            f"train.tokens={tokens}", f"data.eval_tokens={eval_tokens}",
-            f"trainer.accelerator={'gpu' if DEVICE.type == 'cuda' else 'cpu'}"]
-    with initialize_config_dir(config_dir=str(CONF.resolve()), version_base="1.3"), tempfile.TemporaryDirectory() as tmp:
-        def timed(run_cfg, name: str) -> tuple[float, float]:
-            directory = Path(tmp) / name
-            start = time.perf_counter()
-            train(run_cfg, RunInfo(directory, name, None))
-            seconds = time.perf_counter() - start
-            return seconds, json.loads((directory / "status.json").read_text())["seconds"]["train_loop"]
-
-        yield (lambda *more: compose("config", overrides=[*base, *more, *overrides])), timed
-
-
 def ensemble_figures(model_dir: Path, text: Path, n_dicts: int, tokens: int, eval_tokens: int, overrides: list[str]) -> dict:
     """The first ``n_dicts`` dictionaries of ``experiment=six_layers`` trained by ``sae.training.run.train`` in one run (one LM
     forward per batch) against one run each over the same tokens (a separate run is exactly the set member's own
     config, so it sees the same batches). Every run, shared or separate, is timed from start to finish: its own
     model load, tokenization, initialisation, training loop and held-out evaluation; the training loops alone are
     timed too (``status.json``)."""
+    import tempfile
+
+    from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
+    from sae.training.config import register_schemas
     from sae.training.plan import resolve
+    from sae.training.run import RunInfo, train
 
-    with training_runs(model_dir, text, tokens, eval_tokens, overrides) as (compose, timed):
-        cfg = compose("experiment=six_layers")
+    register_schemas()
+
+    def timed(run_cfg, directory: Path) -> tuple[float, float]:
+        start = time.perf_counter()
+        train(run_cfg, RunInfo(directory, directory.name, None))
+        seconds = time.perf_counter() - start
+        return seconds, json.loads((directory / "status.json").read_text())["seconds"]["train_loop"]
+
+    # inside the application's config search path, as train.py runs (the set names another variant)
+    with initialize_config_dir(config_dir=str(CONF.resolve()), version_base="1.3"), tempfile.TemporaryDirectory() as tmp:
+        cfg = compose("config", overrides=[
+            "experiment=six_layers", f"model.name_or_path={model_dir}", "data=text_files", f"data.path={text}",
+            "logger=csv", f"train.tokens={tokens}", f"data.eval_tokens={eval_tokens}",
+            f"trainer.accelerator={'gpu' if DEVICE.type == 'cuda' else 'cpu'}", *overrides])
         with open_dict(cfg):
             cfg.dictionaries = cfg.dictionaries[:n_dicts]
-        shared, shared_loop = timed(cfg, "shared")
-        separate = [timed(plan.cfg, f"alone-{i}") for i, plan in enumerate(resolve(cfg))]
+        shared, shared_loop = timed(cfg, Path(tmp) / "shared")
+        separate = [timed(plan.cfg, Path(tmp) / f"alone-{i}") for i, plan in enumerate(resolve(cfg))]
     separate_total, separate_loops = sum(s for s, _ in separate), sum(loop for _, loop in separate)
     return {"ensemble_dicts": n_dicts, "ensemble_tokens": tokens, "ensemble_eval_tokens": eval_tokens,
             "ensemble_shared_s": shared, "ensemble_shared_loop_s": shared_loop,
@@ -203,24 +157,13 @@ def ensemble_figures(model_dir: Path, text: Path, n_dicts: int, tokens: int, eva
             "ensemble_speedup": separate_loops / shared_loop, "ensemble_end_to_end_speedup": separate_total / shared}
 
 
-def fused_figures(model_dir: Path, text: Path, members: int, tokens: int, eval_tokens: int, overrides: list[str]) -> dict:
-    """``members`` TopK dictionaries (the ``topk`` defaults) at block 3 trained in one set run, ``train.fuse=true``
-    against ``false``: one LM forward per batch for both, so the dictionaries' steps are what differs. The members
-    share the run's seed, so they are copies of one another: a timing, not a study."""
-    entries = ", ".join(f"{{name: t{i}}}" for i in range(members))
-    with training_runs(model_dir, text, tokens, eval_tokens, overrides) as (compose, timed):
-        loops = {fuse: timed(compose("sae=topk", "hook.layer=3", f"dictionaries=[{entries}]", f"train.fuse={fuse}"),
-                             f"fuse-{fuse}")[1] for fuse in ("true", "false")}
-    return {"fused_dicts": members, "fused_tokens": tokens, "fused_loop_s": loops["true"], "unfused_loop_s": loops["false"],
-            "fused_over_unfused": loops["false"] / loops["true"]}
-
-
-GROUPS = ("steps", "lm", "ensemble", "fused")  # --only: which figures to take (the GEMM peak always)
-
-
-def step_figures(d: int, n_features: int, batch: int, repeats: int, peak: float) -> dict:
-    """Each variant's train step against the GEMM peak ``peak`` (GFLOP/s)."""
-    figures = {}
+def run(args: argparse.Namespace) -> dict:
+    global DEVICE
+    DEVICE = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    d, n_features, batch, repeats = args.d, args.features, args.batch, args.repeats
+    peak = gemm_gflops(batch, d, n_features, repeats)
+    figures: dict = {"device": str(DEVICE), "threads": torch.get_num_threads(), "d": d, "n_features": n_features, "batch": batch, "gemm_gflops": peak}
+    print(f"fp32 GEMM [{batch}x{d}] @ [{d}x{n_features}] on {DEVICE}, {figures['threads']} threads: {peak:.1f} GFLOP/s")
     for variant in HPARAMS:
         rate = batch / step_seconds(variant, d, n_features, batch, repeats)
         frac = rate * 10 * d * n_features / (peak * 1e9)
@@ -229,55 +172,26 @@ def step_figures(d: int, n_features: int, batch: int, repeats: int, peak: float)
     figures["relu_frac_of_peak"] = figures["relu_tied_frac_of_peak"]
     figures["topk_over_relu"] = figures["topk_acts_per_s"] / figures["relu_tied_acts_per_s"]
     print(f"topk / relu_tied: {figures['topk_over_relu']:.2f}x")
-    return figures
-
-
-def lm_group_figures(args: argparse.Namespace, only: set[str], model_dir: Path, text: Path) -> dict:
-    """The figures that train or run the stand-in LM (``lm``, ``ensemble``, ``fused``), those of ``only``."""
-    figures: dict = {}
-    if "lm" in only:
-        figures.update(lm_figures(model_dir, text, args.batch, args.repeats))
-        print(f"LM on {figures['lm_tokens']} tokens: block 3 {figures['block3_acts_per_s']:,.0f} activations/s, full forward "
-              f"{figures['full_forward_tokens_per_s']:,.0f} tokens/s: {figures['lm_over_full_forward']:.2f}x")
-    if "ensemble" in only:
-        figures.update(ensemble_figures(model_dir, text, args.dicts, args.ensemble_tokens, args.ensemble_eval_tokens, args.override))
-        n = args.dicts
-        print(f"{n} dictionaries of experiment=six_layers on neox-owt-14m, {args.ensemble_tokens:,} tokens, held-out eval on "
-              f"{args.ensemble_eval_tokens:,}: one run {figures['ensemble_shared_s']:.1f} s (training loop "
-              f"{figures['ensemble_shared_loop_s']:.1f} s) against {n} separate runs {figures['ensemble_separate_s']:.1f} s "
-              f"(loops {figures['ensemble_separate_loop_s']:.1f} s; each separate run loads the model, tokenizes, initialises "
-              f"and evaluates on its own)")
-        print(f"  training loop: {figures['ensemble_speedup']:.2f}x; end to end: {figures['ensemble_end_to_end_speedup']:.2f}x")
-    if "fused" in only:
-        figures.update(fused_figures(model_dir, text, args.fused_dicts, args.fused_tokens, args.ensemble_eval_tokens, args.override))
-        print(f"{args.fused_dicts} TopK dictionaries at block 3 of neox-owt-14m in one run, {args.fused_tokens:,} tokens: "
-              f"training loop fused {figures['fused_loop_s']:.1f} s against unfused {figures['unfused_loop_s']:.1f} s: "
-              f"{figures['fused_over_unfused']:.2f}x")
-    return figures
-
-
-def run(args: argparse.Namespace) -> dict:
-    global DEVICE
-    DEVICE = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    d, n_features, batch, repeats = args.d, args.features, args.batch, args.repeats
-    only = set(args.only or GROUPS)
-    peak = gemm_gflops(batch, d, n_features, repeats)
-    figures: dict = {"device": str(DEVICE), "threads": torch.get_num_threads(), "d": d, "n_features": n_features, "batch": batch, "gemm_gflops": peak}
-    print(f"fp32 GEMM [{batch}x{d}] @ [{d}x{n_features}] on {DEVICE}, {figures['threads']} threads: {peak:.1f} GFLOP/s")
-    if "steps" in only:
-        figures.update(step_figures(d, n_features, batch, repeats, peak))
-        figures.update(fused_step_figures(d, n_features, batch, repeats, args.fused_dicts))
     if args.options:
-        fp32 = {variant: batch / step_seconds(variant, d, n_features, batch, repeats) for variant in HPARAMS}
+        fp32 = {variant: figures[f"{variant}_acts_per_s"] for variant in HPARAMS}
         figures.update(option_figures(d, n_features, batch, repeats, fp32))
-    figures.update(lm_over_full_forward=None, ensemble_speedup=None, fused_over_unfused=None)
-    if not only & {"lm", "ensemble", "fused"}:
-        return figures
+    figures.update(lm_over_full_forward=None, ensemble_speedup=None)
     if args.no_lm or not FIXTURES.is_dir() or not CONF.is_dir():
         print("LM figures skipped (--no-lm, or ../shared/fixtures or ./conf absent: run from the project's root): "
-              "lm_over_full_forward, ensemble_speedup, fused_over_unfused null")
+              "lm_over_full_forward, ensemble_speedup null")
         return figures
-    figures.update(lm_group_figures(args, only, FIXTURES / "neox-owt-14m", FIXTURES / "text" / "openwebtext-1k.jsonl"))
+    model_dir, text = FIXTURES / "neox-owt-14m", FIXTURES / "text" / "openwebtext-1k.jsonl"
+    figures.update(lm_figures(model_dir, text, batch, repeats))
+    print(f"LM on {figures['lm_tokens']} tokens: block 3 {figures['block3_acts_per_s']:,.0f} activations/s, full forward "
+          f"{figures['full_forward_tokens_per_s']:,.0f} tokens/s: {figures['lm_over_full_forward']:.2f}x")
+    figures.update(ensemble_figures(model_dir, text, args.dicts, args.ensemble_tokens, args.ensemble_eval_tokens, args.override))
+    n = args.dicts
+    print(f"{n} dictionaries of experiment=six_layers on neox-owt-14m, {args.ensemble_tokens:,} tokens, held-out eval on "
+          f"{args.ensemble_eval_tokens:,}: one run {figures['ensemble_shared_s']:.1f} s (training loop "
+          f"{figures['ensemble_shared_loop_s']:.1f} s) against {n} separate runs {figures['ensemble_separate_s']:.1f} s "
+          f"(loops {figures['ensemble_separate_loop_s']:.1f} s; each separate run loads the model, tokenizes, initialises "
+          f"and evaluates on its own)")
+    print(f"  training loop: {figures['ensemble_speedup']:.2f}x; end to end: {figures['ensemble_end_to_end_speedup']:.2f}x")
     return figures
 
 
@@ -291,10 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dicts", type=int, default=8, help="dictionaries of experiment=six_layers in the set comparison")
     parser.add_argument("--ensemble-tokens", type=int, default=300_000, help="train.tokens of each run in the set comparison")
     parser.add_argument("--ensemble-eval-tokens", type=int, default=4096, help="data.eval_tokens of those runs")
-    parser.add_argument("--fused-dicts", type=int, default=8, help="same-shape dictionaries in the fused comparisons")
-    parser.add_argument("--fused-tokens", type=int, default=100_000, help="train.tokens of each run in the fused set comparison")
-    parser.add_argument("--override", nargs="*", default=[], help="more Hydra overrides for the training runs")
-    parser.add_argument("--only", nargs="*", choices=GROUPS, help=f"take only these figures ({', '.join(GROUPS)}; default all)")
+    parser.add_argument("--override", nargs="*", default=[], help="more Hydra overrides for those runs")
     parser.add_argument("--no-lm", action="store_true", help="skip the figures that need ../shared/fixtures")
     parser.add_argument("--options", action="store_true", help="also time the step under bf16 autocast and torch.compile")
     args = parser.parse_args(argv)

@@ -6,8 +6,7 @@ import sys
 
 from tests.conftest import FIXTURES, ROOT, needs_cuda
 
-KEYS = {"gemm_gflops", "relu_frac_of_peak", "topk_over_relu", "lm_over_full_forward", "ensemble_speedup", "fused_over_unfused",
-        "relu_tied_fused_step_speedup", "topk_fused_step_speedup"}
+KEYS = {"gemm_gflops", "relu_frac_of_peak", "topk_over_relu", "lm_over_full_forward", "ensemble_speedup"}
 
 
 def test_bench_runs_tiny_and_prints_json(tmp_path):
@@ -17,7 +16,7 @@ def test_bench_runs_tiny_and_prints_json(tmp_path):
         small_text.write_text("\n".join(lines) + "\n")
     done = subprocess.run([sys.executable, "-m", "sae.bench", "--d", "16", "--features", "64", "--batch", "256",
                            "--repeats", "1", "--dicts", "2", "--ensemble-tokens", "4096",
-                           "--ensemble-eval-tokens", "256", "--fused-dicts", "2", "--fused-tokens", "2048", "--override", f"data.path={small_text}",
+                           "--ensemble-eval-tokens", "256", "--override", f"data.path={small_text}",
                            "stream.buffer_size=2048", "train.batch_size=256", "train.init_tokens=1024"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -25,19 +24,8 @@ def test_bench_runs_tiny_and_prints_json(tmp_path):
     assert KEYS <= figures.keys() and figures["gemm_gflops"] > 0 and figures["topk_over_relu"] > 0
     assert (figures["lm_over_full_forward"] is not None) == FIXTURES.is_dir()
     assert (figures["ensemble_speedup"] is not None) == FIXTURES.is_dir()
-    assert (figures["fused_over_unfused"] is not None) == FIXTURES.is_dir()
     if FIXTURES.is_dir():
         assert figures["ensemble_dicts"] == 2 and figures["ensemble_end_to_end_speedup"] > 0
-        assert figures["fused_dicts"] == 2 and figures["fused_over_unfused"] > 0
-
-
-def test_bench_only_some_figures():
-    done = subprocess.run([sys.executable, "-m", "sae.bench", "--d", "16", "--features", "64", "--batch", "256",
-                           "--repeats", "1", "--fused-dicts", "2", "--only", "steps"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-3000:]
-    figures = json.loads(done.stdout.strip().splitlines()[-1])
-    assert figures["relu_tied_fused_step_speedup"] > 0 and figures["ensemble_speedup"] is None and "lm_tokens" not in figures
 
 
 def test_bench_device_option():

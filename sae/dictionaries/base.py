@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import ClassVar
 
 import torch
@@ -49,23 +48,6 @@ class Dictionary(nn.Module):
     def hparams(self) -> dict:
         """Constructor arguments beyond ``d_in`` and ``n_features``, as saved in ``sae.json``."""
         return {}
-
-    # --- fusing: what a variant may define (``sae.dictionaries.fusing``) ----------------------------------
-    def fuse_key(self) -> tuple | None:
-        """What dictionaries of this variant, input width and size must also share to train as one stacked group
-        (hyperparameters that set a shape or a code path, e.g. TopK's ``k``); scalar ones such as ``l1_coeff`` may
-        differ. ``None``: the variant does not fuse (it trains alone in a set)."""
-        return None
-
-    @classmethod
-    def stacked_train_terms(cls, dictionaries: list["Dictionary"], x: torch.Tensor,
-                            dead: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """``train_terms`` of ``G`` dictionaries of this variant at once, on their normalised inputs ``x`` ``[G, batch,
-        d_in]`` (``dead``: ``[G, n_features]``): the terms with a leading ``G`` (``sparsity``, ``aux`` of shape
-        ``[G]``), from the members' parameters stacked (``stacked``) and one batched product per product. A variant
-        that fuses defines it, and its ``train_terms`` is the case ``G = 1``, so that a member computes alike alone and
-        in a group."""
-        raise NotImplementedError(f"variant '{cls.variant}' does not fuse")
 
     @torch.no_grad()
     def normalise_atoms_(self) -> None:
@@ -143,54 +125,9 @@ def encoder_affine(weight: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tenso
     """The bias of ``x @ weight.T + bias`` equal to ``(x - b_dec) @ weight.T + b_enc``.
 
     Folding ``b_dec`` into the bias spares the backward pass a ``[batch, n_features] @ [n_features, d_in]``
-    product: the input needs no gradient, and ``b_dec``'s comes from this vector alone. Stacked (``weight`` ``[G, n,
-    d]``, ``b_enc`` ``[G, n]``, ``b_dec`` ``[G, d]``) it is each member's.
+    product: the input needs no gradient, and ``b_dec``'s comes from this vector alone.
     """
-    if weight.dim() == 3:  # member by member: a batched product's sums depend on the batch (see ``plus_rows``)
-        return torch.stack([encoder_affine(*member) for member in zip(weight, b_enc, b_dec)])
     return b_enc - weight @ b_dec
-
-
-def stacked(dictionaries: list[Dictionary], name: str) -> torch.Tensor:
-    """The members' parameter ``name`` stacked into ``[G, ...]``, with gradient to each member's own (one member:
-    a view, no copy). Parameters stay stored per member, so saving, checkpoints and resampling do not change."""
-    tensors = [getattr(d, name) for d in dictionaries]
-    return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)
-
-
-def scalars(dictionaries: list[Dictionary], name: str, like: torch.Tensor) -> torch.Tensor:
-    """The members' scalar hyperparameter ``name`` as a ``[G]`` tensor (on ``like``'s device and dtype)."""
-    return _constant(tuple(float(getattr(d, name)) for d in dictionaries), like.dtype, like.device)
-
-
-@functools.lru_cache(maxsize=256)
-def _constant(values: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Made once: a copy from the host at every step would wait on a GPU for all the queued work."""
-    return torch.tensor(values, dtype=dtype, device=device)
-
-
-class PlusRows(torch.autograd.Function):
-    """``out + bias`` for ``out`` ``[G, batch, n]`` and a per-member ``bias`` ``[G, n]``, the bias's gradient summed
-    over the batch member by member: the reduction of a broadcast (and a batched product) sums in an order that
-    depends on ``G``, so this is what keeps a member's step bitwise the same alone and in a group."""
-
-    @staticmethod
-    def forward(ctx, out: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        return out + bias.unsqueeze(-2)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad, torch.stack([member.sum(0) for member in grad])
-
-
-def plus_rows(out: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``out + bias.unsqueeze(-2)``, exact per member (``PlusRows``)."""
-    return PlusRows.apply(out, bias)
-
-
-def unstacked(terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A group of one's terms without the leading ``G``: a dictionary's own ``train_terms``."""
-    return {key: value[0] for key, value in terms.items()}
 
 
 def unit_rows(w: torch.Tensor) -> torch.Tensor:

@@ -44,10 +44,6 @@ class BatchTopKDictionary(TopKDictionary):
         self.threshold_lr = threshold_lr
         self.register_buffer("threshold", torch.zeros(()))
 
-    def fuse_key(self) -> None:
-        """Not fused: its selection (a batch-wide top ``k``) and threshold are not stacked (``Dictionary.fuse_key``)."""
-        return None
-
     def encode_normalised(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.pre_activations(x)
         return torch.relu(pre) * (pre > self.threshold)

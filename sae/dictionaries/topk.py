@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sae.dictionaries.base import Dictionary, encoder_affine, random_atoms, plus_rows, register, scalars, stacked, unit_rows, unstacked
+from sae.dictionaries.base import Dictionary, encoder_affine, random_atoms, register, unit_rows
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
@@ -51,78 +51,56 @@ def _gather_dots(indices: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor
     return torch.empty_like(dots).scatter_(-1, order, dots)
 
 
-def _flat(indices: torch.Tensor, n: int) -> torch.Tensor:
-    """``[rows, k]`` indices into the rows of a flattened weight: a stacked group's ``[G, batch, k]`` indices into
-    ``[G, n, d]`` become indices into ``[G·n, d]`` (member ``g``'s offset by ``g·n``), so one sparse product serves the
-    whole group; a single dictionary's ``[batch, k]`` stay as they are."""
-    if indices.dim() == 2:
-        return indices
-    offsets = torch.arange(len(indices), device=indices.device).mul_(n).view(-1, 1, 1)
-    return (indices + offsets).flatten(0, 1)
-
-
 class SparseDecode(torch.autograd.Function):
-    """``out[b] = Σ_j values[b, j] · weight[indices[b, j]]``, forward and backward in O(batch · k · d).
-
-    Stacked: ``indices``/``values`` ``[G, batch, k]`` and ``weight`` ``[G, n, d]`` give ``[G, batch, d]``, each member
-    decoded with its own atoms, by the same kernels over the flattened group."""
+    """``out[b] = Σ_j values[b, j] · weight[indices[b, j]]``, forward and backward in O(batch · k · d)."""
 
     @staticmethod
     def forward(ctx, indices: torch.Tensor, values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        flat, k = _flat(indices, weight.shape[-2]), indices.shape[-1]
-        ctx.save_for_backward(flat, values, weight)
-        out = F.embedding_bag(flat, weight.reshape(-1, weight.shape[-1]), per_sample_weights=values.reshape(-1, k), mode="sum")
-        return out.view(*indices.shape[:-1], weight.shape[-1])
+        ctx.save_for_backward(indices, values, weight)
+        return F.embedding_bag(indices, weight, per_sample_weights=values, mode="sum")
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        flat, values, weight = ctx.saved_tensors
-        rows, table = grad.reshape(-1, grad.shape[-1]), weight.reshape(-1, weight.shape[-1])
-        grad_values = _gather_dots(flat, rows, table).view(values.shape) if ctx.needs_input_grad[1] else None
-        grad_weight = (_scatter_rows(flat, values.reshape(flat.shape), rows, len(table)).view(weight.shape)
-                       if ctx.needs_input_grad[2] else None)
+        indices, values, weight = ctx.saved_tensors
+        grad_values = _gather_dots(indices, grad, weight) if ctx.needs_input_grad[1] else None
+        grad_weight = _scatter_rows(indices, values, grad, len(weight)) if ctx.needs_input_grad[2] else None
         return None, grad_values, grad_weight
 
 
 class SparseTopK(torch.autograd.Function):
     """The ``k`` largest of ``ReLU(pre)`` per row as ``(values, indices)``, where ``pre = x @ weight.T + bias``
     was computed by the caller (without gradient); the backward reaches ``x``, ``weight`` and ``bias`` through
-    the chosen entries only. Stacked: ``pre`` ``[G, batch, n]``, ``x`` ``[G, batch, d]``, ``weight`` ``[G, n, d]``,
-    ``bias`` ``[G, n]``; the indices are each member's own."""
+    the chosen entries only."""
 
     @staticmethod
     def forward(ctx, pre: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int):
         values, indices = torch.relu(pre).topk(k, dim=-1, sorted=False)
-        ctx.save_for_backward(x, weight, _flat(indices, weight.shape[-2]), values)
+        ctx.save_for_backward(x, weight, indices, values)
         ctx.mark_non_differentiable(indices)
         return values, indices
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor, _grad_indices):
-        x, weight, flat, values = ctx.saved_tensors
-        grad = (grad * (values > 0)).reshape(flat.shape)
-        rows, table = x.reshape(-1, x.shape[-1]), weight.reshape(-1, weight.shape[-1])
-        grad_x = (F.embedding_bag(flat, table, per_sample_weights=grad, mode="sum").view(x.shape)
-                  if ctx.needs_input_grad[1] else None)
-        grad_weight = _scatter_rows(flat, grad, rows, len(table)).view(weight.shape) if ctx.needs_input_grad[2] else None
-        grad_bias = grad.new_zeros(len(table)).index_add_(0, flat.reshape(-1), grad.reshape(-1)).view(weight.shape[:-1])
+        x, weight, indices, values = ctx.saved_tensors
+        grad = grad * (values > 0)
+        grad_x = F.embedding_bag(indices, weight, per_sample_weights=grad, mode="sum") if ctx.needs_input_grad[1] else None
+        grad_weight = _scatter_rows(indices, grad, x, len(weight)) if ctx.needs_input_grad[2] else None
+        grad_bias = grad.new_zeros(len(weight)).index_add_(0, indices.reshape(-1), grad.reshape(-1))
         return None, grad_x, grad_weight, grad_bias, None
 
 
 def sparse_topk(pre: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int):
-    """``(values, indices)`` of the top ``k`` of ``ReLU(pre)``, ``pre = x @ weight.T + bias`` given detached (one
-    dictionary, or a stacked group: see ``SparseTopK``)."""
+    """``(values, indices)`` of the top ``k`` of ``ReLU(pre)``, ``pre = x @ weight.T + bias`` given detached."""
     return SparseTopK.apply(pre.detach(), x, weight, bias, k)
 
 
 def sparse_decode(indices: torch.Tensor, values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``Σ_j values[..., j] · weight[indices[..., j]]``: ``densify(indices, values) @ weight`` without the dense codes
-    (one dictionary, or a stacked group: see ``SparseDecode``)."""
+    """``Σ_j values[:, j] · weight[indices[:, j]]``: ``densify(indices, values) @ weight`` without the dense codes."""
     return SparseDecode.apply(indices, values, weight)
 
 
 def densify(indices: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
-    return values.new_zeros(*values.shape[:-1], n).scatter_(-1, indices, values)
+    return values.new_zeros(len(values), n).scatter_(-1, indices, values)
 
 
 @register
@@ -159,54 +137,29 @@ class TopKDictionary(Dictionary):
     def decoder_weight(self) -> torch.Tensor:
         return unit_rows(self.W_dec)
 
-    def fuse_key(self) -> tuple:
-        """TopK dictionaries fuse when they keep as many codes (``k``, ``k_aux``: shapes of the selection) and all
-        or none use AuxK; ``aux_coeff`` itself is a per-member scalar."""
-        return self.k, self.k_aux, self.aux_coeff > 0
-
     def train_terms(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        return unstacked(self.stacked_train_terms([self], x.unsqueeze(0), None if dead is None else dead.unsqueeze(0)))
-
-    @classmethod
-    def stacked_train_terms(cls, dictionaries, x, dead=None):
-        """One batched encoder product (``baddbmm``, without gradient), the top ``k`` of each member's rows, and the
-        sparse decode and backward of the whole group at once (``SparseTopK``, ``SparseDecode`` on stacked inputs)."""
-        first = dictionaries[0]
-        weight, atoms, b_dec = stacked(dictionaries, "W_enc"), unit_rows(stacked(dictionaries, "W_dec")), stacked(dictionaries, "b_dec")
-        bias = encoder_affine(weight, stacked(dictionaries, "b_enc"), b_dec)
+        bias, atoms = self.encoder_bias(), self.decoder_weight()
         with torch.no_grad():
-            pre = torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
-        values, indices = sparse_topk(pre, x, weight, bias, first.k)
-        x_hat = plus_rows(sparse_decode(indices, values, atoms), b_dec)
-        aux = x.new_zeros(len(x))
-        if dead is not None and first.aux_coeff != 0:
-            coeffs = scalars(dictionaries, "aux_coeff", x)
-            aux = aux_k_loss(pre, x, weight, bias, atoms, x - x_hat.detach(), dead, coeffs, min(first.k_aux, first.n_features))
-        codes = densify(indices, values.detach(), first.n_features)
-        return {"x_hat": x_hat, "codes": codes, "sparsity": x.new_zeros(len(x)), "aux": aux}
+            pre = x @ self.W_enc.T + bias
+        values, indices = sparse_topk(pre, x, self.W_enc, bias, self.k)
+        x_hat = sparse_decode(indices, values, atoms) + self.b_dec
+        aux = self._aux_loss(pre, x, bias, atoms, x - x_hat.detach(), dead)
+        codes = densify(indices, values.detach(), self.n_features)
+        return {"x_hat": x_hat, "codes": codes, "sparsity": x.new_zeros(()), "aux": aux}
 
     def _aux_loss(self, pre: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, atoms: torch.Tensor,
                   residual: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor:
-        """AuxK of one dictionary (``aux_k_loss``), for the variants built on TopK's selection."""
+        """AuxK with a fixed ``k_aux`` whatever the number of dead latents, so that no step asks the device how many
+        there are (a host synchronisation): the live latents' pre-activations are masked to -inf, so a selected
+        live (or non-positive) latent has code 0 and no gradient, and with no dead latent the term is 0."""
         if dead is None or self.aux_coeff == 0:
             return pre.new_zeros(())
-        return aux_k_loss(pre, x, self.W_enc, bias, atoms, residual, dead, self.aux_coeff, min(self.k_aux, self.n_features))
+        k_aux = min(self.k_aux, self.n_features)
+        values, indices = sparse_topk(pre.masked_fill(~dead, float("-inf")), x, self.W_enc, bias, k_aux)
+        residual_hat = sparse_decode(indices, values, atoms)
+        variance = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
+        aux = self.aux_coeff * (residual_hat - residual).pow(2).sum() / variance
+        return torch.where(dead.any(), aux, aux.new_zeros(()))
 
     def hparams(self) -> dict:
         return {"k": self.k, "aux_coeff": self.aux_coeff, "k_aux": self.k_aux}
-
-
-def aux_k_loss(pre: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, atoms: torch.Tensor,
-               residual: torch.Tensor, dead: torch.Tensor, aux_coeff, k_aux: int) -> torch.Tensor:
-    """AuxK with a fixed ``k_aux`` whatever the number of dead latents, so that no step asks the device how many
-    there are (a host synchronisation): the live latents' pre-activations are masked to -inf, so a selected
-    live (or non-positive) latent has code 0 and no gradient, and with no dead latent the term is 0.
-
-    One dictionary (``pre`` ``[batch, n]``, ``dead`` ``[n]``, a scalar ``aux_coeff``: a scalar term) or a stacked
-    group (``[G, batch, n]``, ``[G, n]``, ``aux_coeff`` ``[G]``: one term per member)."""
-    values, indices = sparse_topk(pre.masked_fill(~dead.unsqueeze(-2), float("-inf")), x, weight, bias, k_aux)
-    residual_hat = sparse_decode(indices, values, atoms)
-    dims = (-2, -1)
-    variance = (residual - residual.mean(-2, keepdim=True)).pow(2).sum(dims).clamp_min(1e-12)
-    aux = aux_coeff * (residual_hat - residual).pow(2).sum(dims) / variance
-    return torch.where(dead.any(-1), aux, torch.zeros_like(aux))

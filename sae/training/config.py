@@ -126,9 +126,6 @@ class TrainConfig:
     """A run whose training FVU stays above this for divergence_steps steps in a row has diverged and stops."""
     divergence_steps: int = MISSING
     """See divergence_fvu (checked every trainer.log_every_n_steps steps, like a non-finite loss)."""
-    fuse: bool = MISSING
-    """Dictionaries of a set with one variant, width and size (and TopK's k) train as one stacked group: batched
-    products, one loss and backward, the same weights as unfused (sae.training.fusing); false: one by one."""
 
 
 @dataclass

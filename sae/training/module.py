@@ -30,7 +30,6 @@ from sae.evaluation.metrics import fvu
 from sae.lm.hooks import HookPoint
 from sae.training.objectives import Objective, objective_loss, reconstruction_loss
 from sae.training.divergence import FVU_HIGH, DivergenceWatch, skip_non_finite_step
-from sae.training.fusing import fusion_groups, set_losses
 from sae.training.spliced import SplicedTerms, downstream_hooks, n_layers, spliced_terms
 from sae.training.plan import label, log_prefix
 from sae.training.resampling import resampling_plan
@@ -96,18 +95,9 @@ class TrainedDictionary(nn.Module):
 
     def training_loss(self, batch: dict[str, torch.Tensor], sparsity_weight: float) -> tuple[torch.Tensor, dict]:
         """This dictionary's loss on ``batch`` and its metrics (logged under ``prefix``); counts firing."""
-        x = self.training_input(batch)
-        loss, out = reconstruction_loss(self.dictionary, x, self.dead_mask(), sparsity_weight)
-        return loss, self.step_metrics(loss, out, x)
-
-    def training_input(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Its normalised input of ``batch``, remembered for resampling."""
         x = self.normalised_input(batch)
         self.remember(x)
-        return x
-
-    def step_metrics(self, loss: torch.Tensor, out: dict[str, torch.Tensor], x: torch.Tensor) -> dict:
-        """The metrics of a step (its ``loss`` and ``reconstruction_loss``'s terms on ``x``); counts firing."""
+        loss, out = reconstruction_loss(self.dictionary, x, self.dead_mask(), sparsity_weight)
         active = out["codes"].detach() != 0
         self.track_firing(active)
         metrics = {
@@ -119,7 +109,7 @@ class TrainedDictionary(nn.Module):
             "l0": active.sum(-1, dtype=torch.float32).mean(),
             "dead_frac": self.dead_mask().float().mean(),
         }
-        return {f"{self.prefix}/{k}": v for k, v in metrics.items()}
+        return loss, {f"{self.prefix}/{k}": v for k, v in metrics.items()}
 
     def spliced_loss(self, objective: Objective, spliced: SplicedTerms, sparsity_weight: float) -> tuple[torch.Tensor, dict]:
         """This dictionary's end-to-end loss from the LM's clean input and spliced run (``sae.training.spliced``),
@@ -232,8 +222,6 @@ class DictionaryModule(pl.LightningModule):
     ``divergence_steps`` steps in a row (``None``: not checked), stops the run with ``TrainingDiverged`` on every
     process; a step with non-finite gradients is skipped on the device (``sae.training.divergence``). After each
     optimiser step the decoder atoms are set back to unit norm (``Dictionary.normalise_atoms_``).
-
-    ``fuse``: members of one shape train as one stacked group (``sae.training.fusing``; the same weights as unfused).
     """
 
     def __init__(
@@ -257,7 +245,6 @@ class DictionaryModule(pl.LightningModule):
         histogram_every: int = 200,
         divergence_fvu: float | None = None,
         divergence_steps: int | None = None,
-        fuse: bool = True,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -266,8 +253,6 @@ class DictionaryModule(pl.LightningModule):
             for m in dictionaries
         )
         self.objective = Objective(**objective)
-        # members that share a shape train as one stacked group (sae.training.fusing); indices into members
-        self.groups = fusion_groups(self.dictionaries(), fuse and not self.objective.on_contexts)
         self.hooks = [HookPoint(**m["hook"]) if m.get("hook") else None for m in dictionaries]
         self._later: list[list[HookPoint]] | None = None
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
@@ -333,7 +318,7 @@ class DictionaryModule(pl.LightningModule):
             pairs = zip(self.members, self._spliced_terms(batch["input_ids"]))
             results = [member.spliced_loss(self.objective, terms, weight) for member, terms in pairs]
         else:
-            results = set_losses(list(self.members), self.groups, batch, weight)
+            results = [member.training_loss(batch, weight) for member in self.members]
         for loss, member_metrics in results:
             losses.append(loss)
             metrics.update(member_metrics)

@@ -29,13 +29,8 @@ def reconstruction_loss(dictionary: Dictionary, x: torch.Tensor, dead: torch.Ten
                         sparsity_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss on normalised activations ``x`` ``[batch, d_in]`` and its terms (``mse``, ``sparsity``, ``aux``,
     and the dictionary's ``x_hat`` and detached ``codes``)."""
-    return terms_loss(dictionary.train_terms(x, dead=dead), x, sparsity_weight)
-
-
-def terms_loss(terms: dict[str, torch.Tensor], x: torch.Tensor, sparsity_weight: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``reconstruction_loss`` from a dictionary's ``train_terms`` on ``x`` ``[batch, d_in]``, or a fused group's on
-    ``[G, batch, d_in]`` (``sae.training.fusing``: then the loss and each term are ``[G]``, one per member)."""
-    mse = (terms["x_hat"] - x).pow(2).sum(-1).mean(-1)
+    terms = dictionary.train_terms(x, dead=dead)
+    mse = (terms["x_hat"] - x).pow(2).sum(-1).mean()
     loss = mse + sparsity_weight * terms["sparsity"] + terms["aux"]
     return loss, {**terms, "mse": mse}
 

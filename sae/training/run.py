@@ -212,7 +212,7 @@ def _train(cfg: DictConfig, run: RunInfo, plans: list[DictionaryPlan], checkpoin
         dead_window=t.dead_window, init_tokens=t.init_tokens, resample_every=t.resample_every,
         resample_until=t.resample_until, duplicate_cos=t.duplicate_cos, resample_pool=t.resample_pool, seed=cfg.seed,
         objective=OmegaConf.to_container(cfg.objective, resolve=True), divergence_fvu=t.divergence_fvu,
-        divergence_steps=t.divergence_steps, fuse=t.fuse,
+        divergence_steps=t.divergence_steps,
     )
     logger = make_logger(cfg.logger, run)
     checkpoints = ModelCheckpoint(dirpath=str(run.dir / "checkpoints"), every_n_train_steps=tr.checkpoint_every_n_steps, save_last=True)
