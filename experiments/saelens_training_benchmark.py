@@ -53,6 +53,7 @@ def dump(out: Path, overrides: list[str]) -> None:
     from omegaconf import OmegaConf
 
     sys.path.insert(0, str(ROOT))
+    from sae.io.atomic import atomic_path, write_json
     from sae.training.config import register_schemas
     from sae.training.run import lm_setup, training_steps
     from sae.training.validation import validate
@@ -67,23 +68,24 @@ def dump(out: Path, overrides: list[str]) -> None:
     datamodule.setup("fit")
     steps, hook = training_steps(cfg.train), plans[0].hook
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / (ACTS + ".partial")
-    rows = None
-    for step, batch in zip(range(steps), datamodule.make_stream()):
-        acts = batch[hook.name].float().cpu().numpy()
-        if rows is None:
-            rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(steps, *acts.shape))
-        rows[step] = acts
-        if step % 500 == 0:
-            print(f"dump: batch {step:,} / {steps:,}", flush=True)
-    rows.flush()
-    tmp.replace(out / ACTS)
-    meta = {"steps": steps, "batch_size": cfg.train.batch_size, "d_in": int(rows.shape[-1]),
+    with atomic_path(out / ACTS) as tmp:  # the project's one atomic write: whole or absent
+        rows = None
+        for step, batch in zip(range(steps), datamodule.make_stream()):
+            acts = batch[hook.name].float().cpu().numpy()
+            if rows is None:
+                rows = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(steps, *acts.shape))
+            rows[step] = acts
+            if step % 500 == 0:
+                print(f"dump: batch {step:,} / {steps:,}", flush=True)
+        rows.flush()
+        d_in = int(rows.shape[-1])
+        del rows  # the memmap closed before the rename
+    meta = {"steps": steps, "batch_size": cfg.train.batch_size, "d_in": d_in,
             "tokens": steps * cfg.train.batch_size, "hook": hook.name, "layer": hook.layer,
             "hook_name": HOOK_NAME.format(layer=hook.layer), "model": cfg.model.name_or_path,
             "context_length": cfg.data.context_length, "overrides": overrides,
             "config": OmegaConf.to_container(cfg, resolve=True)}
-    (out / META).write_text(json.dumps(meta, indent=2))
+    write_json(out / META, meta)
     print(f"dump: {meta['tokens']:,} activations ({steps:,} batches of {cfg.train.batch_size}) -> {out / ACTS}")
 
 
@@ -92,7 +94,7 @@ def dump(out: Path, overrides: list[str]) -> None:
 # codes and the heuristic decoder init (norm 0.1), all SAELens defaults; JumpReLU with Anthropic's setup, which the
 # page recommends: tanh sparsity loss, bandwidth 2, initial threshold 0.1, the pre-activation loss 3e-6, activations
 # normalised to mean norm sqrt(d_in), the L0 penalty warmed up over the whole run. Every run: Adam (0.9, 0.999), the
-# runner's default batch of 4,096 activations, a constant rate decayed linearly to 0 over the last 20% of steps
+# runner's default batch of 4,096 activations, a constant rate decayed linearly to a tenth of it (lr_end) over the last 20% of steps
 # (the docs' tutorial and Anthropic's recommendation), SAELens' dead-feature window.
 SAELENS_BATCH = 4096
 JUMPRELU = {"jumprelu_sparsity_loss_mode": "tanh", "jumprelu_tanh_scale": 4.0, "jumprelu_bandwidth": 2.0,
