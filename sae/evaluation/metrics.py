@@ -120,6 +120,57 @@ class _NextTokenKL(torch.autograd.Function):
         return dz, None
 
 
+ROWS_PER_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 28}  # logits per chunk of ``kl_from_hidden``
+
+
+def kl_from_hidden(hidden: torch.Tensor, clean_hidden: torch.Tensor, weight: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``NextTokenScorer(clean logits).kl_per_token(spliced logits)`` from the final hidden states instead of the
+    logits (``logits = hidden @ weight.T + bias``): ``[batch, seq - 1]``, differentiable in ``hidden``.
+
+    The same per-token KL, computed a chunk of positions at a time: each chunk's clean and spliced logits, the KL
+    and its gradient d KL / d hidden = (softmax(z) · Σp − p) @ weight are formed while the chunk is in cache, and
+    only the ``[positions, d_model]`` gradient is kept for the backward. On a CPU, where the vocabulary-wide
+    element-wise passes over ``[positions, vocab]`` tensors cost as much as the three products, this halves the
+    KL objective's step; no ``[positions, vocab]`` tensor outlives its chunk. Identical hidden states give
+    bit-identical logits (both products run on the same chunk shape), so unspliced positions add exactly 0."""
+    batch, seq = hidden.shape[0], hidden.shape[1] - 1
+    flat = hidden[:, :-1].reshape(batch * seq, -1)
+    clean = clean_hidden[:, :-1].reshape(batch * seq, -1)
+    budget = ROWS_PER_CHUNK_ELEMENTS["cuda" if hidden.is_cuda else "cpu"]
+    rows = max(1, budget // weight.shape[0])
+    return _HiddenStateKL.apply(flat, clean, weight, bias, rows).view(batch, seq)
+
+
+class _HiddenStateKL(torch.autograd.Function):
+    """``kl_from_hidden``'s chunked forward, which also forms the gradient; the backward only scales it."""
+
+    @staticmethod
+    def forward(ctx, hidden, clean, weight, bias, rows):
+        kl = hidden.new_empty(len(hidden), dtype=torch.float32)
+        grad = torch.empty_like(hidden)
+        for start in range(0, len(hidden), rows):
+            part = slice(start, start + rows)
+            c = F.linear(clean[part], weight, bias).float()
+            z = F.linear(hidden[part], weight, bias).float()
+            c_max, z_max = c.amax(-1, keepdim=True), z.amax(-1, keepdim=True)
+            p, q = (c - c_max).exp_(), (z - z_max).exp_()  # each exp once: softmax and log-sum-exp from it
+            c_sum, z_sum = p.sum(-1, keepdim=True), q.sum(-1, keepdim=True)
+            p.div_(c_sum)
+            p_sum = p.sum(-1, keepdim=True)
+            lse_gap = z_max + z_sum.log() - c_max - c_sum.log()
+            kl[part] = (lse_gap * p_sum).squeeze(-1) - _row_dot(p, z.sub_(c))
+            dz = q.mul_(p_sum / z_sum).sub_(p)
+            grad[part] = (dz.to(weight.dtype) @ weight).to(grad.dtype)
+        ctx.save_for_backward(grad)
+        return kl
+
+    @staticmethod
+    def backward(ctx, kl_grad):
+        (grad,) = ctx.saved_tensors
+        return grad * kl_grad.unsqueeze(-1).to(grad.dtype), None, None, None, None
+
+
 def histogram(values: torch.Tensor, bins: int, low: float, high: float) -> dict[str, list[float]]:
     """Equal-width histogram of ``values`` over ``[low, high]``, as JSON-ready ``edges`` and ``counts``."""
     counts, edges = torch.histogram(values.double().cpu(), bins=bins, range=(low, high))

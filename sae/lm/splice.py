@@ -21,10 +21,12 @@ Edits in model units (a dictionary's ``encode``/``decode`` apply its normalisati
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sae.dictionaries import Dictionary
@@ -123,10 +125,12 @@ class Replace:
 @dataclass
 class Spliced:
     """What a spliced forward returns: next-token ``logits`` (``[batch, seq, vocab]``, or ``[n, vocab]`` at the
-    positions asked for) and the activation that arrived at each hook asked for (before that hook's own edit)."""
+    positions asked for; ``None`` when the final hidden states were asked for instead, in ``hidden``) and the
+    activation that arrived at each hook asked for (before that hook's own edit)."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     activations: dict[HookPoint, torch.Tensor]
+    hidden: torch.Tensor | None = None
 
 
 def spliced_forward(
@@ -136,11 +140,14 @@ def spliced_forward(
     special_ids: list[int],
     read: Sequence[HookPoint] = (),
     at: tuple[torch.Tensor, torch.Tensor] | None = None,
+    hidden: bool = False,
 ) -> Spliced:
     """Run ``model`` on ``input_ids`` once with each ``edits[hook]`` applied at its hook.
 
     ``read``: hooks whose arriving activation is returned. ``at``: ``(rows, positions)`` to unembed only those
-    positions (the final hidden states are gathered first, sparing the vocabulary-wide product elsewhere)."""
+    positions (the final hidden states are gathered first, sparing the vocabulary-wide product elsewhere).
+    ``hidden``: return the final hidden states (what the unembedding reads) and no logits, for a caller that
+    unembeds them itself (``sae.evaluation.metrics.kl_from_hidden``, with ``linear_unembedding``)."""
     input_ids = input_ids.to(model_device(model))
     keep = token_mask(input_ids, special_ids)
     seen: dict[HookPoint, torch.Tensor] = {}
@@ -156,6 +163,9 @@ def spliced_forward(
     with contextlib.ExitStack() as stack:
         for hook in dict.fromkeys([*edits, *read]):
             stack.enter_context(intervene(model, hook, at_hook(hook)))
+        if hidden:
+            states = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+            return Spliced(None, seen, states)
         if at is None:
             logits = model(input_ids=input_ids, use_cache=False).logits
         else:
@@ -163,3 +173,24 @@ def spliced_forward(
             rows, positions = (t.to(hidden.device) for t in at)
             logits = model.get_output_embeddings()(hidden[rows, positions])
     return Spliced(logits, seen)
+
+
+_UNEMBEDDINGS: "weakref.WeakKeyDictionary[nn.Module, tuple | None]" = weakref.WeakKeyDictionary()
+
+
+def linear_unembedding(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The unembedding's ``(weight, bias)`` when the model's logits are exactly ``F.linear`` of its final hidden
+    states (checked once per model, on a short input), else ``None``: a head that soft-caps or scales its logits
+    must be run as the model runs it."""
+    if model in _UNEMBEDDINGS:
+        return _UNEMBEDDINGS[model]
+    head, found = model.get_output_embeddings(), None
+    if isinstance(head, nn.Linear):
+        ids = torch.arange(8, device=model_device(model))[None] % model.config.vocab_size
+        with torch.no_grad():
+            logits = model(input_ids=ids, use_cache=False).logits
+            states = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+            if torch.allclose(F.linear(states, head.weight, head.bias).float(), logits.float(), rtol=1e-5, atol=1e-5):
+                found = (head.weight, head.bias)
+    _UNEMBEDDINGS[model] = found
+    return found

@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from sae.dictionaries import Dictionary
-from sae.evaluation.metrics import NextTokenScorer
+from sae.evaluation.metrics import NextTokenScorer, kl_from_hidden
 from sae.lm.hooks import HookPoint
 from sae.lm.reader import model_device, token_mask
-from sae.lm.splice import Reconstruct, spliced_forward
+from sae.lm.splice import Reconstruct, linear_unembedding, spliced_forward
 
 
 def n_layers(model_config) -> int:
@@ -58,6 +58,29 @@ class SplicedTerms:
     downstream: torch.Tensor
 
 
+class _CleanRun:
+    """The clean run's next-token distributions, and how a spliced run's KL against them is computed: from the
+    final hidden states, a chunk at a time (``kl_from_hidden``), when the model's head is a plain linear map, else
+    from the logits (``NextTokenScorer``). Both are ``kl_spliced``'s per-token terms."""
+
+    def __init__(self, model: nn.Module, input_ids: torch.Tensor, special_ids: list[int], read: list[HookPoint]):
+        self.model, self.input_ids, self.special_ids = model, input_ids, special_ids
+        self.unembedding = linear_unembedding(model)
+        with torch.no_grad():
+            run = spliced_forward(model, input_ids, {}, special_ids, read=read, hidden=self.unembedding is not None)
+        self.activations = run.activations
+        self.hidden = run.hidden
+        self.scorer = None if self.unembedding else NextTokenScorer(run.logits, input_ids)
+
+    def spliced(self, edits: dict, read: list[HookPoint]) -> tuple[torch.Tensor, dict[HookPoint, torch.Tensor]]:
+        """The mean KL(clean || spliced) with ``edits`` spliced in (autograd on), and the activations read."""
+        run = spliced_forward(self.model, self.input_ids, edits, self.special_ids, read=read,
+                              hidden=self.unembedding is not None)
+        if self.unembedding is None:
+            return self.scorer.kl_per_token(run.logits).mean(), run.activations
+        return kl_from_hidden(run.hidden, self.hidden, *self.unembedding).mean(), run.activations
+
+
 def spliced_terms(model: nn.Module, input_ids: torch.Tensor, special_ids: list[int],
                   members: list[tuple[HookPoint, Dictionary]], later: list[list[HookPoint]],
                   splice: str) -> list[SplicedTerms]:
@@ -66,20 +89,14 @@ def spliced_terms(model: nn.Module, input_ids: torch.Tensor, special_ids: list[i
     input_ids = input_ids.to(model_device(model))
     keep = token_mask(input_ids, special_ids)
     hooks = list(dict.fromkeys([h for h, _ in members] + [h for hs in later for h in hs]))
-    with torch.no_grad():
-        clean = spliced_forward(model, input_ids, {}, special_ids, read=hooks)
-    scorer = NextTokenScorer(clean.logits, input_ids)
-    del clean.logits
+    clean = _CleanRun(model, input_ids, special_ids, hooks)
     xs = [clean.activations[hook][keep].float() for hook, _ in members]
     if splice == "all":
         read = list(dict.fromkeys(h for hs in later for h in hs))
-        run = spliced_forward(model, input_ids, {h: Reconstruct(d) for h, d in members}, special_ids, read=read)
-        kl = scorer.kl_per_token(run.logits).mean()
-        return [SplicedTerms(x, kl, downstream_error(run.activations, clean.activations, hs, keep))
-                for x, hs in zip(xs, later)]
+        kl, seen = clean.spliced({h: Reconstruct(d) for h, d in members}, read)
+        return [SplicedTerms(x, kl, downstream_error(seen, clean.activations, hs, keep)) for x, hs in zip(xs, later)]
     terms = []
     for (hook, dictionary), x, hs in zip(members, xs, later):
-        run = spliced_forward(model, input_ids, {hook: Reconstruct(dictionary)}, special_ids, read=hs)
-        kl = scorer.kl_per_token(run.logits).mean()
-        terms.append(SplicedTerms(x, kl, downstream_error(run.activations, clean.activations, hs, keep)))
+        kl, seen = clean.spliced({hook: Reconstruct(dictionary)}, hs)
+        terms.append(SplicedTerms(x, kl, downstream_error(seen, clean.activations, hs, keep)))
     return terms

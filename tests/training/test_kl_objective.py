@@ -6,6 +6,7 @@ import json
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from conftest import kill_after_checkpoint, ROOT, TEST_HPARAMS, run_cli, text_settings, tiny_model, tiny_overrides
@@ -173,3 +174,44 @@ def test_the_kl_gradient_written_out_equals_autograds():
     torch.testing.assert_close(written, auto, rtol=1e-5, atol=1e-7)
     with torch.no_grad():
         torch.testing.assert_close(scorer.kl_per_token(z), scorer._kl(zs, torch.logsumexp(zs, -1)))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_kl_from_hidden_states_equals_the_kl_of_the_logits(bias, monkeypatch):
+    """``kl_from_hidden`` (chunked, gradient formed in the forward) is ``NextTokenScorer.kl_per_token`` of the
+    logits, value and gradient, over several chunks and a short last one."""
+    import sae.evaluation.metrics as metrics
+
+    monkeypatch.setitem(metrics.ROWS_PER_CHUNK_ELEMENTS, "cpu", 3 * 40)  # 3 rows a chunk: 13 predictions, 5 chunks
+    torch.manual_seed(0)
+    weight, b = torch.randn(40, 8), (torch.randn(40) if bias else None)
+    clean = torch.randn(1, 14, 8)
+    hidden = (clean + 0.3 * torch.randn_like(clean)).requires_grad_()
+    weights = torch.rand(1, 13)
+    got = metrics.kl_from_hidden(hidden, clean, weight, b)
+    (got_grad,) = torch.autograd.grad((got * weights).sum(), hidden)
+    ids = torch.randint(0, 40, (1, 14))
+    want = metrics.NextTokenScorer(F.linear(clean, weight, b), ids).kl_per_token(F.linear(hidden, weight, b))
+    (want_grad,) = torch.autograd.grad((want * weights).sum(), hidden)
+    assert want.min() > 1e-3  # the test can fail: every prediction moved
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-6)  # float32 logits either way
+
+
+def test_spliced_terms_take_the_logits_path_when_the_head_is_not_a_plain_linear_map(monkeypatch):
+    """A head that scales its logits (as soft-capped heads do) is detected and run as the model runs it: the KL is
+    then the logits', and on a plain head both paths agree."""
+    import sae.training.spliced as spliced
+
+    model = tiny_model().requires_grad_(False)
+    ids = _ids()
+    d = _dictionary(model, ids)
+    (fast,) = spliced_terms(model, ids, SPECIAL, [(HOOK, d)], [[]], "each")
+    assert spliced.linear_unembedding(model) is not None
+    monkeypatch.setattr(spliced, "linear_unembedding", lambda model: None)
+    (slow,) = spliced_terms(model, ids, SPECIAL, [(HOOK, d)], [[]], "each")
+    torch.testing.assert_close(fast.kl, slow.kl, rtol=1e-5, atol=1e-7)
+    monkeypatch.undo()
+    scaled = tiny_model().requires_grad_(False)
+    scaled.get_output_embeddings().register_forward_hook(lambda module, inputs, out: 0.5 * out)
+    assert spliced.linear_unembedding(scaled) is None
