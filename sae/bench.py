@@ -117,6 +117,30 @@ def lm_figures(model_dir: Path, text: Path, batch: int, repeats: int) -> dict:
             "lm_tokens": tokens}
 
 
+def kl_figures(model_dir: Path, text: Path, repeats: int) -> dict:
+    """Tokens/s of one step of the KL objective (``sae.training.spliced``: clean forward, spliced forward, KL,
+    backward into the dictionary) for a TopK dictionary (k 8, 4x) at block 3 on 2 contexts of 256 tokens, with the
+    KL from the final hidden states (the default) and from the logits."""
+    from sae.lm.model import load_model, load_tokenizer
+    from sae.lm.text import load_documents, pack_contexts, special_ids
+    from sae.training.spliced import spliced_terms
+
+    model, tokenizer = load_model(str(model_dir)).to(DEVICE).requires_grad_(False), load_tokenizer(str(model_dir))
+    ids = pack_contexts(load_documents("files", str(text))[:50], tokenizer, 256)[:2].to(DEVICE)
+    hook, width = HookPoint(3), model.config.hidden_size
+    dictionary = build("topk", width, 4 * width, k=8, aux_coeff=1 / 32, k_aux=None).to(DEVICE)
+    dictionary.init_from_data(capture(model, [hook], ids)[hook].flatten(0, 1).float())
+
+    def step(from_states: bool) -> None:
+        (terms,) = spliced_terms(model, ids, special_ids(tokenizer), [(hook, dictionary)], [[]], "each", from_states)
+        terms.kl.backward()
+        dictionary.zero_grad(set_to_none=True)
+
+    fast, slow = (best_seconds(lambda s=s: step(s), repeats) for s in (True, False))
+    return {"kl_step_tokens_per_s": ids.numel() / fast, "kl_step_logits_tokens_per_s": ids.numel() / slow,
+            "kl_from_states_speedup": slow / fast}
+
+
 def ensemble_figures(model_dir: Path, text: Path, n_dicts: int, tokens: int, eval_tokens: int, overrides: list[str]) -> dict:
     """The first ``n_dicts`` dictionaries of ``experiment=six_layers`` trained by ``sae.training.run.train`` in one run (one LM
     forward per batch) against one run each over the same tokens (a separate run is exactly the set member's own
@@ -175,15 +199,19 @@ def run(args: argparse.Namespace) -> dict:
     if args.options:
         fp32 = {variant: figures[f"{variant}_acts_per_s"] for variant in HPARAMS}
         figures.update(option_figures(d, n_features, batch, repeats, fp32))
-    figures.update(lm_over_full_forward=None, ensemble_speedup=None)
+    figures.update(lm_over_full_forward=None, ensemble_speedup=None, kl_from_states_speedup=None)
     if args.no_lm or not FIXTURES.is_dir() or not CONF.is_dir():
         print("LM figures skipped (--no-lm, or ../shared/fixtures or ./conf absent: run from the project's root): "
-              "lm_over_full_forward, ensemble_speedup null")
+              "lm_over_full_forward, kl_from_states_speedup, ensemble_speedup null")
         return figures
     model_dir, text = FIXTURES / "neox-owt-14m", FIXTURES / "text" / "openwebtext-1k.jsonl"
     figures.update(lm_figures(model_dir, text, batch, repeats))
     print(f"LM on {figures['lm_tokens']} tokens: block 3 {figures['block3_acts_per_s']:,.0f} activations/s, full forward "
           f"{figures['full_forward_tokens_per_s']:,.0f} tokens/s: {figures['lm_over_full_forward']:.2f}x")
+    figures.update(kl_figures(model_dir, text, args.repeats))
+    print(f"KL objective step (TopK k 8 at block 3, 512 tokens): {figures['kl_step_tokens_per_s']:,.0f} tokens/s with "
+          f"the KL from the final hidden states, {figures['kl_step_logits_tokens_per_s']:,.0f} from the logits: "
+          f"{figures['kl_from_states_speedup']:.2f}x")
     figures.update(ensemble_figures(model_dir, text, args.dicts, args.ensemble_tokens, args.ensemble_eval_tokens, args.override))
     n = args.dicts
     print(f"{n} dictionaries of experiment=six_layers on neox-owt-14m, {args.ensemble_tokens:,} tokens, held-out eval on "

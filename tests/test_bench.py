@@ -6,7 +6,8 @@ import sys
 
 from tests.conftest import FIXTURES, ROOT, needs_cuda
 
-KEYS = {"gemm_gflops", "relu_frac_of_peak", "topk_over_relu", "lm_over_full_forward", "ensemble_speedup"}
+KEYS = {"gemm_gflops", "relu_frac_of_peak", "topk_over_relu", "lm_over_full_forward", "kl_from_states_speedup",
+        "ensemble_speedup"}
 
 
 def test_bench_runs_tiny_and_prints_json(tmp_path):
@@ -24,6 +25,7 @@ def test_bench_runs_tiny_and_prints_json(tmp_path):
     assert KEYS <= figures.keys() and figures["gemm_gflops"] > 0 and figures["topk_over_relu"] > 0
     assert (figures["lm_over_full_forward"] is not None) == FIXTURES.is_dir()
     assert (figures["ensemble_speedup"] is not None) == FIXTURES.is_dir()
+    assert (figures["kl_from_states_speedup"] is not None) == FIXTURES.is_dir()
     if FIXTURES.is_dir():
         assert figures["ensemble_dicts"] == 2 and figures["ensemble_end_to_end_speedup"] > 0
 

@@ -63,9 +63,10 @@ class _CleanRun:
     final hidden states, a chunk at a time (``kl_from_hidden``), when the model's head is a plain linear map, else
     from the logits (``NextTokenScorer``). Both are ``kl_spliced``'s per-token terms."""
 
-    def __init__(self, model: nn.Module, input_ids: torch.Tensor, special_ids: list[int], read: list[HookPoint]):
+    def __init__(self, model: nn.Module, input_ids: torch.Tensor, special_ids: list[int], read: list[HookPoint],
+                 from_states: bool):
         self.model, self.input_ids, self.special_ids = model, input_ids, special_ids
-        self.unembedding = linear_unembedding(model)
+        self.unembedding = linear_unembedding(model) if from_states else None
         with torch.no_grad():
             run = spliced_forward(model, input_ids, {}, special_ids, read=read, hidden=self.unembedding is not None)
         self.activations = run.activations
@@ -83,13 +84,14 @@ class _CleanRun:
 
 def spliced_terms(model: nn.Module, input_ids: torch.Tensor, special_ids: list[int],
                   members: list[tuple[HookPoint, Dictionary]], later: list[list[HookPoint]],
-                  splice: str) -> list[SplicedTerms]:
+                  splice: str, from_states: bool = True) -> list[SplicedTerms]:
     """The terms of each ``(hook, dictionary)`` of ``members`` on the contexts ``input_ids``; ``later[i]``: the
-    downstream hooks of member ``i`` (empty unless the objective uses them)."""
+    downstream hooks of member ``i`` (empty unless the objective uses them). ``from_states=False``: the KL from
+    the logits even where the head allows the faster path (the benchmark's comparison)."""
     input_ids = input_ids.to(model_device(model))
     keep = token_mask(input_ids, special_ids)
     hooks = list(dict.fromkeys([h for h, _ in members] + [h for hs in later for h in hs]))
-    clean = _CleanRun(model, input_ids, special_ids, hooks)
+    clean = _CleanRun(model, input_ids, special_ids, hooks, from_states)
     xs = [clean.activations[hook][keep].float() for hook, _ in members]
     if splice == "all":
         read = list(dict.fromkeys(h for hs in later for h in hs))
