@@ -60,6 +60,7 @@ def plot(rows: list[dict], out: Path, title: str, mapping: dict[str, str]) -> No
     for r in rows:
         by_series.setdefault(series_of(r["name"], mapping), []).append((r["l0"], r["kl_spliced"]))
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors)  # 20 colours: the layer-3 plot has more series than the default 10
     for label, points in sorted(by_series.items()):
         points = sorted(points)
         line = ax.plot(*zip(*points), "o", alpha=0.45)[0]
