@@ -163,16 +163,13 @@ def spliced_forward(
     with contextlib.ExitStack() as stack:
         for hook in dict.fromkeys([*edits, *read]):
             stack.enter_context(intervene(model, hook, at_hook(hook)))
-        if hidden:
-            states = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
-            return Spliced(None, seen, states)
-        if at is None:
-            logits = model(input_ids=input_ids, use_cache=False).logits
-        else:
-            hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
-            rows, positions = (t.to(hidden.device) for t in at)
-            logits = model.get_output_embeddings()(hidden[rows, positions])
-    return Spliced(logits, seen)
+        if at is None and not hidden:
+            return Spliced(model(input_ids=input_ids, use_cache=False).logits, seen)
+        states = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
+    if hidden:
+        return Spliced(None, seen, states)
+    rows, positions = (t.to(states.device) for t in at)
+    return Spliced(model.get_output_embeddings()(states[rows, positions]), seen)
 
 
 _UNEMBEDDINGS: "weakref.WeakKeyDictionary[nn.Module, tuple | None]" = weakref.WeakKeyDictionary()

@@ -71,7 +71,7 @@ class _CleanRun:
             run = spliced_forward(model, input_ids, {}, special_ids, read=read, hidden=self.unembedding is not None)
         self.activations = run.activations
         self.hidden = run.hidden
-        self.scorer = None if self.unembedding else NextTokenScorer(run.logits, input_ids)
+        self.scorer = NextTokenScorer(run.logits, input_ids) if self.unembedding is None else None
 
     def spliced(self, edits: dict, read: list[HookPoint]) -> tuple[torch.Tensor, dict[HookPoint, torch.Tensor]]:
         """The mean KL(clean || spliced) with ``edits`` spliced in (autograd on), and the activations read."""
