@@ -76,7 +76,9 @@ def plot(rows: list[dict], out: Path, title: str, mapping: dict[str, str]) -> No
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("eval_csv", type=Path, nargs="+", help="one or more eval.csv (evaluations of the same held-out tokens)")
+    parser.add_argument(
+        "eval_csv", type=Path, nargs="+", help="one or more eval.csv (evaluations of the same held-out tokens)"
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--title", default="kl_spliced against L0")
     parser.add_argument("--series", nargs="*", default=[], metavar="PREFIX=LABEL",

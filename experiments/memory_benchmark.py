@@ -66,10 +66,18 @@ def train_run(text: Path, store: Path, run_dir: Path, tokens: int, eval_tokens: 
     log = proc.stdout + proc.stderr + "".join(p.read_text() for p in run_dir.glob("*.log"))
     peaks = json.loads(memory.read_text())
     found = TOKENIZED.search(log)
-    return {"self_mib": peaks["self_kib"] / 1024, "children_mib": peaks["children_kib"] / 1024,
-            "reused_store": "token store: reading" in log and found is None,
-            "tokenized": None if found is None else {"tokens": int(found[1].replace(",", "")), "seconds": float(found[2]),
-                                                     "tokens_per_s": int(found[3].replace(",", ""))}}
+    return {
+        "self_mib": peaks["self_kib"] / 1024,
+        "children_mib": peaks["children_kib"] / 1024,
+        "reused_store": "token store: reading" in log and found is None,
+        "tokenized": None
+        if found is None
+        else {
+            "tokens": int(found[1].replace(",", "")),
+            "seconds": float(found[2]),
+            "tokens_per_s": int(found[3].replace(",", "")),
+        },
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -92,11 +100,20 @@ def main(argv: list[str] | None = None) -> None:
                                 args.override)
                 figures[f"{name}_{attempt}"] = run
                 tokenized = run["tokenized"]
-                print(f"{name} ({attempt} run): peak RSS {run['self_mib']:,.0f} MiB (children {run['children_mib']:,.0f} "
-                      f"MiB), " + (f"tokenized {tokenized['tokens']:,} tokens at {tokenized['tokens_per_s']:,} tokens/s"
-                                   if tokenized else f"store reused: {run['reused_store']}"), flush=True)
+                print(
+                    f"{name} ({attempt} run): peak RSS {run['self_mib']:,.0f} MiB (children {run['children_mib']:,.0f} "
+                    f"MiB), "
+                    + (
+                        f"tokenized {tokenized['tokens']:,} tokens at {tokenized['tokens_per_s']:,} tokens/s"
+                        if tokenized
+                        else f"store reused: {run['reused_store']}"
+                    ),
+                    flush=True,
+                )
     for attempt in ("first", "second"):
-        figures[f"ratio_{attempt}"] = figures[f"large_{attempt}"]["self_mib"] / figures[f"fixture_{attempt}"]["self_mib"]
+        figures[f"ratio_{attempt}"] = (
+            figures[f"large_{attempt}"]["self_mib"] / figures[f"fixture_{attempt}"]["self_mib"]
+        )
         print(f"{attempt} runs: large / fixture peak RSS = {figures[f'ratio_{attempt}']:.2f}x")
     print(json.dumps(figures))
 

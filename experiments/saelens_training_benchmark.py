@@ -167,7 +167,9 @@ def train(args: argparse.Namespace) -> None:
               "tokens": samples, "steps": steps, "batch_size": SAELENS_BATCH, "train_seconds": seconds,
               "train_l0": trained.cfg.metadata.l0, "sae_lens_version": sl.__version__, "acts": str(args.acts)}
     (args.out / "benchmark.json").write_text(json.dumps(record, indent=2))
-    print(f"train: {args.architecture} lr {args.lr:g} -> {args.out} ({seconds:.0f} s, training L0 {record['train_l0']})")
+    print(
+        f"train: {args.architecture} lr {args.lr:g} -> {args.out} ({seconds:.0f} s, training L0 {record['train_l0']})"
+    )
 
 
 def main() -> None:

@@ -55,7 +55,10 @@ def validate_cells(cells: dict, out: Path) -> None:
     for name, cfg in cells.items():
         found = config_problems(cfg)
         checks = [] if found else [lambda: validate(cfg)]
-        checks += [lambda: check_launch(cfg, run_info(out, name)), lambda: resume_checkpoint(out / "runs" / name, cfg.resume)]
+        checks += [
+            lambda: check_launch(cfg, run_info(out, name)),
+            lambda: resume_checkpoint(out / "runs" / name, cfg.resume),
+        ]
         for check in checks:
             try:
                 check()
@@ -118,8 +121,17 @@ def main() -> None:
         for ratio in args.ratios:
             name = cell_name(l1, ratio)
             m = train(cells[name], run_info(args.out, name))
-            rows.append({"l1_coeff": l1, "ratio": ratio, **{k: m[k] for k in ("mmcs", "frac_recovered", "dead_frac", "l0", "fvu")}})
-            print(f"l1={l1:g} ratio={ratio:g}: mmcs={m['mmcs']:.4f} dead_frac={m['dead_frac']:.3f} l0={m['l0']:.1f}", flush=True)
+            rows.append(
+                {
+                    "l1_coeff": l1,
+                    "ratio": ratio,
+                    **{k: m[k] for k in ("mmcs", "frac_recovered", "dead_frac", "l0", "fvu")},
+                }
+            )
+            print(
+                f"l1={l1:g} ratio={ratio:g}: mmcs={m['mmcs']:.4f} dead_frac={m['dead_frac']:.3f} l0={m['l0']:.1f}",
+                flush=True,
+            )
     with open(args.out / "toy_sweep.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

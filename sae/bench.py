@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -97,7 +97,9 @@ def option_figures(d: int, n_features: int, batch: int, repeats: int, fp32: dict
             rate = batch / step_seconds(variant, d, n_features, batch, repeats, **{option: True})
             figures[f"{variant}_{option}_acts_per_s"] = rate
             figures[f"{variant}_{option}_speedup"] = rate / fp32[variant]
-            print(f"{variant} train step, {option}: {rate:,.0f} activations/s = {rate / fp32[variant]:.2f}x the fp32 eager step")
+            print(
+                f"{variant} train step, {option}: {rate:,.0f} activations/s = {rate / fp32[variant]:.2f}x the fp32 eager step"
+            )
     return figures
 
 
@@ -113,8 +115,12 @@ def lm_figures(model_dir: Path, text: Path, batch: int, repeats: int) -> dict:
     with torch.inference_mode():
         full = best_seconds(lambda: model(input_ids=ids, use_cache=False), repeats)
     cut = best_seconds(lambda: capture(model, [HookPoint(3)], ids), repeats)
-    return {"full_forward_tokens_per_s": tokens / full, "block3_acts_per_s": tokens / cut, "lm_over_full_forward": full / cut,
-            "lm_tokens": tokens}
+    return {
+        "full_forward_tokens_per_s": tokens / full,
+        "block3_acts_per_s": tokens / cut,
+        "lm_over_full_forward": full / cut,
+        "lm_tokens": tokens,
+    }
 
 
 def kl_figures(model_dir: Path, text: Path, repeats: int) -> dict:
@@ -141,7 +147,9 @@ def kl_figures(model_dir: Path, text: Path, repeats: int) -> dict:
             "kl_from_states_speedup": slow / fast}
 
 
-def ensemble_figures(model_dir: Path, text: Path, n_dicts: int, tokens: int, eval_tokens: int, overrides: list[str]) -> dict:
+def ensemble_figures(
+    model_dir: Path, text: Path, n_dicts: int, tokens: int, eval_tokens: int, overrides: list[str]
+) -> dict:
     """The first ``n_dicts`` dictionaries of ``experiment=six_layers`` trained by ``sae.training.run.train`` in one run (one LM
     forward per batch) against one run each over the same tokens (a separate run is exactly the set member's own
     config, so it sees the same batches). Every run, shared or separate, is timed from start to finish: its own
@@ -165,7 +173,10 @@ def ensemble_figures(model_dir: Path, text: Path, n_dicts: int, tokens: int, eva
         return seconds, json.loads((directory / "status.json").read_text())["seconds"]["train_loop"]
 
     # inside the application's config search path, as train.py runs (the set names another variant)
-    with initialize_config_dir(config_dir=str(CONF.resolve()), version_base="1.3"), tempfile.TemporaryDirectory() as tmp:
+    with (
+        initialize_config_dir(config_dir=str(CONF.resolve()), version_base="1.3"),
+        tempfile.TemporaryDirectory() as tmp,
+    ):
         cfg = compose("config", overrides=[
             "experiment=six_layers", f"model.name_or_path={model_dir}", "data=text_files", f"data.path={text}",
             "logger=csv", f"train.tokens={tokens}", f"data.eval_tokens={eval_tokens}",
@@ -186,7 +197,14 @@ def run(args: argparse.Namespace) -> dict:
     DEVICE = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     d, n_features, batch, repeats = args.d, args.features, args.batch, args.repeats
     peak = gemm_gflops(batch, d, n_features, repeats)
-    figures: dict = {"device": str(DEVICE), "threads": torch.get_num_threads(), "d": d, "n_features": n_features, "batch": batch, "gemm_gflops": peak}
+    figures: dict = {
+        "device": str(DEVICE),
+        "threads": torch.get_num_threads(),
+        "d": d,
+        "n_features": n_features,
+        "batch": batch,
+        "gemm_gflops": peak,
+    }
     print(f"fp32 GEMM [{batch}x{d}] @ [{d}x{n_features}] on {DEVICE}, {figures['threads']} threads: {peak:.1f} GFLOP/s")
     for variant in HPARAMS:
         rate = batch / step_seconds(variant, d, n_features, batch, repeats)
@@ -206,20 +224,28 @@ def run(args: argparse.Namespace) -> dict:
         return figures
     model_dir, text = FIXTURES / "neox-owt-14m", FIXTURES / "text" / "openwebtext-1k.jsonl"
     figures.update(lm_figures(model_dir, text, batch, repeats))
-    print(f"LM on {figures['lm_tokens']} tokens: block 3 {figures['block3_acts_per_s']:,.0f} activations/s, full forward "
-          f"{figures['full_forward_tokens_per_s']:,.0f} tokens/s: {figures['lm_over_full_forward']:.2f}x")
+    print(
+        f"LM on {figures['lm_tokens']} tokens: block 3 {figures['block3_acts_per_s']:,.0f} activations/s, full forward "
+        f"{figures['full_forward_tokens_per_s']:,.0f} tokens/s: {figures['lm_over_full_forward']:.2f}x"
+    )
     figures.update(kl_figures(model_dir, text, args.repeats))
     print(f"KL objective step (TopK k 8 at block 3, 512 tokens): {figures['kl_step_tokens_per_s']:,.0f} tokens/s with "
           f"the KL from the final hidden states, {figures['kl_step_logits_tokens_per_s']:,.0f} from the logits: "
           f"{figures['kl_from_states_speedup']:.2f}x")
-    figures.update(ensemble_figures(model_dir, text, args.dicts, args.ensemble_tokens, args.ensemble_eval_tokens, args.override))
+    figures.update(
+        ensemble_figures(model_dir, text, args.dicts, args.ensemble_tokens, args.ensemble_eval_tokens, args.override)
+    )
     n = args.dicts
-    print(f"{n} dictionaries of experiment=six_layers on neox-owt-14m, {args.ensemble_tokens:,} tokens, held-out eval on "
-          f"{args.ensemble_eval_tokens:,}: one run {figures['ensemble_shared_s']:.1f} s (training loop "
-          f"{figures['ensemble_shared_loop_s']:.1f} s) against {n} separate runs {figures['ensemble_separate_s']:.1f} s "
-          f"(loops {figures['ensemble_separate_loop_s']:.1f} s; each separate run loads the model, tokenizes, initialises "
-          f"and evaluates on its own)")
-    print(f"  training loop: {figures['ensemble_speedup']:.2f}x; end to end: {figures['ensemble_end_to_end_speedup']:.2f}x")
+    print(
+        f"{n} dictionaries of experiment=six_layers on neox-owt-14m, {args.ensemble_tokens:,} tokens, held-out eval on "
+        f"{args.ensemble_eval_tokens:,}: one run {figures['ensemble_shared_s']:.1f} s (training loop "
+        f"{figures['ensemble_shared_loop_s']:.1f} s) against {n} separate runs {figures['ensemble_separate_s']:.1f} s "
+        f"(loops {figures['ensemble_separate_loop_s']:.1f} s; each separate run loads the model, tokenizes, initialises "
+        f"and evaluates on its own)"
+    )
+    print(
+        f"  training loop: {figures['ensemble_speedup']:.2f}x; end to end: {figures['ensemble_end_to_end_speedup']:.2f}x"
+    )
     return figures
 
 
@@ -230,12 +256,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--features", type=int, default=4096, help="dictionary atoms")
     parser.add_argument("--batch", type=int, default=4096, help="activations per step (and LM tokens)")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per figure; the fastest counts")
-    parser.add_argument("--dicts", type=int, default=8, help="dictionaries of experiment=six_layers in the set comparison")
-    parser.add_argument("--ensemble-tokens", type=int, default=300_000, help="train.tokens of each run in the set comparison")
+    parser.add_argument(
+        "--dicts", type=int, default=8, help="dictionaries of experiment=six_layers in the set comparison"
+    )
+    parser.add_argument(
+        "--ensemble-tokens", type=int, default=300_000, help="train.tokens of each run in the set comparison"
+    )
     parser.add_argument("--ensemble-eval-tokens", type=int, default=4096, help="data.eval_tokens of those runs")
     parser.add_argument("--override", nargs="*", default=[], help="more Hydra overrides for those runs")
     parser.add_argument("--no-lm", action="store_true", help="skip the figures that need ../shared/fixtures")
-    parser.add_argument("--options", action="store_true", help="also time the step under bf16 autocast and torch.compile")
+    parser.add_argument(
+        "--options", action="store_true", help="also time the step under bf16 autocast and torch.compile"
+    )
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: this machine has no CUDA device (use --device cpu or auto)")

@@ -52,7 +52,10 @@ def describe(err: Exception, moved: dict[str, str], overrides: list[str]) -> tup
     if key in moved:
         return override, f"{key} moved to {moved[key]}: write {moved[key]}={value}"
     if "not in" in cause_line or "is not in struct" in cause_line:
-        return override, f"'{key}' is not a setting here (see the README's configuration reference; prefix it with + to add a new key)"
+        return (
+            override,
+            f"'{key}' is not a setting here (see the README's configuration reference; prefix it with + to add a new key)",
+        )
     return override, f"{override}: {cause_line}"
 
 

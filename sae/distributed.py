@@ -8,7 +8,8 @@ final checkpoint still gathers every process's state through NCCL.
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -90,7 +91,11 @@ def broadcast_from_lead(t: torch.Tensor) -> torch.Tensor:
     device = collective_device()
     length = torch.tensor([len(t)], device=device)
     dist.broadcast(length, src=0)
-    out = t.to(device).contiguous() if rank() == 0 else torch.empty(int(length), *t.shape[1:], dtype=t.dtype, device=device)
+    out = (
+        t.to(device).contiguous()
+        if rank() == 0
+        else torch.empty(int(length), *t.shape[1:], dtype=t.dtype, device=device)
+    )
     dist.broadcast(out, src=0)
     return out.to(t.device)
 

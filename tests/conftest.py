@@ -62,7 +62,9 @@ def make_tokenizer(directory: Path):
     vocab = {"<|endoftext|>": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="[UNK]")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="[UNK]"
+    )
     fast.save_pretrained(directory)
     return fast
 
@@ -74,9 +76,20 @@ def tiny_config(family: str = "gpt_neox", layers: int = 3, vocab: int = len(WORD
         return GPTNeoXConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
                              intermediate_size=64, max_position_embeddings=128, bos_token_id=0, eos_token_id=0)
     if family == "gpt2":
-        return GPT2Config(vocab_size=vocab, n_embd=32, n_layer=layers, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0)
-    return LlamaConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-                       num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128, bos_token_id=0, eos_token_id=0)
+        return GPT2Config(
+            vocab_size=vocab, n_embd=32, n_layer=layers, n_head=4, n_positions=128, bos_token_id=0, eos_token_id=0
+        )
+    return LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
 
 
 def tiny_model(family: str = "gpt_neox", layers: int = 3, seed: int = 0):
@@ -206,7 +219,11 @@ def make_lm_datamodule(lm_dir, text, hooks, context_length: int = 32, lm_batch_s
 
 
 # settings for building each variant by hand in a test (the one default of each is in conf/sae/<variant>.yaml)
-TEST_HPARAMS = {"relu_tied": {"l1_coeff": 0.0}, "relu": {"l1_coeff": 0.0}, "topk": {"k": 4, "aux_coeff": 1 / 32, "k_aux": None}}
+TEST_HPARAMS = {
+    "relu_tied": {"l1_coeff": 0.0},
+    "relu": {"l1_coeff": 0.0},
+    "topk": {"k": 4, "aux_coeff": 1 / 32, "k_aux": None},
+}
 
 
 def toy_data(**settings):

@@ -10,7 +10,6 @@ import ast
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 
 # Each part of the package and its layer: a module may import its own part and any part of a lower layer, never a
@@ -55,7 +54,9 @@ def graph(package_dir: Path) -> dict[str, set[str]]:
     """Module -> the package's modules it imports."""
     root = package_dir.parent
     paths = {module_name(p, root): p for p in package_dir.rglob("*.py")}
-    return {m: {t for t in imports(p, m) if t in paths and t != m and not m.startswith(t + ".")} for m, p in paths.items()}
+    return {
+        m: {t for t in imports(p, m) if t in paths and t != m and not m.startswith(t + ".")} for m, p in paths.items()
+    }
 
 
 def part(module: str) -> str:
@@ -131,7 +132,11 @@ def test_a_planted_cycle_or_upward_import_is_caught(tmp_path, lazy):
     copy = tmp_path / "sae"
     shutil.copytree(ROOT / "sae", copy, ignore=shutil.ignore_patterns("__pycache__"))
     session = copy / "lm" / "session.py"
-    planted = "        from sae.training.run import train  # noqa\n" if lazy else "from sae.training.run import train  # noqa\n"
+    planted = (
+        "        from sae.training.run import train  # noqa\n"
+        if lazy
+        else "from sae.training.run import train  # noqa\n"
+    )
     text = session.read_text()
     if lazy:
         text = text.replace("    def prepare_text(self) -> None:\n", "    def prepare_text(self) -> None:\n" + planted)

@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import compose_config, run_cli, tiny_overrides
+
 from sae.errors import ConfigError
 from sae.io.saelens import load_saelens
 from sae.io.saving import read_meta
@@ -65,6 +65,9 @@ def test_corrupt_files_are_one_line(tmp_path):
         load_saelens(lens)
     from safetensors.torch import save_file
 
-    save_file({"W_enc": torch.zeros(4, 8), "b_enc": torch.zeros(8), "b_dec": torch.zeros(4)}, str(lens / "sae_weights.safetensors"))
+    save_file(
+        {"W_enc": torch.zeros(4, 8), "b_enc": torch.zeros(8), "b_dec": torch.zeros(4)},
+        str(lens / "sae_weights.safetensors"),
+    )
     with pytest.raises(ConfigError, match="lacks W_dec"):
         load_saelens(lens)

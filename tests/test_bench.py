@@ -38,13 +38,35 @@ def test_bench_device_option():
         return
     done = subprocess.run([sys.executable, "-m", "sae.bench", "--device", "cuda", "--no-lm"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].endswith("this machine has no CUDA device (use --device cpu or auto)")
+    assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].endswith(
+        "this machine has no CUDA device (use --device cpu or auto)"
+    )
 
 
 @needs_cuda
 def test_bench_on_cuda():
-    done = subprocess.run([sys.executable, "-m", "sae.bench", "--device", "cuda", "--d", "16", "--features", "64",
-                           "--batch", "256", "--repeats", "1", "--no-lm"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sae.bench",
+            "--device",
+            "cuda",
+            "--d",
+            "16",
+            "--features",
+            "64",
+            "--batch",
+            "256",
+            "--repeats",
+            "1",
+            "--no-lm",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert figures["device"].startswith("cuda") and figures["topk_over_relu"] > 0

@@ -1,8 +1,8 @@
 """The command lines: a bad override, a value of the wrong type or a key that moved is one line, exit status 2."""
 
 import pytest
-
 from conftest import ROOT, run_cli
+
 from sae.cli import command_line_problems
 from sae.evaluation.config import MOVED as EVALUATE_MOVED
 from sae.training.config import MOVED as TRAIN_MOVED
@@ -10,21 +10,29 @@ from sae.training.config import MOVED as TRAIN_MOVED
 CONF = ROOT / "conf"
 
 
-@pytest.mark.parametrize("override,message", [
-    ("train.tokens=abc", "train.tokens=abc: Value 'abc' of type 'str' could not be converted to Integer"),
-    ("hook.layer=abc", "hook.layer=abc: Value 'abc' of type 'str' could not be converted to Integer"),
-    ("data.context_length=1.5", "data.context_length=1.5: Value '1.5' of type 'float' could not be converted to Integer"),
-    ("train.devices=2", "train.devices moved to trainer.devices: write trainer.devices=2"),
-    ("data.buffer_size=4096", "data.buffer_size moved to stream.buffer_size: write stream.buffer_size=4096"),
-    ("train.bogus=1", "'train.bogus' is not a setting here"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("train.tokens=abc", "train.tokens=abc: Value 'abc' of type 'str' could not be converted to Integer"),
+        ("hook.layer=abc", "hook.layer=abc: Value 'abc' of type 'str' could not be converted to Integer"),
+        (
+            "data.context_length=1.5",
+            "data.context_length=1.5: Value '1.5' of type 'float' could not be converted to Integer",
+        ),
+        ("train.devices=2", "train.devices moved to trainer.devices: write trainer.devices=2"),
+        ("data.buffer_size=4096", "data.buffer_size moved to stream.buffer_size: write stream.buffer_size=4096"),
+        ("train.bogus=1", "'train.bogus' is not a setting here"),
+    ],
+)
 def test_train_overrides(override, message):
     problems = command_line_problems(CONF, "config", [override], TRAIN_MOVED)
     assert len(problems) == 1 and problems[0].startswith(message), problems
 
 
 def test_every_problem_of_a_command_line_and_of_a_sweep_in_one_list():
-    problems = command_line_problems(CONF, "config", ["train.tokens=abc", "hook.layer=1,x", "train.lr=0.01"], TRAIN_MOVED)
+    problems = command_line_problems(
+        CONF, "config", ["train.tokens=abc", "hook.layer=1,x", "train.lr=0.01"], TRAIN_MOVED
+    )
     assert problems == ["train.tokens=abc: Value 'abc' of type 'str' could not be converted to Integer",
                         "hook.layer=x: Value 'x' of type 'str' could not be converted to Integer"]
     assert command_line_problems(CONF, "config", ["hook.layer=0,1,2", "experiment=toy", "sae=topk"], TRAIN_MOVED) == []
@@ -42,7 +50,9 @@ def test_evaluate_overrides(override, message):
 def test_entry_points_print_one_line_and_exit_2(tmp_path):
     proc = run_cli("train.py", "train.tokens=abc", "train.devices=2", f"hydra.run.dir={tmp_path}")
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
-    assert proc.stderr.startswith("error: train.tokens=abc: ") and "train.devices moved to trainer.devices" in proc.stderr
+    assert (
+        proc.stderr.startswith("error: train.tokens=abc: ") and "train.devices moved to trainer.devices" in proc.stderr
+    )
     assert not any(tmp_path.iterdir())  # nothing was started
     proc = run_cli("evaluate.py", f"run={tmp_path}", "baselines=[pca]")
     assert proc.returncode == 2 and proc.stderr.strip() == (

@@ -17,10 +17,23 @@ When a method's codes do not fit in memory at once, OR `live_mask(codes)` over b
 only those features' activations from each (codes, token_ids) batch.
 """
 
-from sae.autointerp.records import (NORMALISATION_RULE, FeatureActivations, FeatureRecords, Fragment, RecordConfig,
-                                    build_records, collect_feature_activations, cut_fragments, decoder_from_tokenizer,
-                                    iter_feature_activations, live_features, live_mask, normalise, sample_features,
-                                    sample_live_features)
+from sae.autointerp.records import (
+                                    NORMALISATION_RULE,
+                                    FeatureActivations,
+                                    FeatureRecords,
+                                    Fragment,
+                                    RecordConfig,
+                                    build_records,
+                                    collect_feature_activations,
+                                    cut_fragments,
+                                    decoder_from_tokenizer,
+                                    iter_feature_activations,
+                                    live_features,
+                                    live_mask,
+                                    normalise,
+                                    sample_features,
+                                    sample_live_features,
+)
 from sae.autointerp.study import StudyConfig, StudyResult, output_paths, run_from_config, run_study, study_config
 
 __all__ = ["NORMALISATION_RULE", "FeatureActivations", "FeatureRecords", "Fragment", "RecordConfig", "StudyConfig",

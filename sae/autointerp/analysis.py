@@ -23,8 +23,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sae.autointerp.backends import BACKENDS
-from sae.autointerp.records import (FeatureActivations, RecordConfig, collect_feature_activations, decoder_from_tokenizer,
-                                    sample_features)
+from sae.autointerp.records import (
+    FeatureActivations,
+    RecordConfig,
+    collect_feature_activations,
+    decoder_from_tokenizer,
+    sample_features,
+)
 from sae.autointerp.study import RECORD_KEYS, SCORERS, StudyResult, output_paths, run_from_config
 from sae.errors import ConfigError
 from sae.evaluation.entries import Entry, baseline_problems, fit_baselines, groups, session_for, sparsified
@@ -96,13 +101,17 @@ def _openai_problems(explainer: Mapping[str, Any], scorers: list[str]) -> list[s
         problems.append("explainer=openai needs the `openai` package: pip install -e \".[autointerp]\"")
     key_env = explainer.get("api_key_env")
     if key_env and not os.environ.get(key_env):
-        problems.append(f"explainer.api_key_env={key_env}: that environment variable is not set (export the key "
-                        f"there; it is never written to disk), or explainer.api_key_env=null for a server that needs none")
+        problems.append(
+            f"explainer.api_key_env={key_env}: that environment variable is not set (export the key "
+            f"there; it is never written to disk), or explainer.api_key_env=null for a server that needs none"
+        )
     chat_only = explainer.get("completions") in (False, "false")
     if chat_only and set(scorers) == {"simulation"}:
-        problems.append(f"explainer.completions=false (chat only): {explainer.get('model')} gives no prompt "
-                        f"log-probabilities, which simulation needs; add detection or fuzzing to analysis.scorers, or "
-                        f"use a /v1/completions endpoint with echo and logprobs (vLLM, llama.cpp) or explainer=hf_local")
+        problems.append(
+            f"explainer.completions=false (chat only): {explainer.get('model')} gives no prompt "
+            f"log-probabilities, which simulation needs; add detection or fuzzing to analysis.scorers, or "
+            f"use a /v1/completions endpoint with echo and logprobs (vLLM, llama.cpp) or explainer=hf_local"
+        )
     unreachable = endpoint_problem(str(explainer.get("base_url") or ""), float(explainer.get("timeout_s") or 5))
     return problems + ([unreachable] if unreachable else [])
 
@@ -142,16 +151,22 @@ class Method:
 def dictionary_names(entries: list[Entry], prefix: str = "") -> dict[str, str]:
     """``dictionary`` when each hook has one (a line across layers), else ``dictionary_<name>``."""
     per_hook = max(sum(e.hook == h for e in entries) for h in {e.hook for e in entries})
-    return {e.name: prefix + ("dictionary" if per_hook == 1 else f"dictionary_{e.name.replace('/', '_')}") for e in entries}
+    return {
+        e.name: prefix + ("dictionary" if per_hook == 1 else f"dictionary_{e.name.replace('/', '_')}") for e in entries
+    }
 
 
 def _baseline_name(entry: Entry, prefix: str) -> str:
     k = getattr(entry.dictionary, "k", None)
-    return prefix + (entry.kind if k is None or not entry.kind.endswith("_topk") else f"{entry.kind.removesuffix('_topk')}_topk{k}")
+    return prefix + (
+        entry.kind if k is None or not entry.kind.endswith("_topk") else f"{entry.kind.removesuffix('_topk')}_topk{k}"
+    )
 
 
 # -- codes ---------------------------------------------------------------------------------------------------------
-def hook_chunks(hooks: list[HookPoint], widths: dict[HookPoint, int], n_tokens: int, memory_mb: int) -> list[list[HookPoint]]:
+def hook_chunks(
+    hooks: list[HookPoint], widths: dict[HookPoint, int], n_tokens: int, memory_mb: int
+) -> list[list[HookPoint]]:
     """Hooks in groups whose float32 activations over ``n_tokens`` fit in ``memory_mb`` (at least one hook each)."""
     chunks: list[list[HookPoint]] = [[]]
     used = 0
@@ -187,7 +202,9 @@ def code_batches(entry: Entry, acts: torch.Tensor, keep: torch.Tensor, device: t
         yield (codes * keep[start: start + step, :, None].to(device)).cpu()
 
 
-def live_and_l0(entry: Entry, acts: torch.Tensor, keep: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, float]:
+def live_and_l0(
+    entry: Entry, acts: torch.Tensor, keep: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, float]:
     """Which features fire somewhere on the text, and the mean number of non-zero codes per ordinary token."""
     live, nonzero = None, 0.0
     for codes in code_batches(entry, acts, keep, device):
@@ -236,7 +253,9 @@ def _groups(cfg: DictConfig, entries: list[Entry], device: torch.device) -> list
         try:
             contexts = session.eval_contexts(tokens)
         except ValueError as err:
-            raise ConfigError(f"{part[0].name}: {err}; set data.heldout_fraction=... or another text with data.*") from None
+            raise ConfigError(
+                f"{part[0].name}: {err}; set data.heldout_fraction=... or another text with data.*"
+            ) from None
         prefix = "" if len(parts) == 1 else f"{Path(session.model_name).name}:"
         out.append(Group(part, session, contexts, prefix))
     return out
@@ -327,7 +346,11 @@ def write_explanations(out: Path, result: StudyResult, methods: list[Method]) ->
         if row.get("explanation"):
             by_entry.setdefault(entry_of[(row["method"], row["hook"])], {})[str(row["feature"])] = row["explanation"]
     ex = result.meta.get("explainer", {})
-    by = ex.get("backend", "?") + (f" {ex['model']}" if ex.get("model") else "") + (f" ({ex['params']} parameters)" if ex.get("params") else "")
+    by = (
+        ex.get("backend", "?")
+        + (f" {ex['model']}" if ex.get("model") else "")
+        + (f" ({ex['params']} parameters)" if ex.get("params") else "")
+    )
     write_json(out / EXPLANATIONS, {"explainer": by, "label": result.meta.get("label"), "entries": by_entry})
 
 
@@ -343,7 +366,10 @@ def _redraw_dashboard(published: Path, out: Path, tokenizer) -> None:
 
 def _print_summary(result: StudyResult, out: Path) -> None:
     shown = ("simulation", "detection", "fuzzing", "lookup_simulation", "shuffled_simulation")
-    lines = [f"{r['method']:>16} {r['hook']:>28} {r['score']:>20} {r['mean']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] n={r['n']}"
-             for r in result.summary if r["score"] in shown and r.get("mean") is not None and math.isfinite(r["mean"])]
+    lines = [
+        f"{r['method']:>16} {r['hook']:>28} {r['score']:>20} {r['mean']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] n={r['n']}"
+        for r in result.summary
+        if r["score"] in shown and r.get("mean") is not None and math.isfinite(r["mean"])
+    ]
     print("\n".join(lines))
     print(f"wrote {result.paths['summary']} ({len(result.rows)} features) and {result.paths['plot']}")

@@ -17,12 +17,12 @@ import contextlib
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
-from sae.autointerp.records import (RecordConfig, build_records, decoder_from_tokenizer, iter_feature_activations)
+from sae.autointerp.records import RecordConfig, build_records, decoder_from_tokenizer, iter_feature_activations
 from sae.autointerp.study import fuzz_cases
 from sae.errors import ConfigError, exit_on_config_error
 

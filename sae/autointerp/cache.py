@@ -10,8 +10,9 @@ import hashlib
 import json
 import sqlite3
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from sae.errors import ConfigError
 
@@ -55,8 +56,10 @@ class ResponseCache:
         if self._db is None or self.mode == "replay":
             return
         with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?)",
-                             (key, kind, json.dumps(request, ensure_ascii=False), json.dumps(response, ensure_ascii=False)))
+            self._db.execute(
+                "INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?)",
+                (key, kind, json.dumps(request, ensure_ascii=False), json.dumps(response, ensure_ascii=False)),
+            )
 
     def __len__(self) -> int:
         if self._db is None:

@@ -7,8 +7,8 @@ backends/token_lookup.py. The study only talks to this interface.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from sae.autointerp import prompts
 from sae.autointerp.backends.base import ChatRequest, LLMBackend, LogprobRequest

@@ -8,8 +8,8 @@ placeholder whose predicted value is read.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from sae.autointerp.records import Fragment
 
@@ -88,7 +88,13 @@ def parse_explanation(raw: str) -> ParsedExplanation:
         phrase = phrase[1:-1].strip().rstrip(".")
     words = phrase.split()
     heading = phrase.endswith(":")  # an echoed heading of the prompt, not an answer
-    if not words or len(words) > MAX_EXPLANATION_WORDS or "\t" in phrase or heading or not re.search(r"[A-Za-z]", phrase):
+    if (
+        not words
+        or len(words) > MAX_EXPLANATION_WORDS
+        or "\t" in phrase
+        or heading
+        or not re.search(r"[A-Za-z]", phrase)
+    ):
         return ParsedExplanation(None, raw)
     return ParsedExplanation(phrase, raw)
 

@@ -7,8 +7,8 @@ dictionary or a baseline — hands over tensors and nothing else: no LM, no sess
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -47,7 +47,11 @@ class RecordConfig:
     @property
     def required(self) -> int:
         """Non-zero fragments a feature needs to be studied (the paper: 20 top + 20 random)."""
-        return self.n_top + self.n_random if self.min_fragments is None else max(self.min_fragments, self.n_top + self.n_random)
+        return (
+            self.n_top + self.n_random
+            if self.min_fragments is None
+            else max(self.min_fragments, self.n_top + self.n_random)
+        )
 
 
 @dataclass

@@ -4,7 +4,7 @@ fuzzing metrics, and bootstrap intervals. Undefined scores are NaN (and counted)
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -89,5 +89,10 @@ def bootstrap_ci(values: Sequence[float], n_boot: int = 1000, seed: int = 0, lev
     rng = np.random.default_rng(seed)
     means = x[rng.integers(0, x.size, size=(n_boot, x.size))].mean(1) if x.size > 1 else np.full(n_boot, x[0])
     tail = (1 - level) / 2
-    return {"mean": float(x.mean()), "ci_low": float(np.quantile(means, tail)), "ci_high": float(np.quantile(means, 1 - tail)),
-            "n": int(x.size), "n_undefined": int(n_undefined)}
+    return {
+        "mean": float(x.mean()),
+        "ci_low": float(np.quantile(means, tail)),
+        "ci_high": float(np.quantile(means, 1 - tail)),
+        "n": int(x.size),
+        "n_undefined": int(n_undefined),
+    }

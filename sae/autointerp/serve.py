@@ -13,7 +13,8 @@ import contextlib
 import threading
 import time
 import uuid
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
 from sae.autointerp.backends.base import ChatRequest, LogprobRequest
 from sae.autointerp.backends.hf_local import HFLocalBackend
@@ -26,7 +27,7 @@ def _error(status: int, message: str, kind: str):
     return JSONResponse(status_code=status, content={"error": {"message": message, "type": kind, "code": status}})
 
 
-def create_app(backend: HFLocalBackend, served_name: Optional[str] = None, completions: bool = True):
+def create_app(backend: HFLocalBackend, served_name: str | None = None, completions: bool = True):
     """The FastAPI app; `completions=False` makes a chat-only endpoint (like a hosted chat API).
 
     (No postponed annotations in this module: FastAPI reads `Request` from the handlers' signatures.)
@@ -72,8 +73,14 @@ def create_app(backend: HFLocalBackend, served_name: Optional[str] = None, compl
                                 "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())}
                                                  for t, v in ranked[:top]]})
             choice["logprobs"] = {"content": content}
-        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
-                "model": name, "choices": [choice], "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}}
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": name,
+            "choices": [choice],
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+        }
 
     if completions:
         @app.post("/v1/completions")
@@ -93,9 +100,14 @@ def create_app(backend: HFLocalBackend, served_name: Optional[str] = None, compl
     return app
 
 
-def _completion_choice(backend: HFLocalBackend, index: int, prompt: str, gen: str, echo: bool, top: Optional[int]) -> dict:
+def _completion_choice(backend: HFLocalBackend, index: int, prompt: str, gen: str, echo: bool, top: int | None) -> dict:
     text = prompt + gen
-    choice: dict[str, Any] = {"index": index, "text": text if echo else gen, "finish_reason": "length", "logprobs": None}
+    choice: dict[str, Any] = {
+        "index": index,
+        "text": text if echo else gen,
+        "finish_reason": "length",
+        "logprobs": None,
+    }
     if top is not None:
         _, offsets = backend._encode_with_offsets(text)
         (lp,) = backend.prompt_logprobs([LogprobRequest(text, tuple(offsets), int(top))])

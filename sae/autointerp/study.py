@@ -17,9 +17,10 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -27,8 +28,15 @@ from sae.autointerp.backends.base import SimulationUnsupported
 from sae.autointerp.backends.token_lookup import TokenLookup
 from sae.autointerp.cache import ResponseCache
 from sae.autointerp.interpret import Explanation, Interpreter, Judgement
-from sae.autointerp.records import (NORMALISATION_RULE, Decode, FeatureActivations, FeatureRecords, Fragment,
-                                    RecordConfig, build_records)
+from sae.autointerp.records import (
+    NORMALISATION_RULE,
+    Decode,
+    FeatureActivations,
+    FeatureRecords,
+    Fragment,
+    RecordConfig,
+    build_records,
+)
 from sae.autointerp.scoring import auroc, balanced_accuracy, bootstrap_ci, simulation_scores
 from sae.errors import ConfigError
 
@@ -52,7 +60,9 @@ class StudyConfig:
     def __post_init__(self) -> None:
         bad = [s for s in self.scorers if s not in SCORERS]
         if bad or not self.scorers:
-            raise ConfigError(f"autointerp.scorers={list(self.scorers)}: expected a non-empty subset of {list(SCORERS)}")
+            raise ConfigError(
+                f"autointerp.scorers={list(self.scorers)}: expected a non-empty subset of {list(SCORERS)}"
+            )
 
 
 @dataclass
@@ -107,7 +117,10 @@ def score_variant(interp: Interpreter, recs: Sequence[FeatureRecords], expls: Se
         jobs = [(e, f) for r, e in zip(recs, expls) for f in (*r.score_top, *r.score_random)]
         sims, k = interp.simulate(jobs), 0
         for res, r in zip(results, recs):
-            top, rand = sims[k: k + len(r.score_top)], sims[k + len(r.score_top): k + len(r.score_top) + len(r.score_random)]
+            top, rand = (
+                sims[k : k + len(r.score_top)],
+                sims[k + len(r.score_top) : k + len(r.score_top) + len(r.score_random)],
+            )
             k += len(r.score_top) + len(r.score_random)
             s = simulation_scores([f.acts for f in r.score_top], top, [f.acts for f in r.score_random], rand)
             res.update(simulation=s["all"], simulation_top=s["top"], simulation_random=s["random"])
@@ -195,7 +208,9 @@ def study_group(interp: Interpreter, recs: list[FeatureRecords], scorers: Sequen
 
 
 # -- outputs ------------------------------------------------------------------------------------------------------
-def summarise(rows: list[dict], skipped: Mapping[Group, int], groups: Sequence[Group], n_boot: int, seed: int) -> list[dict]:
+def summarise(
+    rows: list[dict], skipped: Mapping[Group, int], groups: Sequence[Group], n_boot: int, seed: int
+) -> list[dict]:
     """Per method x hook x score: mean, bootstrap 95% interval, counts (scored, undefined, features, skipped)."""
     by_group: dict[Group, list[dict]] = defaultdict(list)
     for row in rows:
@@ -231,7 +246,9 @@ def _json_safe(value: Any) -> Any:
 
 
 def _records_line(row: dict, rec: FeatureRecords) -> str:
-    scores = {k: v for k, v in row.items() if not k.startswith("_") and any(k == p + n for p in VARIANTS for n in SCORE_NAMES)}
+    scores = {
+        k: v for k, v in row.items() if not k.startswith("_") and any(k == p + n for p in VARIANTS for n in SCORE_NAMES)
+    }
     entry = {k: row[k] for k in ("method", "hook", "layer", "feature", "explanation")}
     entry.update(scores=scores, details=row["_detail"], fragments=rec.to_json())
     return json.dumps(_json_safe(entry), ensure_ascii=False)
@@ -357,13 +374,26 @@ RECORD_KEYS = tuple(RecordConfig.__dataclass_fields__)
 def study_config(cfg: Mapping[str, Any], label: str | None = None) -> StudyConfig:
     """StudyConfig from the `autointerp` analysis config (plain mapping; unknown keys are the caller's)."""
     rec = RecordConfig(**{k: cfg[k] for k in RECORD_KEYS if k in cfg and cfg[k] is not None})
-    return StudyConfig(records=rec, scorers=tuple(cfg.get("scorers", SCORERS)), controls=bool(cfg.get("controls", True)),
-                       seed=int(cfg.get("seed", 0)), n_bootstrap=int(cfg.get("n_bootstrap", 1000)),
-                       chunk=int(cfg.get("chunk", 16)), label=cfg.get("label") or label)
+    return StudyConfig(
+        records=rec,
+        scorers=tuple(cfg.get("scorers", SCORERS)),
+        controls=bool(cfg.get("controls", True)),
+        seed=int(cfg.get("seed", 0)),
+        n_bootstrap=int(cfg.get("n_bootstrap", 1000)),
+        chunk=int(cfg.get("chunk", 16)),
+        label=cfg.get("label") or label,
+    )
 
 
-def run_from_config(source: Iterable[FeatureActivations], decode: Decode, out: Path | str, analysis: Mapping[str, Any],
-                    explainer: Mapping[str, Any], device: str = "cpu", meta: Mapping[str, Any] | None = None) -> StudyResult:
+def run_from_config(
+    source: Iterable[FeatureActivations],
+    decode: Decode,
+    out: Path | str,
+    analysis: Mapping[str, Any],
+    explainer: Mapping[str, Any],
+    device: str = "cpu",
+    meta: Mapping[str, Any] | None = None,
+) -> StudyResult:
     """The one call an entry point makes: cache + interpreter from the configs, then run_study.
 
     `analysis` is conf/analysis/autointerp.yaml (sizes, scorers, seed, cache_mode, cache_path, overwrite);

@@ -9,10 +9,10 @@ import torch
 
 from sae.dictionaries.base import Dictionary, unit_rows
 
-BASELINES: dict[str, type["LinearBasis"]] = {}
+BASELINES: dict[str, type[LinearBasis]] = {}
 
 
-def register_baseline(cls: type["LinearBasis"]) -> type["LinearBasis"]:
+def register_baseline(cls: type[LinearBasis]) -> type[LinearBasis]:
     """Class decorator: make a baseline fittable by its ``variant`` name (``baselines=[<name>]`` in evaluate)."""
     BASELINES[cls.variant] = cls
     return cls
@@ -41,7 +41,7 @@ class LinearBasis(Dictionary):
 
     @classmethod
     @torch.no_grad()
-    def fit(cls, x: torch.Tensor, seed: int = 0) -> "LinearBasis":
+    def fit(cls, x: torch.Tensor, seed: int = 0) -> LinearBasis:
         """A basis fitted to raw activations ``x`` ``[n, d_in]``, on ``x``'s device.
 
         Without gradients: ``b_dec`` is a parameter, so ``z`` would otherwise carry a graph through every FastICA
@@ -74,7 +74,7 @@ class LinearBasis(Dictionary):
     def hparams(self) -> dict:
         return {"k": self.k}
 
-    def with_top_k(self, k: int) -> "LinearBasis":
+    def with_top_k(self, k: int) -> LinearBasis:
         """A copy that keeps only the ``k`` largest-magnitude codes per input."""
         sparse = copy.deepcopy(self)
         sparse.k = k

@@ -42,7 +42,9 @@ def fast_ica(white: torch.Tensor, seed: int, max_iter: int = MAX_ITER, tol: floa
         w = new
         if change < tol:
             return w
-    warnings.warn(f"FastICA did not converge in {max_iter} iterations (last change {change:.2g}, tol {tol:g})", stacklevel=2)
+    warnings.warn(
+        f"FastICA did not converge in {max_iter} iterations (last change {change:.2g}, tol {tol:g})", stacklevel=2
+    )
     return w
 
 

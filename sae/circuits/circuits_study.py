@@ -29,8 +29,17 @@ from sae.circuits.discovery import CircuitProblem, Contexts, DiscoverySettings, 
 from sae.circuits.faithfulness import circuit_scores
 from sae.circuits.graph import CircuitGraph, Node, have_dot, write_all
 from sae.circuits.patching_study import model_label, task_settings
-from sae.circuits.targets import (FeatureTarget, TaskTarget, TokenTarget, check_feature, folder_name, hook_layer,
-                                  last_hook, parse_target, upstream_hook)
+from sae.circuits.targets import (
+    FeatureTarget,
+    TaskTarget,
+    TokenTarget,
+    check_feature,
+    folder_name,
+    hook_layer,
+    last_hook,
+    parse_target,
+    upstream_hook,
+)
 from sae.circuits.tasks import Task, answer_id, batches, build_task
 from sae.errors import ConfigError
 from sae.evaluation.entries import Entry, eval_tokens, groups, session_for
@@ -70,7 +79,9 @@ def settings_problems(settings: DictConfig) -> list[str]:
     problems += _int_at_least(values, "n_contexts", 1) + _int_at_least(values, "depth", 1, nullable=True)
     chosen = values.get("dictionaries")
     if chosen is not None and (isinstance(chosen, str) or not all(isinstance(n, str) for n in chosen)):
-        problems.append(f"analysis.dictionaries={chosen!r} must be a list of dictionary names such as [l0, l1] (or null)")
+        problems.append(
+            f"analysis.dictionaries={chosen!r} must be a list of dictionary names such as [l0, l1] (or null)"
+        )
     faith = values.get("faithfulness") or {}
     if faith.get("ablation") not in ("mean", "zero"):
         problems.append(f"analysis.faithfulness.ablation={faith.get('ablation')!r} must be mean or zero")
@@ -135,9 +146,15 @@ def _token_feature(session, level: Level, stats: HeldOut, target: TokenTarget) -
         raise ConfigError(f"no feature of {level.label} fires on the held-out text read")
     index = int(torch.where(live, effect, torch.tensor(-math.inf)).argmax())
     rank = int((effect[live] > effect[index]).sum())
-    return index, {"token": target.token, "token_id": target.token_id, "feature": index,
-                   "direct_logit": round(float(effect[index]), 4), "rank_among_all": int((effect > effect[index]).sum()),
-                   "rank_among_live": rank, "live_features": int(live.sum())}
+    return index, {
+        "token": target.token,
+        "token_id": target.token_id,
+        "feature": index,
+        "direct_logit": round(float(effect[index]), 4),
+        "rank_among_all": int((effect > effect[index]).sum()),
+        "rank_among_live": rank,
+        "live_features": int(live.sum()),
+    }
 
 
 def _top_tokens(graph: CircuitGraph, stats: dict, tokenizer, n: int = 3) -> None:
@@ -149,7 +166,9 @@ def _top_tokens(graph: CircuitGraph, stats: dict, tokenizer, n: int = 3) -> None
 def _explanations(graph: CircuitGraph, where: Path, names: dict[str, str], entries: dict[str, Entry]) -> int:
     methods = {names[h]: {"name": entries[h].name} for h in names}
     found = read_explanations(where, methods)
-    return graph.attach_explanations({(m, i): text for m, by_index in found.items() for i, (text, _) in by_index.items()})
+    return graph.attach_explanations(
+        {(m, i): text for m, by_index in found.items() for i, (text, _) in by_index.items()}
+    )
 
 
 def _finite(value):
@@ -161,18 +180,32 @@ def _finite(value):
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
-def _summary_row(graph: CircuitGraph, folder: str, scores: dict, reports: list[LevelReport], settings, seconds: float) -> dict:
+def _summary_row(
+    graph: CircuitGraph, folder: str, scores: dict, reports: list[LevelReport], settings, seconds: float
+) -> dict:
     agree = [a for r in reports for a in r.topk_agree]
     first = reports[0].spearman[0] if reports and reports[0].spearman else math.nan
     seconds_of = lambda method: round(sum(r.seconds.get(method, 0.0) for r in reports), 1)  # noqa: E731
-    return {"model": graph.model, "target": graph.target, "folder": folder, "selected_by": settings.primary,
-            "contexts": graph.meta["contexts"]["contexts"], "nodes": len(graph.nodes), "edges": len(graph.edges),
-            **{k: scores[k] for k in ("faithfulness", "random_mean", "random_std", "beats_random", "n_random",
-                                      "completeness_left")},
-            "spearman_target": first, "topk_agreement": sum(agree) / len(agree) if agree else math.nan,
-            "seconds_ablation": seconds_of("ablation"), "seconds_attribution": seconds_of("attribution"),
-            "cpu_seconds_ablation": seconds_of("ablation_cpu"), "cpu_seconds_attribution": seconds_of("attribution_cpu"),
-            "seconds": round(seconds, 1)}
+    return {
+        "model": graph.model,
+        "target": graph.target,
+        "folder": folder,
+        "selected_by": settings.primary,
+        "contexts": graph.meta["contexts"]["contexts"],
+        "nodes": len(graph.nodes),
+        "edges": len(graph.edges),
+        **{
+            k: scores[k]
+            for k in ("faithfulness", "random_mean", "random_std", "beats_random", "n_random", "completeness_left")
+        },
+        "spearman_target": first,
+        "topk_agreement": sum(agree) / len(agree) if agree else math.nan,
+        "seconds_ablation": seconds_of("ablation"),
+        "seconds_attribution": seconds_of("attribution"),
+        "cpu_seconds_ablation": seconds_of("ablation_cpu"),
+        "cpu_seconds_attribution": seconds_of("attribution_cpu"),
+        "seconds": round(seconds, 1),
+    }
 
 
 def _write_summary(out: Path, published: Path, row: dict) -> None:
@@ -191,7 +224,9 @@ def study(cfg: DictConfig, entries: list[Entry]) -> dict:
     settings = DiscoverySettings.from_config(analysis)
     by_model = groups(entries)
     if len(by_model) != 1:
-        raise ConfigError(f"analysis=circuits works on one model's dictionaries; run= holds {len(by_model)} models or texts")
+        raise ConfigError(
+            f"analysis=circuits works on one model's dictionaries; run= holds {len(by_model)} models or texts"
+        )
     by_hook = _by_hook(by_model[0], analysis.get("dictionaries"))
     widths = {h: e.dictionary.n_features for h, e in by_hook.items()}
     meta = by_model[0][0].meta
@@ -203,7 +238,9 @@ def study(cfg: DictConfig, entries: list[Entry]) -> dict:
         if target.metric != "logit_diff":
             raise ConfigError(f"target.task={target.metric}: a circuit explains a value of each prompt; use logit_diff")
         if cfg.get("task") is None:
-            raise ConfigError("target.task=logit_diff needs a task: task=ioi [task.vocabulary=<json>] or task=pairs task.path=<jsonl>")
+            raise ConfigError(
+                "target.task=logit_diff needs a task: task=ioi [task.vocabulary=<json>] or task=pairs task.path=<jsonl>"
+            )
         task = build_task(task_settings(cfg), session.tokenizer)
         top = last_hook(widths)
         chain = [top, *_chain(top, widths, None if analysis["depth"] is None else analysis["depth"] - 1)]
@@ -220,8 +257,13 @@ def study(cfg: DictConfig, entries: list[Entry]) -> dict:
     levels = [_level(by_hook[h], names) for h in chain]
     used = ([] if task else [top]) + chain
     heldout = session.eval_contexts(eval_tokens(meta))
-    stats = heldout_statistics(session.model, session.special_ids, {by_hook[h].hook: by_hook[h].dictionary for h in used},
-                               heldout, session.lm_batch_size)
+    stats = heldout_statistics(
+        session.model,
+        session.special_ids,
+        {by_hook[h].hook: by_hook[h].dictionary for h in used},
+        heldout,
+        session.lm_batch_size,
+    )
     stats = {h.name: s for h, s in stats.items()}
     label = model_label(meta["model"]["name_or_path"])
     extra: dict = {}
@@ -236,10 +278,13 @@ def study(cfg: DictConfig, entries: list[Entry]) -> dict:
         if isinstance(target, TokenTarget):
             index, extra["token_target"] = _token_feature(session, top_level, stats[top], target)
             _log(f"circuits: {target.name} -> {top}:{index} ({extra['token_target']})")
-        contexts, record = feature_contexts(stats[top], heldout, index, int(analysis["n_contexts"]), settings.batch_rows,
-                                            f"target {top}:{index}")
+        contexts, record = feature_contexts(
+            stats[top], heldout, index, int(analysis["n_contexts"]), settings.batch_rows, f"target {top}:{index}"
+        )
     name = f"{top}:{index}" if index is not None else f"{task.name} logit difference (answer - subject)"
-    graph = CircuitGraph(name + (f" (most predicts {target.token!r})" if isinstance(target, TokenTarget) else ""), label)
+    graph = CircuitGraph(
+        name + (f" (most predicts {target.token!r})" if isinstance(target, TokenTarget) else ""), label
+    )
     problem = CircuitProblem(session.model, session.special_ids, contexts, settings.batch_rows)
     if index is not None:
         value = float(problem.activation(top_level, [index])[0])
@@ -259,14 +304,26 @@ def study(cfg: DictConfig, entries: list[Entry]) -> dict:
                 for lv in levels}
     scores = circuit_scores(problem, top_level, index, levels, circuit, baseline, int(faith["random_circuits"]),
                             int(faith["seed"]))
-    _log(f"circuits: faithfulness {scores['faithfulness']:.3f} (random circuits of the same size: "
-         f"{scores['random_mean']:.3f} ± {scores['random_std']:.3f}), completeness left {scores['completeness_left']:.3f}")
+    _log(
+        f"circuits: faithfulness {scores['faithfulness']:.3f} (random circuits of the same size: "
+        f"{scores['random_mean']:.3f} ± {scores['random_std']:.3f}), completeness left {scores['completeness_left']:.3f}"
+    )
     _top_tokens(graph, stats, session.tokenizer)
-    explained = _explanations(graph, Path(analysis.get("explanations") or cfg.get("published") or cfg.out), names, by_hook)
+    explained = _explanations(
+        graph, Path(analysis.get("explanations") or cfg.get("published") or cfg.out), names, by_hook
+    )
     seconds = time.perf_counter() - start
-    graph.meta = _finite({"settings": analysis, "contexts": record, "scores": scores,
-                          "levels": [r.__dict__ for r in reports], "explanations": explained, "seconds": round(seconds, 1),
-                          **extra})
+    graph.meta = _finite(
+        {
+            "settings": analysis,
+            "contexts": record,
+            "scores": scores,
+            "levels": [r.__dict__ for r in reports],
+            "explanations": explained,
+            "seconds": round(seconds, 1),
+            **extra,
+        }
+    )
     folder = folder_name(FeatureTarget(top, index) if index is not None else target)
     out = Path(cfg.out)
     write_all(graph, out / "circuits" / folder, str(analysis["dashboard"]))

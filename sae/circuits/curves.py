@@ -9,12 +9,12 @@ pruning or attribution), ``order`` the pairs it was measured on (ABBA, BABA or a
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
 
-from sae.io.atomic import write_csv
 from sae.circuits.pruning import CurvePoint
 from sae.errors import ConfigError
+from sae.io.atomic import write_csv
 
 CURVE_FIELDS = ("model", "method", "hook", "order", "ordering", "threshold", "n_features", "kl", "unpatched_kl",
                 "logit_diff_restored", "edit_size", "evaluations")

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -58,10 +58,12 @@ class Contexts:
     good: torch.Tensor | None = None  # [b] long
     bad: torch.Tensor | None = None  # [b] long
 
-    def repeat(self, k: int) -> "Contexts":
+    def repeat(self, k: int) -> Contexts:
         """The batch stacked ``k`` times (row ``r`` is copy ``r // b`` of context ``r % b``)."""
         rep = (lambda t: None if t is None else t.repeat(k)) if k > 1 else (lambda t: t)
-        return Contexts(self.ids.repeat(k, 1) if k > 1 else self.ids, rep(self.positions), rep(self.good), rep(self.bad))
+        return Contexts(
+            self.ids.repeat(k, 1) if k > 1 else self.ids, rep(self.positions), rep(self.good), rep(self.bad)
+        )
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -96,7 +98,7 @@ class DiscoverySettings:
     batch_rows: int
 
     @classmethod
-    def from_config(cls, values: Mapping) -> "DiscoverySettings":
+    def from_config(cls, values: Mapping) -> DiscoverySettings:
         """The settings, or one ConfigError naming the first bad one."""
         methods = values.get("methods")
         if isinstance(methods, str) or not methods or any(m not in METHODS for m in methods) or \
@@ -147,7 +149,9 @@ class _Interpolated:
 class CircuitProblem:
     """The model, the contexts and how a level's nodes are read under any edits."""
 
-    def __init__(self, model: nn.Module, special_ids: Sequence[int], contexts: Sequence[Contexts], batch_rows: int = 64):
+    def __init__(
+        self, model: nn.Module, special_ids: Sequence[int], contexts: Sequence[Contexts], batch_rows: int = 64
+    ):
         if not contexts or not sum(len(c) for c in contexts):
             raise ConfigError("no contexts to find a circuit on")
         self.model, self.special_ids, self.batch_rows = model, list(special_ids), batch_rows
@@ -159,13 +163,17 @@ class CircuitProblem:
 
     # ---------------------------------------------------------------- reading
 
-    def read(self, level: Level, indices: Sequence[int], batch: Contexts, edits: Mapping[HookPoint, Edit]) -> torch.Tensor:
+    def read(
+        self, level: Level, indices: Sequence[int], batch: Contexts, edits: Mapping[HookPoint, Edit]
+    ) -> torch.Tensor:
         """``[b, m]``: the nodes ``indices`` of ``level`` (or the output's logit difference, ``m = 1``) per row.
 
         A feature level's forward stops at its hook (the blocks above cannot change what is read there)."""
         rows = torch.arange(len(batch), device=self.device)
         if level.hook is None:
-            logits = spliced_forward(self.model, batch.ids, edits, self.special_ids, at=(rows, batch.positions)).logits.float()
+            logits = spliced_forward(
+                self.model, batch.ids, edits, self.special_ids, at=(rows, batch.positions)
+            ).logits.float()
             return (logits[rows, batch.good] - logits[rows, batch.bad]).unsqueeze(-1)
         x = self._arriving(level.hook, batch, edits)[rows, batch.positions]
         codes = level.dictionary.encode(x.to(level.dictionary.b_dec.dtype))
@@ -307,7 +315,9 @@ class _Clock:
         into[f"{method}_cpu"] = round(time.process_time() - self.cpu, 2)
 
 
-def _keep(scores: torch.Tensor, features: torch.Tensor, activation: float, settings: DiscoverySettings) -> list[tuple[int, float]]:
+def _keep(
+    scores: torch.Tensor, features: torch.Tensor, activation: float, settings: DiscoverySettings
+) -> list[tuple[int, float]]:
     """The top ``fan_in`` ``(feature, score)`` among ``features`` whose score is above ``min_effect · |activation|``."""
     order = torch.argsort(scores, descending=True, stable=True)[: settings.fan_in]
     floor = settings.min_effect * abs(activation)
@@ -327,8 +337,14 @@ def _agreement(attribution: torch.Tensor, ablation: torch.Tensor, k: int) -> tup
     return spearman(attribution.cpu(), ablation.cpu()), same_top_k(attribution, ablation, min(k, len(ablation)))
 
 
-def _step(problem: CircuitProblem, level: Level, frontier: list[int], upstream: Level, settings: DiscoverySettings,
-          log: Callable[[str], None]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None], torch.Tensor, LevelReport]:
+def _step(
+    problem: CircuitProblem,
+    level: Level,
+    frontier: list[int],
+    upstream: Level,
+    settings: DiscoverySettings,
+    log: Callable[[str], None],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor | None], torch.Tensor, LevelReport]:
     """Both methods' scores of every live upstream feature (``{method: [m, n_candidates]}``) and of the error."""
     live = problem.live(upstream)
     report = LevelReport(upstream.label, len(frontier), int(live.sum()), 0)
@@ -345,8 +361,14 @@ def _step(problem: CircuitProblem, level: Level, frontier: list[int], upstream: 
         scores["attribution"] = full[:, features]
     if "ablation" in settings.methods:
         clock = _Clock()
-        scores["ablation"], errors["ablation"] = problem.ablation(level, frontier, upstream, features, settings.error_nodes,
-                                                                  desc=f"ablation {upstream.label} ({len(features)} features)")
+        scores["ablation"], errors["ablation"] = problem.ablation(
+            level,
+            frontier,
+            upstream,
+            features,
+            settings.error_nodes,
+            desc=f"ablation {upstream.label} ({len(features)} features)",
+        )
         clock.stop(report.seconds, "ablation")
         report.ablated = len(features)
         if need_attribution:
@@ -384,10 +406,14 @@ def discover(problem: CircuitProblem, levels: Sequence[Level], target_index: int
         for q, node in enumerate(ids):
             for j, weight in _keep(scores[settings.primary][q], features, activations[q], settings):
                 where = int((features == j).nonzero())
-                graph.add_feature(upstream.label, upstream.layer, j, upstream.name, activation=float(up_activation[where]))
+                graph.add_feature(
+                    upstream.label, upstream.layer, j, upstream.name, activation=float(up_activation[where])
+                )
                 kept[j] = max(kept.get(j, -math.inf), weight)
                 for method, values in scores.items():
-                    graph.add_edge(feature_id(upstream.label, j), node, float(values[q, where]), _edge_method(method, settings))
+                    graph.add_edge(
+                        feature_id(upstream.label, j), node, float(values[q, where]), _edge_method(method, settings)
+                    )
             for method, values in errors.items():
                 if settings.error_nodes and values is not None:
                     graph.add_edge(error_id(upstream.label), node, float(values[q]), _edge_method(method, settings))

@@ -6,7 +6,7 @@ nothing, so drawing from all would flatter the control's emptiness). The arithme
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -55,6 +55,13 @@ def circuit_scores(problem: CircuitProblem, target: Level, target_index: int | N
             drawn[lv.hook] = _mask(lv, live[torch.randperm(len(live), generator=gen)[:size]].tolist(), device)
         randoms.append(faithfulness(value(drawn), full, empty))
     score = faithfulness(kept, full, empty)
-    return {"full": full, "empty": empty, "circuit": kept, "without_circuit": without, "faithfulness": score,
-            "completeness_left": completeness_left(without, full, empty), "circuit_size": int(sum(m.sum() for m in masks.values())),
-            **against_random(score, randoms)}
+    return {
+        "full": full,
+        "empty": empty,
+        "circuit": kept,
+        "without_circuit": without,
+        "faithfulness": score,
+        "completeness_left": completeness_left(without, full, empty),
+        "circuit_size": int(sum(m.sum() for m in masks.values())),
+        **against_random(score, randoms),
+    }

@@ -20,12 +20,12 @@ import html
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping
 
-from sae.io.atomic import write_text as write_text_atomic
 from sae.errors import ConfigError
+from sae.io.atomic import write_text as write_text_atomic
 
 FORMAT = "sae.circuit-graph/1"
 KINDS = ("feature", "error", "output")
@@ -116,7 +116,7 @@ class CircuitGraph:
                 "edges": [asdict(e) for e in self.edges]}
 
     @classmethod
-    def from_dict(cls, data: Mapping) -> "CircuitGraph":
+    def from_dict(cls, data: Mapping) -> CircuitGraph:
         if not isinstance(data, Mapping) or data.get("format") != FORMAT:
             raise ConfigError(f"not a circuit graph: expected \"format\": \"{FORMAT}\"")
         graph = cls(str(data["target"]), str(data["model"]), meta=dict(data.get("meta", {})))
@@ -291,7 +291,9 @@ def _anchor(node_id: str) -> str:
     return "node-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in node_id)
 
 
-def html_page(graph: CircuitGraph, svg: str | None, dashboard: str = "../../dashboard", html_dir: Path | None = None) -> str:
+def html_page(
+    graph: CircuitGraph, svg: str | None, dashboard: str = "../../dashboard", html_dir: Path | None = None
+) -> str:
     """The page: title (with the model, so a stand-in is labelled), the drawing, the nodes table and the edges."""
     rows = "".join(_node_row(n, dashboard, html_dir) for n in sorted(graph.nodes.values(), key=_node_key))
     edges = "".join(f"<tr><td><a href='#{_anchor(e.source)}'>{html.escape(e.source)}</a></td>"
@@ -300,12 +302,14 @@ def html_page(graph: CircuitGraph, svg: str | None, dashboard: str = "../../dash
     picture = f"<div class='graph'>{svg[svg.find('<svg'):]}</div>" if svg else \
         "<p class='missing'>(no drawing: Graphviz's dot was not available)</p>"
     title = f"Circuit of {graph.target}"
-    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1><p>{html.escape(graph.model)}</p>"
-            f"{picture}<h2>Nodes</h2><table id='nodes'><tr><th>node</th><th>layer</th><th>activation</th><th>effect</th>"
-            f"<th>top tokens</th><th>explanation</th></tr>{rows}</table>"
-            f"<h2>Edges</h2><table id='edges'><tr><th>from</th><th>to</th><th>weight</th><th>method</th></tr>{edges}</table>"
-            "</body></html>")
+    return (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1><p>{html.escape(graph.model)}</p>"
+        f"{picture}<h2>Nodes</h2><table id='nodes'><tr><th>node</th><th>layer</th><th>activation</th><th>effect</th>"
+        f"<th>top tokens</th><th>explanation</th></tr>{rows}</table>"
+        f"<h2>Edges</h2><table id='edges'><tr><th>from</th><th>to</th><th>weight</th><th>method</th></tr>{edges}</table>"
+        "</body></html>"
+    )
 
 
 def write_html(graph: CircuitGraph, path: Path, dashboard: str = "../../dashboard", svg: str | None = None) -> None:

@@ -41,14 +41,18 @@ def mean_kl(patched_logits: torch.Tensor, counterfactual_logits: torch.Tensor) -
     return kl_patched_to_counterfactual(patched_logits, counterfactual_logits).mean()
 
 
-def logit_difference(logits: torch.Tensor, base_answer: torch.Tensor, counterfactual_answer: torch.Tensor) -> torch.Tensor:
+def logit_difference(
+    logits: torch.Tensor, base_answer: torch.Tensor, counterfactual_answer: torch.Tensor
+) -> torch.Tensor:
     """Per pair ``[b]``: logit of the counterfactual answer minus logit of the base answer, at the final position."""
     last = wide(final_position(logits))
     rows = torch.arange(last.shape[0], device=last.device)
     return last[rows, counterfactual_answer] - last[rows, base_answer]
 
 
-def fraction_restored(patched: torch.Tensor | float, base: torch.Tensor | float, counterfactual: torch.Tensor | float) -> float:
+def fraction_restored(
+    patched: torch.Tensor | float, base: torch.Tensor | float, counterfactual: torch.Tensor | float
+) -> float:
     """``(mean patched − mean base) / (mean cf − mean base)`` of logit differences; NaN when base and cf agree."""
     p, b, c = (float(torch.as_tensor(v, dtype=torch.float64).mean()) for v in (patched, base, counterfactual))
     gap = c - b

@@ -14,16 +14,23 @@ wraps the edit to record ``x' − x`` (the edit's size is one of the study's met
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from sae.circuits.curves import curve_rows
 from sae.circuits.metrics import PairTotals, kl_patched_to_counterfactual, wide
-from sae.circuits.pruning import (CurvePoint, attribution_curve, attribution_sums, greedy_prune, log_thresholds, ranked,
-                                  size_grid)
+from sae.circuits.pruning import (
+    CurvePoint,
+    attribution_curve,
+    attribution_sums,
+    greedy_prune,
+    log_thresholds,
+    ranked,
+    size_grid,
+)
 from sae.circuits.tasks import PairBatch, PromptPair, batches
 from sae.errors import ConfigError
 from sae.lm.hooks import HookPoint
@@ -114,7 +121,11 @@ class PatchingProblem:
     def patched_logits(self, batch: CachedBatch, patched: torch.Tensor,
                        rows: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Final logits of the patched base run (rows repeated once per set of a ``[k, n]`` mask) and ``x' − x``."""
-        ids = batch.pairs.base_ids if rows is None else batch.pairs.base_ids[torch.as_tensor(list(rows), device=self.device)]
+        ids = (
+            batch.pairs.base_ids
+            if rows is None
+            else batch.pairs.base_ids[torch.as_tensor(list(rows), device=self.device)]
+        )
         ids = ids.repeat(patched.reshape(-1, self.n_features).shape[0], 1)
         edit = _Measured(self.patch(batch, patched, rows))
         out = spliced_forward(self.model, ids, {self.hook: edit}, self.special_ids, at=_final(ids))
@@ -209,7 +220,7 @@ class CurveSettings:
     points: int = 24
 
     @classmethod
-    def from_config(cls, cfg) -> "CurveSettings":
+    def from_config(cls, cfg) -> CurveSettings:
         greedy, attribution = cfg.get("greedy", {}) or {}, cfg.get("attribution", {}) or {}
         taus = greedy.get("thresholds", {}) or {}
         orderings = tuple(cfg.get("orderings", cls.orderings))
@@ -283,12 +294,19 @@ def patching_curves(problem: PatchingProblem, settings: CurveSettings, *, method
     if "greedy" in settings.orderings:
         selections = ["all"] if settings.select_on == "all" else orders
         for chosen_on in selections:
-            points = greedy_prune(lambda patched: problem.kl(patched, chosen_on), problem.n_features,
-                                  settings.thresholds, settings.seed, stats, _greedy_start(problem, settings, scores, live),
-                                  None if progress is None else
-                                  lambda i, tau, n: progress(f"{method} {hook} greedy ({chosen_on}): tau {tau:.2g}, {n} features"),
-                                  metric_many=lambda masks: problem.kl_many(masks, chosen_on),
-                                  lookahead=settings.lookahead)
+            points = greedy_prune(
+                lambda patched: problem.kl(patched, chosen_on),
+                problem.n_features,
+                settings.thresholds,
+                settings.seed,
+                stats,
+                _greedy_start(problem, settings, scores, live),
+                None
+                if progress is None
+                else lambda i, tau, n: progress(f"{method} {hook} greedy ({chosen_on}): tau {tau:.2g}, {n} features"),
+                metric_many=lambda masks: problem.kl_many(masks, chosen_on),
+                lookahead=settings.lookahead,
+            )
             measured = orders if settings.select_on == "all" else [chosen_on]
             rows += _rows(points, measured, unpatched, ordering="greedy", **key)
     if "attribution" in settings.orderings:

@@ -68,7 +68,9 @@ def task_settings(cfg: DictConfig) -> dict:
     """The ``task`` group's settings; one line when none is chosen or its kind is unknown."""
     task = cfg.get("task")
     if task is None:
-        raise ConfigError("analysis=patching needs a task: task=ioi [task.vocabulary=<json>] or task=pairs task.path=<jsonl>")
+        raise ConfigError(
+            "analysis=patching needs a task: task=ioi [task.vocabulary=<json>] or task=pairs task.path=<jsonl>"
+        )
     values = OmegaConf.to_container(task, resolve=True) if isinstance(task, DictConfig) else task
     if not isinstance(values, dict) or values.get("kind") not in TASK_KINDS:
         raise ConfigError(f"unknown task {task!r}; use task=ioi or task=pairs (conf/task/)")
@@ -155,7 +157,9 @@ def study(cfg: DictConfig, entries: list[Entry]) -> list[dict]:
     settings = CurveSettings.from_config(analysis)
     task_cfg = task_settings(cfg)
     by_model = groups(entries)
-    tasks = [build_task(task_cfg, session_for(g[0].meta, "cpu", cfg.seed).tokenizer) for g in by_model]  # no weights yet
+    tasks = [
+        build_task(task_cfg, session_for(g[0].meta, "cpu", cfg.seed).tokenizer) for g in by_model
+    ]  # no weights yet
     studied = {h.name for group in by_model for h in _hooks(group, _hook_list(analysis.get("hooks"), "analysis.hooks"))}
     _check_greedy_layers(analysis, settings, studied)
     out = Path(cfg.out)

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
@@ -58,7 +58,9 @@ def _check_thresholds(thresholds: Sequence[float]) -> list[float]:
     return values
 
 
-def _point(patched: torch.Tensor, value: float, threshold: float | None, evaluations: int, stats: Stats | None) -> CurvePoint:
+def _point(
+    patched: torch.Tensor, value: float, threshold: float | None, evaluations: int, stats: Stats | None
+) -> CurvePoint:
     features = tuple(int(i) for i in patched.nonzero().flatten())
     return CurvePoint(len(features), float(value), threshold, features, evaluations,
                       dict(stats(patched.clone())) if stats is not None else {})

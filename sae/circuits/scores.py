@@ -14,7 +14,7 @@ value (a feature's activation, or a task metric such as the logit difference) wi
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -9,8 +9,8 @@ token target, the tokenizer.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 from sae.errors import ConfigError
 
@@ -75,10 +75,14 @@ def parse_target(spec, tokenizer=None) -> Target:
     if isinstance(spec, str):
         return _feature(spec.strip())
     if not isinstance(spec, Mapping):
-        raise ConfigError("target is missing: give target=<hook>:<feature>, target.token='\")\"' or target.task=logit_diff")
+        raise ConfigError(
+            "target is missing: give target=<hook>:<feature>, target.token='\")\"' or target.task=logit_diff"
+        )
     given = {k: v for k, v in spec.items() if v not in (None, "")}
     if len(given) != 1 or next(iter(given)) not in ("feature", "token", "task"):
-        raise ConfigError(f"give exactly one of target.feature, target.token, target.task (got {sorted(given) or 'none'})")
+        raise ConfigError(
+            f"give exactly one of target.feature, target.token, target.task (got {sorted(given) or 'none'})"
+        )
     kind, value = next(iter(given.items()))
     if kind == "feature":
         return _feature(str(value))

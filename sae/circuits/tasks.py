@@ -19,10 +19,10 @@ import json
 import random
 import re
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import torch
 
@@ -192,7 +192,9 @@ def load_pairs(path: str | Path, tokenizer, prepend_bos: bool = True) -> Task:
         else:
             pairs.append(pair)
     if not pairs:
-        raise ConfigError(f"task.path '{path}' holds no usable pair ({dropped} dropped: prompts of unequal token length)")
+        raise ConfigError(
+            f"task.path '{path}' holds no usable pair ({dropped} dropped: prompts of unequal token length)"
+        )
     return Task("pairs", tuple(pairs), dropped, str(path))
 
 

@@ -70,7 +70,10 @@ def contexts_material(contexts) -> dict:
     contexts in memory are hashed."""
     if hasattr(contexts, "material"):
         return contexts.material
-    return {"shape": list(contexts.shape), "sha256": hashlib.sha256(contexts.contiguous().numpy().tobytes()).hexdigest()}
+    return {
+        "shape": list(contexts.shape),
+        "sha256": hashlib.sha256(contexts.contiguous().numpy().tobytes()).hexdigest(),
+    }
 
 
 def key_material(settings: CacheSettings, hook: HookPoint, contexts, fingerprint: dict,
@@ -184,7 +187,9 @@ def build_caches(
     hooks = list(wanted)
     keys = {hook: cache_key(material) for hook, material in wanted.items()}
     with contextlib.ExitStack() as stack:
-        tmp = {hook: stack.enter_context(staged_directory(cache_directory(root, hook, keys[hook]), META)) for hook in hooks}
+        tmp = {
+            hook: stack.enter_context(staged_directory(cache_directory(root, hook, keys[hook]), META)) for hook in hooks
+        }
         writers: dict[HookPoint, _ShardWriter] = {}
         desc = f"writing activation cache ({len(hooks)} hooks, {len(stored):,} contexts)"
         for _, acts in read_batches(model, hooks, _Subset(contexts, stored), batch_size, desc=desc):
@@ -224,7 +229,9 @@ class _ShardWriter:
     def _open_next(self) -> None:
         name = f"shard-{len(self.names):05d}.npy"
         rows = min(self.rows_per_shard, self.total - self.written)
-        self.array = np.lib.format.open_memmap(self.directory / name, "w+", _STORED_AS[self.dtype], (rows, *self.row_shape))
+        self.array = np.lib.format.open_memmap(
+            self.directory / name, "w+", _STORED_AS[self.dtype], (rows, *self.row_shape)
+        )
         self.names.append(name)
 
 

@@ -8,9 +8,10 @@ trained on (the training loop fetches one batch ahead), one entry per process.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -96,7 +97,7 @@ class StreamDataModule(pl.LightningDataModule):
         self._resume = ranks[self.rank]
 
 
-def share_session(dm: "StreamDataModule") -> None:
+def share_session(dm: StreamDataModule) -> None:
     """Ready ``dm.session`` for this process: its text ready (the token store built by rank 0 while the others
     wait, then opened by each), enough training contexts for every process to take its share, and the LM on the
     trainer's device (so LM and dictionary share the accelerator)."""
@@ -147,8 +148,15 @@ class ActivationDataModule(StreamDataModule):
     batch). With ``data.streaming`` the contexts come in stream order and there is no cache.
     """
 
-    def __init__(self, session: LMSession, hooks: list[HookPoint], stream: StreamSettings, batch_size: int, seed: int = 0,
-                 plan: ReadPlan | None = None):
+    def __init__(
+        self,
+        session: LMSession,
+        hooks: list[HookPoint],
+        stream: StreamSettings,
+        batch_size: int,
+        seed: int = 0,
+        plan: ReadPlan | None = None,
+    ):
         super().__init__(batch_size)
         self.session, self.hooks, self.stream, self.seed, self.plan = session, hooks, stream, seed, plan
         self.caches: dict[HookPoint, ActivationCache] | None = None

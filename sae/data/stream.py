@@ -8,7 +8,7 @@ of the frozen LM (``sae.lm``) or a lookup in the activation cache (``sae.data.ca
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 

@@ -7,10 +7,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-VARIANTS: dict[str, type["Dictionary"]] = {}
+VARIANTS: dict[str, type[Dictionary]] = {}
 
 
-def register(cls: type["Dictionary"]) -> type["Dictionary"]:
+def register(cls: type[Dictionary]) -> type[Dictionary]:
     """Class decorator: make a variant buildable by its ``variant`` name (``sae=<name>`` in the config)."""
     VARIANTS[cls.variant] = cls
     return cls

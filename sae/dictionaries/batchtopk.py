@@ -37,7 +37,9 @@ class BatchTopKDictionary(TopKDictionary):
 
     variant = "batchtopk"
 
-    def __init__(self, d_in: int, n_features: int, *, k: float, aux_coeff: float, k_aux: int | None, threshold_lr: float):
+    def __init__(
+        self, d_in: int, n_features: int, *, k: float, aux_coeff: float, k_aux: int | None, threshold_lr: float
+    ):
         if not 0 < threshold_lr <= 1:
             raise ConfigError(f"sae.threshold_lr={threshold_lr} must be in (0, 1]")
         super().__init__(d_in, n_features, k=k, aux_coeff=aux_coeff, k_aux=k_aux)

@@ -29,9 +29,13 @@ def _pattern(indices: torch.Tensor, weights: torch.Tensor, n: int, csr: bool = T
     batch, k = indices.shape
     if csr:
         crow = torch.arange(0, batch * k + 1, k, device=indices.device)
-        return torch.sparse_csr_tensor(crow, indices.reshape(-1), weights.reshape(-1), (batch, n), check_invariants=False)
+        return torch.sparse_csr_tensor(
+            crow, indices.reshape(-1), weights.reshape(-1), (batch, n), check_invariants=False
+        )
     rows = torch.arange(batch, device=indices.device).repeat_interleave(k)
-    return torch.sparse_coo_tensor(torch.stack([rows, indices.reshape(-1)]), weights.reshape(-1), (batch, n), check_invariants=False)
+    return torch.sparse_coo_tensor(
+        torch.stack([rows, indices.reshape(-1)]), weights.reshape(-1), (batch, n), check_invariants=False
+    )
 
 
 def _scatter_rows(indices: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
@@ -47,7 +51,9 @@ def _gather_dots(indices: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor
     sorted for the product and the dots put back in the caller's order."""
     ordered, order = indices.sort(dim=-1)
     zeros = rows.new_zeros(indices.shape)
-    dots = torch.sparse.sampled_addmm(_pattern(ordered, zeros, len(weight)), rows, weight.T).values().view(indices.shape)
+    dots = (
+        torch.sparse.sampled_addmm(_pattern(ordered, zeros, len(weight)), rows, weight.T).values().view(indices.shape)
+    )
     return torch.empty_like(dots).scatter_(-1, order, dots)
 
 
@@ -83,7 +89,9 @@ class SparseTopK(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor, _grad_indices):
         x, weight, indices, values = ctx.saved_tensors
         grad = grad * (values > 0)
-        grad_x = F.embedding_bag(indices, weight, per_sample_weights=grad, mode="sum") if ctx.needs_input_grad[1] else None
+        grad_x = (
+            F.embedding_bag(indices, weight, per_sample_weights=grad, mode="sum") if ctx.needs_input_grad[1] else None
+        )
         grad_weight = _scatter_rows(indices, grad, x, len(weight)) if ctx.needs_input_grad[2] else None
         grad_bias = grad.new_zeros(len(weight)).index_add_(0, indices.reshape(-1), grad.reshape(-1))
         return None, grad_x, grad_weight, grad_bias, None

@@ -38,7 +38,9 @@ def compare(rows: list[dict]) -> list[dict]:
 
 def markdown(table: list[dict]) -> str:
     """``compare``'s rows as a Markdown table: for each metric, dictionary / each top-k baseline."""
-    kinds = sorted({key.removeprefix("fvu_") for r in table for key in r if key.startswith("fvu_") and key != "fvu_dictionary"})
+    kinds = sorted(
+        {key.removeprefix("fvu_") for r in table for key in r if key.startswith("fvu_") and key != "fvu_dictionary"}
+    )
     names = " / ".join(["dict", *(k.removesuffix("_topk") + "-k" for k in kinds)])
     header = ["layer", "dictionary", "L0", "k", f"FVU: {names}", f"kl_spliced: {names}", f"CE spliced − clean: {names}",
               "CE recovered: dict", "dict KL lowest"]

@@ -7,7 +7,7 @@ overrides of a dictionary's recorded ``model``, ``data`` and ``stream`` are type
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -15,23 +15,23 @@ from omegaconf import MISSING
 
 @dataclass
 class ModelOverrides:
-    name_or_path: Optional[str] = None
-    dtype: Optional[str] = None
+    name_or_path: str | None = None
+    dtype: str | None = None
 
 
 @dataclass
 class DataOverrides:
-    source: Optional[str] = None
-    path: Optional[str] = None
-    text_column: Optional[str] = None
-    split: Optional[str] = None
-    context_length: Optional[int] = None
-    heldout_fraction: Optional[float] = None
+    source: str | None = None
+    path: str | None = None
+    text_column: str | None = None
+    split: str | None = None
+    context_length: int | None = None
+    heldout_fraction: float | None = None
 
 
 @dataclass
 class StreamOverrides:
-    lm_batch_size: Optional[int] = None
+    lm_batch_size: int | None = None
 
 
 @dataclass
@@ -42,7 +42,7 @@ class EvaluateConfig:
     """Where the study writes."""
     baseline_tokens: int = MISSING
     """Training activations the baselines are fitted on."""
-    eval_tokens: Optional[int] = MISSING
+    eval_tokens: int | None = MISSING
     """Held-out tokens (null: each dictionary's data.eval_tokens)."""
     device: str = MISSING
     """auto (CUDA when there is one), cpu or cuda."""
@@ -65,8 +65,20 @@ MOVED = {
     "baselines": "analysis.baselines",
     "features.baselines": "analysis.baselines",
     "features.figures": "analysis.figures",
-    **{f"features.settings.{k}": f"analysis.settings.{k}" for k in (
-        "top_k", "window", "quantiles", "per_quantile", "min_count", "causal_contexts", "logit_tokens", "hist_tokens", "bins")},
+    **{
+        f"features.settings.{k}": f"analysis.settings.{k}"
+        for k in (
+            "top_k",
+            "window",
+            "quantiles",
+            "per_quantile",
+            "min_count",
+            "causal_contexts",
+            "logit_tokens",
+            "hist_tokens",
+            "bins",
+        )
+    },
     "data.lm_batch_size": "stream.lm_batch_size",
 }
 

@@ -48,7 +48,9 @@ def discover(run: Path) -> list[Path]:
     ours = [p.parent for p in run.rglob(META) if "baseline" not in read_meta(p.parent)]
     found = sorted(set(ours) | {p.parent for p in run.rglob("cfg.json") if is_saelens_dir(p.parent)})
     if not found:
-        raise ConfigError(f"no dictionary under '{run}': expected {META} (ours) or cfg.json + sae_weights.safetensors (SAELens)")
+        raise ConfigError(
+            f"no dictionary under '{run}': expected {META} (ours) or cfg.json + sae_weights.safetensors (SAELens)"
+        )
     return found
 
 

@@ -13,8 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from sae.evaluation.comparison import compare, markdown
-from sae.evaluation.entries import (Entry, baseline_problems, eval_tokens, fit_baselines, groups, session_for,
-                                    sparsified)
+from sae.evaluation.entries import Entry, baseline_problems, eval_tokens, fit_baselines, groups, session_for, sparsified
 from sae.evaluation.heldout import heldout_metrics_many
 from sae.evaluation.metrics import l0
 from sae.evaluation.perplexity import objective_of, plot_ce_vs_l0, ppl_table
@@ -36,7 +35,9 @@ def settings_problems(settings: DictConfig) -> list[str]:
     return baseline_problems(settings.baselines, "analysis.baselines")
 
 
-def evaluate_hook(session: LMSession, hook: HookPoint, dictionaries: list[Entry], cfg: DictConfig) -> list[tuple[Entry, dict]]:
+def evaluate_hook(
+    session: LMSession, hook: HookPoint, dictionaries: list[Entry], cfg: DictConfig
+) -> list[tuple[Entry, dict]]:
     """Metrics of the dictionaries at one hook and of the baselines fitted (and sparsified) there."""
     meta = dictionaries[0].meta
     contexts = session.eval_contexts(eval_tokens(meta))

@@ -53,7 +53,9 @@ def heldout_metrics_many(
         for tally in tallies.values():
             tally.add_reconstruction(x)
             # inline: a spliced batch's logits (batch x seq x vocab) must not outlive its scoring
-            ce_spliced, kl = scorer.ce_and_kl(spliced_forward(model, ids, {hook: Reconstruct(tally.dictionary)}, special).logits)
+            ce_spliced, kl = scorer.ce_and_kl(
+                spliced_forward(model, ids, {hook: Reconstruct(tally.dictionary)}, special).logits
+            )
             tally.ce += ce_spliced
             tally.kl += kl
         n_pred += ids[:, 1:].numel()
@@ -67,4 +69,6 @@ def heldout_metrics(model: nn.Module, dictionary: Dictionary, hook: HookPoint, c
 
     See ``heldout_metrics_many``; the keys are listed in the README (held-out metrics).
     """
-    return heldout_metrics_many(model, {"dictionary": dictionary}, hook, contexts, special_ids, batch_size, progress)["dictionary"]
+    return heldout_metrics_many(model, {"dictionary": dictionary}, hook, contexts, special_ids, batch_size, progress)[
+        "dictionary"
+    ]

@@ -106,7 +106,7 @@ class _NextTokenKL(torch.autograd.Function):
     the vocabulary in the backward instead of autograd's several (the KL objective's step is vocabulary-bound)."""
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, scorer: "NextTokenScorer") -> torch.Tensor:
+    def forward(ctx, z: torch.Tensor, scorer: NextTokenScorer) -> torch.Tensor:
         lse = torch.logsumexp(z, -1)
         ctx.save_for_backward(z, lse)
         ctx.scorer = scorer

@@ -27,12 +27,17 @@ def objective_of(meta: dict) -> str | None:
 
 def ppl_table(rows: list[dict]) -> str:
     """Per dictionary: objective, L0, ppl_clean, ppl_spliced and their difference, as a Markdown table."""
-    lines = ["| dictionary | objective | L0 | fvu | kl_spliced | ppl_clean | ppl_spliced | ppl gap |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| dictionary | objective | L0 | fvu | kl_spliced | ppl_clean | ppl_spliced | ppl gap |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r["kind"] != "dictionary":
             continue
-        lines.append(f"| {r['name']} | {r.get('objective') or '-'} | {r['l0']:.1f} | {r['fvu']:.3f} | {r['kl_spliced']:.4f} "
-                     f"| {r['ppl_clean']:.2f} | {r['ppl_spliced']:.2f} | {r['ppl_spliced'] - r['ppl_clean']:+.2f} |")
+        lines.append(
+            f"| {r['name']} | {r.get('objective') or '-'} | {r['l0']:.1f} | {r['fvu']:.3f} | {r['kl_spliced']:.4f} "
+            f"| {r['ppl_clean']:.2f} | {r['ppl_spliced']:.2f} | {r['ppl_spliced'] - r['ppl_clean']:+.2f} |"
+        )
     return "\n".join(lines)
 
 

@@ -21,7 +21,9 @@ def style(kind: str) -> dict:
         return dict(marker="*", markersize=12, color="black")
     base = kind.removesuffix("_topk")
     filled = kind.endswith("_topk")
-    return dict(marker="s" if filled else "o", markersize=5, color=COLORS.get(base), markerfacecolor=None if filled else "none")
+    return dict(
+        marker="s" if filled else "o", markersize=5, color=COLORS.get(base), markerfacecolor=None if filled else "none"
+    )
 
 
 def _model_label(results: list) -> str:
@@ -96,8 +98,16 @@ def plot_by_layer(rows: list[dict], path: Path, title: str) -> None:
     for (kind, label), group in sorted(groups.items()):
         layers = sorted({r["layer"] for r in group})
         for ax, metric in zip(axes, ("ce_loss_recovered", "kl_spliced")):
-            means = [sum(r[metric] for r in group if r["layer"] == l) / sum(r["layer"] == l for r in group) for l in layers]
-            ax.plot(layers, means, label=f"{kind} {label}".strip(), linestyle=LINESTYLES[labels.index(label) % 4], **style(kind))
+            means = [
+                sum(r[metric] for r in group if r["layer"] == l) / sum(r["layer"] == l for r in group) for l in layers
+            ]
+            ax.plot(
+                layers,
+                means,
+                label=f"{kind} {label}".strip(),
+                linestyle=LINESTYLES[labels.index(label) % 4],
+                **style(kind),
+            )
     axes[0].set(xlabel="layer", ylabel="CE loss recovered (zero ablation)")
     axes[1].set(xlabel="layer", ylabel="KL(clean || spliced), nats/token", yscale="log")
     axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))
@@ -122,4 +132,6 @@ def plot_all(directory: Path, rows: list[dict], results: list) -> None:
         if entry.kind == "dictionary":
             name = entry.name.replace("/", "_")
             dead = f"{metrics['dead_frac']:.1%} dead"
-            plot_density(metrics["log10_density_hist"], directory / "density" / f"{name}.png", f"{entry.name}: {dead} ({label})")
+            plot_density(
+                metrics["log10_density_hist"], directory / "density" / f"{name}.png", f"{entry.name}: {dead} ({label})"
+            )

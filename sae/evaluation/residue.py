@@ -106,13 +106,23 @@ def top_records(scores: TokenScores, top: int, window: int, tokenizer) -> list[d
         ids = scores.contexts[row]
         preds = lambda i, p: [{"token": text([t]), "id": int(t), "p": round(float(q), 5)}  # noqa: E731
                               for t, q in zip(i[row, pos], p[row, pos])]
-        records.append({
-            "rank": rank + 1, "context": row, "position": pos, "kl": value, "fvu": float(scores.fvu[row, pos]),
-            "token": text([ids[pos]]), "token_id": int(ids[pos]), "next_token": text([ids[pos + 1]]),
-            "next_token_id": int(ids[pos + 1]), "before": text(ids[max(0, pos - window) : pos]),
-            "after": text(ids[pos + 1 : pos + 1 + window]),
-            "clean_top": preds(scores.clean_ids, scores.clean_p), "spliced_top": preds(scores.spliced_ids, scores.spliced_p),
-        })
+        records.append(
+            {
+                "rank": rank + 1,
+                "context": row,
+                "position": pos,
+                "kl": value,
+                "fvu": float(scores.fvu[row, pos]),
+                "token": text([ids[pos]]),
+                "token_id": int(ids[pos]),
+                "next_token": text([ids[pos + 1]]),
+                "next_token_id": int(ids[pos + 1]),
+                "before": text(ids[max(0, pos - window) : pos]),
+                "after": text(ids[pos + 1 : pos + 1 + window]),
+                "clean_top": preds(scores.clean_ids, scores.clean_p),
+                "spliced_top": preds(scores.spliced_ids, scores.spliced_p),
+            }
+        )
     return records
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from omegaconf import DictConfig
 
@@ -101,7 +101,9 @@ def redraw_dashboard(source: Path, target: Path, tokenizer) -> None:
     methods = {p.stem: json.loads(p.read_text()) for p in sorted((source / "features").glob("*.json"))}
     with open(source / "monosemanticity.csv", newline="") as fh:
         rows = [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(fh)]
-    write_dashboard(target / "dashboard", methods, token_names(tokenizer, methods), rows, read_explanations(target, methods))
+    write_dashboard(
+        target / "dashboard", methods, token_names(tokenizer, methods), rows, read_explanations(target, methods)
+    )
 
 
 def _number(text: str):
@@ -118,8 +120,17 @@ def token_names(tokenizer, methods: dict) -> dict[int, str]:
     ids: set[int] = set()
     for method in methods.values():
         for rec in method["features"]:
-            ids.update(t for ex in rec.get("top", []) + [e for q in rec.get("quantiles", []) for e in q["examples"]] for t in ex["tokens"])
-            ids.update(t for table in ("direct", "causal") for side in ("up", "down") for t, _ in rec.get(table, {}).get(side, []))
+            ids.update(
+                t
+                for ex in rec.get("top", []) + [e for q in rec.get("quantiles", []) for e in q["examples"]]
+                for t in ex["tokens"]
+            )
+            ids.update(
+                t
+                for table in ("direct", "causal")
+                for side in ("up", "down")
+                for t, _ in rec.get(table, {}).get(side, [])
+            )
             ids.update(t for t, _ in rec.get("top_tokens", []))
     return {i: tokenizer.decode([i]) for i in sorted(ids)}
 
@@ -129,4 +140,9 @@ def _figures(directory: Path, methods: dict, names: dict[int, str], n: int) -> N
     for method, data in methods.items():
         live = sorted((r for r in data["features"] if r["live"]), key=lambda r: -r["top_token_share"])
         for rec in live[:n]:
-            plot_feature(rec, names, directory / method / f"{rec['index']}.png", f"{method} feature {rec['index']} ({data['hook']})")
+            plot_feature(
+                rec,
+                names,
+                directory / method / f"{rec['index']}.png",
+                f"{method} feature {rec['index']} ({data['hook']})",
+            )

@@ -53,10 +53,16 @@ def histogram_svg(hist: dict, names: dict[int, str], width: int = 480, height: i
         for colour, stack in zip(COLOURS, stacks):
             h = stack["counts"][i] / top * (height - 10)
             y -= h
-            rects.append(f"<rect x='{i * bar:.1f}' y='{y:.1f}' width='{bar - 1:.1f}' height='{h:.1f}' fill='{colour}'/>")
-    legend = " ".join(f"<span style='color:{c}'>&#9632; {_tok(names, s['token'])}</span>" for c, s in zip(COLOURS, stacks))
-    return (f"<svg width='{width}' height='{height + 15}'>{''.join(rects)}<text x='0' y='{height + 12}' font-size='10'>0</text>"
-            f"<text x='{width - 40}' y='{height + 12}' font-size='10'>{edges[-1]:.3g}</text></svg><div>{legend}</div>")
+            rects.append(
+                f"<rect x='{i * bar:.1f}' y='{y:.1f}' width='{bar - 1:.1f}' height='{h:.1f}' fill='{colour}'/>"
+            )
+    legend = " ".join(
+        f"<span style='color:{c}'>&#9632; {_tok(names, s['token'])}</span>" for c, s in zip(COLOURS, stacks)
+    )
+    return (
+        f"<svg width='{width}' height='{height + 15}'>{''.join(rects)}<text x='0' y='{height + 12}' font-size='10'>0</text>"
+        f"<text x='{width - 40}' y='{height + 12}' font-size='10'>{edges[-1]:.3g}</text></svg><div>{legend}</div>"
+    )
 
 
 def logit_table(title: str, table: dict, names: dict[int, str]) -> str:
@@ -82,14 +88,16 @@ def feature_page(method: str, hook: str, rec: dict, names: dict[int, str],
     tokens = ", ".join(f"{_tok(names, t)} ({s:.0%})" for t, s in rec["top_tokens"][:5])
     causal = rec["causal"]
     causal_title = f"Causal: next-token logit change when ablated ({causal['contexts']} top contexts)"
-    body = (f"<p><a href='../index.html'>index</a></p><h1>{html.escape(method)} feature {rec['index']}</h1>"
-            f"<p>{html.escape(hook)}; density {rec['density']:.3g} ({rec['count']} tokens); top-token share "
-            f"{rec['top_token_share']:.2f}; token entropy {rec['token_entropy']:.2f} nats; activation mass on: {tokens}</p>"
-            f"{explanation_html(explanation)}"
-            f"<h2>Activations by token</h2>{histogram_svg(rec['histogram'], names)}"
-            f"<div class='tables'>{logit_table('Direct path (atom through the final norm weight and unembedding)', rec['direct'], names)}"
-            f"{logit_table(causal_title, causal, names)}</div>"
-            f"<h2>Top activating contexts</h2>{top}<h2>Samples across activation quantiles</h2>{quant}")
+    body = (
+        f"<p><a href='../index.html'>index</a></p><h1>{html.escape(method)} feature {rec['index']}</h1>"
+        f"<p>{html.escape(hook)}; density {rec['density']:.3g} ({rec['count']} tokens); top-token share "
+        f"{rec['top_token_share']:.2f}; token entropy {rec['token_entropy']:.2f} nats; activation mass on: {tokens}</p>"
+        f"{explanation_html(explanation)}"
+        f"<h2>Activations by token</h2>{histogram_svg(rec['histogram'], names)}"
+        f"<div class='tables'>{logit_table('Direct path (atom through the final norm weight and unembedding)', rec['direct'], names)}"
+        f"{logit_table(causal_title, causal, names)}</div>"
+        f"<h2>Top activating contexts</h2>{top}<h2>Samples across activation quantiles</h2>{quant}"
+    )
     return _page(f"{method} feature {rec['index']}", body)
 
 
@@ -105,13 +113,26 @@ def index_page(methods: dict, names: dict[int, str], rows: list[dict]) -> str:
         for rec in data["features"]:
             link = f"<a href='{method}/{rec['index']}.html'>{rec['index']}</a>" if "top" in rec else str(rec["index"])
             tokens = ", ".join(_tok(names, t) for t, _ in rec.get("top_tokens", [])[:3])
-            lines.append("<tr>" + _cell(method) + _cell(rec["index"], link) + _cell(f"{rec['density']:.4g}")
-                         + _cell(f"{rec['top_token_share']:.3f}") + _cell(f"{rec['token_entropy']:.3f}") + _cell(tokens, tokens) + "</tr>")
-    summary = "".join("<tr>" + "".join(f"<td>{v:.3f}</td>" if isinstance(v, float) else f"<td>{v}</td>" for v in r.values()) + "</tr>" for r in rows)
-    body = (f"<h1>Features</h1><h2>Monosemanticity by method</h2><table><tr>{''.join(f'<th>{k}</th>' for k in rows[0])}</tr>{summary}</table>"
-            f"<h2>All features (click a header to sort)</h2><table id='features'><thead><tr>"
-            + "".join(f"<th onclick='sortBy({i})'>{h}</th>" for i, h in enumerate(head))
-            + f"</tr></thead><tbody>{''.join(lines)}</tbody></table>")
+            lines.append(
+                "<tr>"
+                + _cell(method)
+                + _cell(rec["index"], link)
+                + _cell(f"{rec['density']:.4g}")
+                + _cell(f"{rec['top_token_share']:.3f}")
+                + _cell(f"{rec['token_entropy']:.3f}")
+                + _cell(tokens, tokens)
+                + "</tr>"
+            )
+    summary = "".join(
+        "<tr>" + "".join(f"<td>{v:.3f}</td>" if isinstance(v, float) else f"<td>{v}</td>" for v in r.values()) + "</tr>"
+        for r in rows
+    )
+    body = (
+        f"<h1>Features</h1><h2>Monosemanticity by method</h2><table><tr>{''.join(f'<th>{k}</th>' for k in rows[0])}</tr>{summary}</table>"
+        f"<h2>All features (click a header to sort)</h2><table id='features'><thead><tr>"
+        + "".join(f"<th onclick='sortBy({i})'>{h}</th>" for i, h in enumerate(head))
+        + f"</tr></thead><tbody>{''.join(lines)}</tbody></table>"
+    )
     return _page("Features", body, SORT_JS)
 
 

@@ -57,11 +57,19 @@ def token_mass(flat: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, tor
 def snippet(contexts: torch.Tensor, codes: torch.Tensor, ctx: int, pos: int, window: int) -> dict:
     """The tokens around (``ctx``, ``pos``) with the feature's activation on each; ``focus`` indexes ``pos``."""
     lo, hi = max(0, pos - window), min(contexts.shape[1], pos + window + 1)
-    return {"context": ctx, "position": pos, "activation": round(codes[ctx, pos].item(), 4),
-            "tokens": contexts[ctx, lo:hi].tolist(), "acts": [round(a, 4) for a in codes[ctx, lo:hi].tolist()], "focus": pos - lo}
+    return {
+        "context": ctx,
+        "position": pos,
+        "activation": round(codes[ctx, pos].item(), 4),
+        "tokens": contexts[ctx, lo:hi].tolist(),
+        "acts": [round(a, 4) for a in codes[ctx, lo:hi].tolist()],
+        "focus": pos - lo,
+    }
 
 
-def quantile_samples(values: torch.Tensor, where: torch.Tensor, s: Settings, gen: torch.Generator) -> list[tuple[float, float, list[int]]]:
+def quantile_samples(
+    values: torch.Tensor, where: torch.Tensor, s: Settings, gen: torch.Generator
+) -> list[tuple[float, float, list[int]]]:
     """Per equal-count bin of the non-zero ``values``: its range and up to ``per_quantile`` random flat indices."""
     order = values.argsort()
     bins = []
@@ -115,7 +123,13 @@ class Collector:
         return self.count >= self.s.min_count
 
     def _snip(self, f: int, flat_index: int) -> dict:
-        return snippet(self.contexts, self.codes[..., f], int(self.flat_ctx[flat_index]), int(self.flat_pos[flat_index]), self.s.window)
+        return snippet(
+            self.contexts,
+            self.codes[..., f],
+            int(self.flat_ctx[flat_index]),
+            int(self.flat_pos[flat_index]),
+            self.s.window,
+        )
 
     def record(self, f: int) -> dict:
         """Everything the dashboard shows for feature ``f``."""
@@ -133,16 +147,23 @@ class Collector:
             "max": values.max().item(),
             "top_tokens": top_tokens,
             "top": [self._snip(f, i) for i in top.tolist()],
-            "quantiles": [{"range": [lo, hi], "examples": [self._snip(f, i) for i in picks]}
-                          for lo, hi, picks in quantile_samples(values[fired], fired, self.s, self.gen)],
-            "histogram": stacked_histogram(values[fired], self.flat_ids[fired], [t for t, _ in top_tokens[: self.s.hist_tokens]], self.s.bins),
+            "quantiles": [
+                {"range": [lo, hi], "examples": [self._snip(f, i) for i in picks]}
+                for lo, hi, picks in quantile_samples(values[fired], fired, self.s, self.gen)
+            ],
+            "histogram": stacked_histogram(
+                values[fired], self.flat_ids[fired], [t for t, _ in top_tokens[: self.s.hist_tokens]], self.s.bins
+            ),
             "direct": self._logit_tables(self.direct[f]),
             "causal": self._causal(f, top),
         }
 
     def _logit_tables(self, change: torch.Tensor) -> dict:
         ids = torch.arange(len(change))
-        return {"up": _top_tokens(change, ids, self.s.logit_tokens), "down": _top_tokens(change, ids, self.s.logit_tokens, largest=False)}
+        return {
+            "up": _top_tokens(change, ids, self.s.logit_tokens),
+            "down": _top_tokens(change, ids, self.s.logit_tokens, largest=False),
+        }
 
     def _causal(self, f: int, top: torch.Tensor) -> dict:
         """Ablate the feature on its top contexts (the top position of each distinct one) and summarise by token."""
@@ -154,7 +175,11 @@ class Collector:
         change = causal_logit_change(self.session.model, self.hook, self.atoms[f], self.codes[ctx, :, f],
                                      self.contexts[ctx], pos, self.session.special_ids).cpu()
         counts, edges = torch.histogram(change, bins=self.s.bins)
-        return {**self._logit_tables(change), "contexts": len(ctx), "hist": {"edges": edges.tolist(), "counts": counts.long().tolist()}}
+        return {
+            **self._logit_tables(change),
+            "contexts": len(ctx),
+            "hist": {"edges": edges.tolist(), "counts": counts.long().tolist()},
+        }
 
     def records(self, desc: str) -> list[dict]:
         return [self.record(f) for f in tqdm(range(self.codes.shape[-1]), desc=f"features {desc}")]

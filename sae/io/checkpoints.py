@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from sae.dictionaries import build
@@ -112,8 +111,10 @@ def resume_checkpoint(run_dir: str | Path, resume: bool) -> Path | None:
             )
         return None
     if status == "finished":
-        raise ConfigError(f"the run in {run_dir} is already finished (status.json): nothing to resume; drop resume=true "
-                          "and choose a new hydra.run.dir to train again")
+        raise ConfigError(
+            f"the run in {run_dir} is already finished (status.json): nothing to resume; drop resume=true "
+            "and choose a new hydra.run.dir to train again"
+        )
     if not last.is_file():
         raise ConfigError(f"resume=true but there is no checkpoint to resume from ({last} does not exist): run without "
                           "resume=true to start")
@@ -150,7 +151,9 @@ def dictionary_from_checkpoint(path: str | Path, name: str | None = None):
     if not path.is_file():
         raise ConfigError(f"no checkpoint at '{path}'")
     verify_checkpoint(path)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain containers only: no pickled code
+    checkpoint = torch.load(
+        path, map_location="cpu", weights_only=True
+    )  # tensors and plain containers only: no pickled code
     members = checkpoint["hyper_parameters"]["dictionaries"]
     names = [m["name"] for m in members]
     if name is None and len(members) > 1:
@@ -160,5 +163,7 @@ def dictionary_from_checkpoint(path: str | Path, name: str | None = None):
     index = names.index(name) if name is not None else 0
     dictionary = build(**members[index]["dictionary"])
     prefix = f"members.{index}.dictionary."
-    dictionary.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
+    dictionary.load_state_dict(
+        {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    )
     return dictionary.eval()

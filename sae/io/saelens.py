@@ -40,7 +40,12 @@ from sae.io.saving import load, read_meta
 
 CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
 TENSORS = {"jumprelu": ("b_enc", "threshold"), "gated": ("b_gate", "b_mag", "r_mag")}  # beyond W_enc, W_dec, b_dec
-SITE_HOOKS = {"resid": "hook_resid_post", "mlp": "mlp.hook_post", "mlp_out": "hook_mlp_out", "attn_out": "hook_attn_out"}
+SITE_HOOKS = {
+    "resid": "hook_resid_post",
+    "mlp": "mlp.hook_post",
+    "mlp_out": "hook_mlp_out",
+    "attn_out": "hook_attn_out",
+}
 FOLDED_NORMALISATIONS = ("none", None)
 UNFOLDED = "expected_average_only_in"  # weights for activations times ``norm_scaling_factor``, folded on import
 
@@ -57,7 +62,9 @@ def hook_from_name(hook_name: str) -> dict:
         return {"layer": int(match[1]), "site": sites[match[2]]}
     if match and match[2] == "hook_resid_pre" and int(match[1]) > 0:
         return {"layer": int(match[1]) - 1, "site": "resid"}
-    raise ConfigError(f"SAELens hook_name '{hook_name}' has no equivalent here (supported: blocks.<i>.{'|'.join(sites)}, hook_resid_pre)")
+    raise ConfigError(
+        f"SAELens hook_name '{hook_name}' has no equivalent here (supported: blocks.<i>.{'|'.join(sites)}, hook_resid_pre)"
+    )
 
 
 def _top_k(cfg: dict) -> int | None:
@@ -71,7 +78,9 @@ def _check_supported(cfg: dict, directory: Path) -> None:
         raise ConfigError(f"{directory}: SAELens architecture '{cfg['architecture']}' is not supported "
                           f"({', '.join(('standard', 'topk', *IMPORTERS))})")
     if cfg.get("activation_fn_str", "relu") not in ("relu", "topk"):
-        raise ConfigError(f"{directory}: SAELens activation '{cfg['activation_fn_str']}' is not supported (relu or topk)")
+        raise ConfigError(
+            f"{directory}: SAELens activation '{cfg['activation_fn_str']}' is not supported (relu or topk)"
+        )
     if cfg.get("normalize_activations") not in (*FOLDED_NORMALISATIONS, UNFOLDED):
         raise ConfigError(f"{directory}: normalize_activations='{cfg['normalize_activations']}' is not supported "
                           f"(none, {UNFOLDED})")
@@ -123,7 +132,9 @@ def load_saelens(directory: str | Path) -> tuple[Dictionary, dict]:
     architecture = cfg.get("architecture", "standard")
     missing = [k for k in ("W_enc", "W_dec", "b_dec", *TENSORS.get(architecture, ("b_enc",))) if k not in w]
     if missing:
-        raise ConfigError(f"{directory / WEIGHTS} lacks {', '.join(missing)}: not a complete SAELens '{architecture}' dictionary")
+        raise ConfigError(
+            f"{directory / WEIGHTS} lacks {', '.join(missing)}: not a complete SAELens '{architecture}' dictionary"
+        )
     _fold_activation_scaling(cfg, w, directory)
     norms = w["W_dec"].norm(dim=1)
     scale = norms[norms > 0].mean()
@@ -139,7 +150,13 @@ def load_saelens(directory: str | Path) -> tuple[Dictionary, dict]:
     dictionary.scale.copy_(scale)
     dictionary.b_dec.copy_(w["b_dec"] / scale)
     dictionary.W_dec.copy_(w["W_dec"] / norms.clamp_min(1e-12)[:, None])
-    meta = {"variant": dictionary.variant, "d_in": d_in, "n_features": d_sae, "hparams": dictionary.hparams(), **_meta(cfg)}
+    meta = {
+        "variant": dictionary.variant,
+        "d_in": d_in,
+        "n_features": d_sae,
+        "hparams": dictionary.hparams(),
+        **_meta(cfg),
+    }
     return dictionary.eval(), meta
 
 
@@ -162,7 +179,9 @@ def _encoder_weight(dictionary: Dictionary) -> torch.Tensor:
         return dictionary.encoder_weight()
     if isinstance(dictionary, TopKDictionary):
         return dictionary.W_enc
-    raise ConfigError(f"variant '{dictionary.variant}' has no SAELens equivalent (relu, relu_tied, topk, {', '.join(EXPORTERS)} export)")
+    raise ConfigError(
+        f"variant '{dictionary.variant}' has no SAELens equivalent (relu, relu_tied, topk, {', '.join(EXPORTERS)} export)"
+    )
 
 
 @torch.no_grad()
@@ -174,7 +193,10 @@ def export_saelens(run_dir: str | Path, out_dir: str | Path) -> Path:
         architecture, weights = EXPORTERS[dictionary.variant](dictionary)
         k = None
     else:
-        weights = {"W_enc": (_encoder_weight(dictionary).T / scale).contiguous(), "b_enc": dictionary.b_enc.detach().clone()}
+        weights = {
+            "W_enc": (_encoder_weight(dictionary).T / scale).contiguous(),
+            "b_enc": dictionary.b_enc.detach().clone(),
+        }
         k = getattr(dictionary, "k", None)
         architecture = "standard" if k is None else "topk"
     weights = {

@@ -15,7 +15,7 @@ kernel bandwidth and starting threshold at SAELens' own defaults, 0.001), see ``
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -28,13 +28,17 @@ INFERENCE_SETTINGS = {"jumprelu": {"l0_coeff": 0.0, "bandwidth": 0.001, "init_th
                       "gated": {"l1_coeff": 0.0}}
 
 
-def _centred_bias(bias: torch.Tensor, w: dict[str, torch.Tensor], apply_b_dec: bool, factor: torch.Tensor | float = 1.0) -> torch.Tensor:
+def _centred_bias(
+    bias: torch.Tensor, w: dict[str, torch.Tensor], apply_b_dec: bool, factor: torch.Tensor | float = 1.0
+) -> torch.Tensor:
     """``bias`` for ``(x − b_dec) @ W_enc·factor`` equal to SAELens' ``x @ W_enc·factor + bias`` when it does not
     subtract ``b_dec`` from its input."""
     return bias if apply_b_dec else bias + (w["b_dec"] @ w["W_enc"]) * factor
 
 
-def import_jumprelu(w: dict[str, torch.Tensor], norms: torch.Tensor, ratio: torch.Tensor, apply_b_dec: bool) -> Dictionary:
+def import_jumprelu(
+    w: dict[str, torch.Tensor], norms: torch.Tensor, ratio: torch.Tensor, apply_b_dec: bool
+) -> Dictionary:
     """A ``jumprelu`` dictionary with SAELens' encoder; a threshold ≤ 0 is 0 (ReLU keeps only positive codes anyway)."""
     d_in, d_sae = w["W_enc"].shape
     dictionary = build("jumprelu", d_in, d_sae, **INFERENCE_SETTINGS["jumprelu"])

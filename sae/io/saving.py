@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from sae.baselines import BASELINES
 from sae.dictionaries import VARIANTS, Dictionary, build
 from sae.errors import ConfigError
-from sae.baselines import BASELINES
 from sae.io.atomic import atomic_path, write_json
 
 WEIGHTS, META = "sae.safetensors", "sae.json"

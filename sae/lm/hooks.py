@@ -13,8 +13,8 @@ Model families are one row each in ``FAMILIES``: the dotted paths of their block
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -36,12 +36,25 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "gpt_neox": Family(blocks="gpt_neox.layers", attn="attention", mlp="mlp", mlp_down="mlp.dense_4h_to_h",
-                       final_norm="gpt_neox.final_layer_norm"),
-    "gpt2": Family(blocks="transformer.h", attn="attn", mlp="mlp", mlp_down="mlp.c_proj", final_norm="transformer.ln_f"),
-    "llama": Family(blocks="model.layers", attn="self_attn", mlp="mlp", mlp_down="mlp.down_proj", final_norm="model.norm"),
-    "mistral": Family(blocks="model.layers", attn="self_attn", mlp="mlp", mlp_down="mlp.down_proj", final_norm="model.norm"),
-    "qwen2": Family(blocks="model.layers", attn="self_attn", mlp="mlp", mlp_down="mlp.down_proj", final_norm="model.norm"),
+    "gpt_neox": Family(
+        blocks="gpt_neox.layers",
+        attn="attention",
+        mlp="mlp",
+        mlp_down="mlp.dense_4h_to_h",
+        final_norm="gpt_neox.final_layer_norm",
+    ),
+    "gpt2": Family(
+        blocks="transformer.h", attn="attn", mlp="mlp", mlp_down="mlp.c_proj", final_norm="transformer.ln_f"
+    ),
+    "llama": Family(
+        blocks="model.layers", attn="self_attn", mlp="mlp", mlp_down="mlp.down_proj", final_norm="model.norm"
+    ),
+    "mistral": Family(
+        blocks="model.layers", attn="self_attn", mlp="mlp", mlp_down="mlp.down_proj", final_norm="model.norm"
+    ),
+    "qwen2": Family(
+        blocks="model.layers", attn="self_attn", mlp="mlp", mlp_down="mlp.down_proj", final_norm="model.norm"
+    ),
 }
 
 

@@ -60,7 +60,9 @@ def check_context_length(context_length: int, config: PretrainedConfig, key: str
     """Raise ConfigError if contexts of ``context_length`` tokens are longer than the model takes."""
     longest = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if longest is not None and context_length > longest:
-        raise ConfigError(f"{key}={context_length} is longer than the model's {longest} positions: use at most {longest}")
+        raise ConfigError(
+            f"{key}={context_length} is longer than the model's {longest} positions: use at most {longest}"
+        )
 
 
 def resolve_dtype(name: str) -> torch.dtype:

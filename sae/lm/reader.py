@@ -9,7 +9,7 @@ may later enter a graph, e.g. as the clean side of a spliced forward with gradie
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -83,5 +83,7 @@ def read_rows(model: nn.Module, hooks: list[HookPoint], contexts: torch.Tensor, 
               batch_size: int = 32, desc: str | None = None) -> Batch:
     """Activations ``[n, width]`` (float32) at every hook over the ordinary-text positions of ``contexts``, in
     context order, rows aligned across hooks."""
-    parts = [ordinary_rows(acts, ids, special_ids) for ids, acts in read_batches(model, hooks, contexts, batch_size, desc)]
+    parts = [
+        ordinary_rows(acts, ids, special_ids) for ids, acts in read_batches(model, hooks, contexts, batch_size, desc)
+    ]
     return {hook.name: torch.cat([p[hook.name] for p in parts]) for hook in hooks}

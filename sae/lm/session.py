@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import MISSING as MISSING_FIELD, asdict, dataclass, fields
+from dataclasses import MISSING as MISSING_FIELD
+from dataclasses import asdict, dataclass, fields
 from functools import cached_property
 
 import torch
@@ -48,7 +49,7 @@ class TextSettings:
     """Read the documents from a streamed dataset, in order, instead of the token store (``sae.lm.streaming``)."""
 
     @classmethod
-    def from_record(cls, data) -> "TextSettings":
+    def from_record(cls, data) -> TextSettings:
         """The settings among ``data`` (a config's or ``sae.json``'s ``data``, which may hold other keys too; a
         setting with a default may be absent, as in records older than it)."""
         names = [f.name for f in fields(cls) if f.default is MISSING_FIELD]
@@ -67,8 +68,18 @@ class LMSession:
     """One frozen LM over one text: ``tokenizer``, ``special_ids``, ``train_contexts`` and ``heldout_contexts``
     (``[n, context_length]`` token ids), ``model``, and reading activations with ``read`` and ``sample``."""
 
-    def __init__(self, model_name: str, text: TextSettings, *, model_dtype: str, lm_batch_size: int, seed: int,
-                 device: str | torch.device = "cpu", token_store_dir: str | None = None, tokenize_procs: int | None = None):
+    def __init__(
+        self,
+        model_name: str,
+        text: TextSettings,
+        *,
+        model_dtype: str,
+        lm_batch_size: int,
+        seed: int,
+        device: str | torch.device = "cpu",
+        token_store_dir: str | None = None,
+        tokenize_procs: int | None = None,
+    ):
         self.model_name, self.model_dtype, self.text = model_name, model_dtype, text
         self.device, self.lm_batch_size, self.seed = torch.device(device), lm_batch_size, seed
         self.token_store_dir, self.tokenize_procs = token_store_dir, tokenize_procs
@@ -78,10 +89,12 @@ class LMSession:
     @classmethod
     def of_model(cls, model: nn.Module, special_ids: list[int], tokenizer: PreTrainedTokenizerBase | None = None,
                  train_contexts: torch.Tensor | None = None, heldout_contexts: torch.Tensor | None = None,
-                 lm_batch_size: int = 32, seed: int = 0) -> "LMSession":
+                 lm_batch_size: int = 32, seed: int = 0) -> LMSession:
         """A session around a model already in memory (a notebook's, a test's), with the contexts it is given."""
         context_length = (train_contexts if train_contexts is not None else heldout_contexts)
-        text = TextSettings("memory", "", "text", "train", context_length.shape[1] if context_length is not None else 0, 0.0)
+        text = TextSettings(
+            "memory", "", "text", "train", context_length.shape[1] if context_length is not None else 0, 0.0
+        )
         parameter = next(model.parameters())
         session = cls(getattr(model.config, "_name_or_path", ""), text, model_dtype=str(parameter.dtype).split(".")[-1],
                       lm_batch_size=lm_batch_size, seed=seed, device=parameter.device)
@@ -135,7 +148,7 @@ class LMSession:
             self._model = load_model(self.model_name, self.model_dtype, self.device)
         return self._model
 
-    def to(self, device: str | torch.device) -> "LMSession":
+    def to(self, device: str | torch.device) -> LMSession:
         """Move the session (and the model, once loaded) to ``device``."""
         self.device = torch.device(device)
         if self._model is not None:

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -172,7 +172,7 @@ def spliced_forward(
     return Spliced(model.get_output_embeddings()(states[rows, positions]), seen)
 
 
-_UNEMBEDDINGS: "weakref.WeakKeyDictionary[nn.Module, tuple | None]" = weakref.WeakKeyDictionary()
+_UNEMBEDDINGS: weakref.WeakKeyDictionary[nn.Module, tuple | None] = weakref.WeakKeyDictionary()
 
 
 def linear_unembedding(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:

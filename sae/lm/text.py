@@ -30,7 +30,9 @@ def _resolve_files(path: str) -> tuple[str, list[str]]:
     exts = {os.path.splitext(f)[1].lower() for f in files}
     unknown = exts - set(BUILDERS)
     if unknown:
-        raise ConfigError(f"data.path '{path}' has files of unsupported type {sorted(unknown)}; use .txt, .jsonl or .parquet")
+        raise ConfigError(
+            f"data.path '{path}' has files of unsupported type {sorted(unknown)}; use .txt, .jsonl or .parquet"
+        )
     builders = {BUILDERS[e] for e in exts}
     if len(builders) > 1:
         raise ConfigError(f"data.path '{path}' mixes file types {sorted(exts)}; point it at one type")

@@ -10,7 +10,7 @@ line. The open-ended groups stay untyped: ``sae`` (a variant takes the settings 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -51,9 +51,9 @@ class TextDataConfig:
     """Held-out tokens for metrics.json (at most; all held-out text if fewer), drawn across the held-out documents."""
     streaming: bool = MISSING
     """Train straight from a streamed dataset (hub or local files), in stream order, without a token store."""
-    token_store_dir: Optional[str] = MISSING
+    token_store_dir: str | None = MISSING
     """Where the tokenized training text is stored once and reused (null: <HF datasets cache>/sae-token-store)."""
-    tokenize_procs: Optional[int] = MISSING
+    tokenize_procs: int | None = MISSING
     """Processes tokenizing the text into the token store (null: the usable CPUs, at most 8)."""
 
 
@@ -83,7 +83,7 @@ class StreamConfig:
     """Contexts per LM forward."""
     buffer_size: int = MISSING
     """Activations shuffled together (per process) before they are cut into batches."""
-    cache_dir: Optional[str] = MISSING
+    cache_dir: str | None = MISSING
     """A directory: activations are written there by the first run, read by later ones (null: none)."""
     cache_dtype: str = MISSING
     """How cached activations are stored: float16, bfloat16 or float32."""
@@ -117,7 +117,7 @@ class TrainConfig:
     """When resampling, also re-seed one of each pair of atoms this similar."""
     resample_pool: int = MISSING
     """Resampling re-seeds atoms from this many of the latest training inputs."""
-    init_from: Optional[str] = MISSING
+    init_from: str | None = MISSING
     """A finished run's directory whose dictionaries this run starts from, weights and normalisation included (its
     only dictionary, or ``<dir>/<name>`` for each of a set; same variant, size, hook and model), then trains on
     ``tokens`` more: MSE for most of the tokens, then a KL objective for the last few (sae.training.warm_start).
@@ -165,8 +165,8 @@ class WandbLoggerConfig:
     kind: str = MISSING
     """wandb."""
     project: str = MISSING
-    entity: Optional[str] = MISSING
-    group: Optional[str] = MISSING
+    entity: str | None = MISSING
+    group: str | None = MISSING
     """null: the sweep's directory name in a multirun, else none."""
     mode: str = MISSING
     """auto (online when logged in), online, offline or disabled."""

@@ -24,15 +24,23 @@ import torch
 from torch import nn
 
 from sae.dictionaries import Dictionary, build
-from sae.distributed import broadcast_from_lead, broadcast_tensors_, gather_batches, gather_rows, rank, sum_across_ranks, world_size
+from sae.distributed import (
+    broadcast_from_lead,
+    broadcast_tensors_,
+    gather_batches,
+    gather_rows,
+    rank,
+    sum_across_ranks,
+    world_size,
+)
 from sae.errors import TrainingDiverged
 from sae.evaluation.metrics import fvu
 from sae.lm.hooks import HookPoint
-from sae.training.objectives import Objective, objective_loss, reconstruction_loss
 from sae.training.divergence import FVU_HIGH, DivergenceWatch, skip_non_finite_step
-from sae.training.spliced import SplicedTerms, downstream_hooks, n_layers, spliced_terms
+from sae.training.objectives import Objective, objective_loss, reconstruction_loss
 from sae.training.plan import label, log_prefix
 from sae.training.resampling import resampling_plan
+from sae.training.spliced import SplicedTerms, downstream_hooks, n_layers, spliced_terms
 from sae.training.warm_start import load_into
 
 
@@ -111,7 +119,9 @@ class TrainedDictionary(nn.Module):
         }
         return loss, {f"{self.prefix}/{k}": v for k, v in metrics.items()}
 
-    def spliced_loss(self, objective: Objective, spliced: SplicedTerms, sparsity_weight: float) -> tuple[torch.Tensor, dict]:
+    def spliced_loss(
+        self, objective: Objective, spliced: SplicedTerms, sparsity_weight: float
+    ) -> tuple[torch.Tensor, dict]:
         """This dictionary's end-to-end loss from the LM's clean input and spliced run (``sae.training.spliced``),
         and its metrics (``kl``, ``downstream`` and every term of the reconstruction loss); counts firing."""
         x = spliced.x / self.dictionary.scale
@@ -128,7 +138,10 @@ class TrainedDictionary(nn.Module):
     def make_pool(self, rows: int) -> None:
         """Keep the last ``rows`` training inputs (normalised; this process's share), a ring that resampling
         chooses from (``rows`` = 0: none, resampling uses the current batch)."""
-        self.recent_inputs, self.recent_seen = torch.zeros(rows, self.dictionary.d_in, device=self.recent_inputs.device), 0
+        self.recent_inputs, self.recent_seen = (
+            torch.zeros(rows, self.dictionary.d_in, device=self.recent_inputs.device),
+            0,
+        )
 
     def pool_state(self) -> dict:
         """The pool for a checkpoint: every process's (``[processes, rows, d_in]``, on the CPU) and how many rows
@@ -249,7 +262,9 @@ class DictionaryModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.members = nn.ModuleList(
-            TrainedDictionary(m["name"], m["input_key"], m["dictionary"], seed=seed, dead_window=dead_window, resample_pool=0)
+            TrainedDictionary(
+                m["name"], m["input_key"], m["dictionary"], seed=seed, dead_window=dead_window, resample_pool=0
+            )
             for m in dictionaries
         )
         self.objective = Objective(**objective)
@@ -373,8 +388,10 @@ class DictionaryModule(pl.LightningModule):
             return
         hp, member = self.hparams, self.members[found.member]
         if found.reason == FVU_HIGH:
-            what = (f"the training diverged at step {found.step} (its FVU stayed above {hp.divergence_fvu:g} for "
-                    f"{hp.divergence_steps} steps, train.divergence_fvu and train.divergence_steps; then {found.value:.4g})")
+            what = (
+                f"the training diverged at step {found.step} (its FVU stayed above {hp.divergence_fvu:g} for "
+                f"{hp.divergence_steps} steps, train.divergence_fvu and train.divergence_steps; then {found.value:.4g})"
+            )
             after = "no dictionary or metrics were written"
         else:  # the step itself was skipped, so the weights never held a NaN
             what = f"the loss became {found.value} at step {found.step}"

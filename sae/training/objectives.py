@@ -62,8 +62,10 @@ class Objective:
     downstream_coeff: float
 
     @classmethod
-    def from_config(cls, cfg) -> "Objective":
-        return cls(str(cfg.name), str(cfg.splice), float(cfg.kl_coeff), float(cfg.mse_coeff), float(cfg.downstream_coeff))
+    def from_config(cls, cfg) -> Objective:
+        return cls(
+            str(cfg.name), str(cfg.splice), float(cfg.kl_coeff), float(cfg.mse_coeff), float(cfg.downstream_coeff)
+        )
 
     @property
     def on_contexts(self) -> bool:
@@ -74,12 +76,14 @@ class Objective:
         """``sae.json``'s description of the loss."""
         if not self.on_contexts:
             return LOSS_DOC
-        return (f"objective={self.name} (splice={self.splice}): loss = {self.kl_coeff:g} * kl + {self.mse_coeff:g} * mse "
-                f"+ w * sparsity + aux + {self.downstream_coeff:g} * downstream; kl = per-token mean of "
-                "KL(clean || spliced) of next-token distributions over every next-token prediction (kl_spliced's "
-                "definition); mse, sparsity, aux and w as for objective=mse, on the clean activations at ordinary "
-                "positions; downstream = mean over the block outputs after the hook of ||a_spliced - a_clean||^2 / "
-                "variance of a_clean")
+        return (
+            f"objective={self.name} (splice={self.splice}): loss = {self.kl_coeff:g} * kl + {self.mse_coeff:g} * mse "
+            f"+ w * sparsity + aux + {self.downstream_coeff:g} * downstream; kl = per-token mean of "
+            "KL(clean || spliced) of next-token distributions over every next-token prediction (kl_spliced's "
+            "definition); mse, sparsity, aux and w as for objective=mse, on the clean activations at ordinary "
+            "positions; downstream = mean over the block outputs after the hook of ||a_spliced - a_clean||^2 / "
+            "variance of a_clean"
+        )
 
     def problems(self) -> list[str]:
         """This objective's own settings checked (the ones that need no model)."""

@@ -82,8 +82,10 @@ def variant_defaults(variant: str) -> dict | None:
     from hydra.errors import MissingConfigException
 
     if not GlobalHydra.instance().is_initialized():
-        raise ConfigError(f"a dictionaries entry names the variant '{variant}', whose defaults come from the sae config "
-                          "group: run through train.py (or inside hydra.initialize), or give the entry's sae settings in full")
+        raise ConfigError(
+            f"a dictionaries entry names the variant '{variant}', whose defaults come from the sae config "
+            "group: run through train.py (or inside hydra.initialize), or give the entry's sae settings in full"
+        )
     try:
         return OmegaConf.to_container(compose(config_name=f"sae/{variant}").sae)
     except MissingConfigException:
@@ -102,7 +104,9 @@ def default_name(hook: HookPoint | None, sae: DictConfig) -> str:
     sparsity = ""
     if sae.variant in VARIANTS:
         hparams = variant_hparams(sae)
-        sparsity = f".k{hparams['k']}" if "k" in hparams else f".l1_{hparams['l1_coeff']:g}" if "l1_coeff" in hparams else ""
+        sparsity = (
+            f".k{hparams['k']}" if "k" in hparams else f".l1_{hparams['l1_coeff']:g}" if "l1_coeff" in hparams else ""
+        )
         sparsity = f".l0_{hparams['l0_coeff']:g}" if "l0_coeff" in hparams else sparsity
     return f"{hook.name if hook else 'toy'}.{sae.variant}.x{sae.ratio:g}{sparsity}"
 

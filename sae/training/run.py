@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
@@ -25,8 +25,14 @@ from sae.errors import ConfigError
 from sae.evaluation.heldout import heldout_metrics_many
 from sae.evaluation.toy import toy_metrics
 from sae.io.atomic import write_json
-from sae.io.checkpoints import (LAST, AtomicCheckpointIO, check_resumed_settings, record_settings, resume_checkpoint,
-                                 write_status)
+from sae.io.checkpoints import (
+    LAST,
+    AtomicCheckpointIO,
+    check_resumed_settings,
+    record_settings,
+    resume_checkpoint,
+    write_status,
+)
 from sae.io.saving import save_dictionary
 from sae.lm.session import LMSession, TextSettings
 from sae.training.callbacks import GroundTruthMetrics
@@ -125,8 +131,15 @@ def toy_setup(cfg: DictConfig, run: RunInfo) -> Setup:
 def source_metadata(plan: DictionaryPlan, run_dir: Path) -> dict:
     """What ``sae.json`` records about where the dictionary's activations came from."""
     if plan.is_toy:
-        return {"model": None, "hook": None, "ground_truth": os.path.relpath(run_dir / GROUND_TRUTH, plan.directory(run_dir))}
-    return {"model": OmegaConf.to_container(plan.cfg.model, resolve=True), "hook": {"layer": plan.hook.layer, "site": plan.hook.site}}
+        return {
+            "model": None,
+            "hook": None,
+            "ground_truth": os.path.relpath(run_dir / GROUND_TRUTH, plan.directory(run_dir)),
+        }
+    return {
+        "model": OmegaConf.to_container(plan.cfg.model, resolve=True),
+        "hook": {"layer": plan.hook.layer, "site": plan.hook.site},
+    }
 
 
 def make_logger(cfg: DictConfig, run: RunInfo):
@@ -207,15 +220,28 @@ def _train(cfg: DictConfig, run: RunInfo, plans: list[DictionaryPlan], checkpoin
     t, tr = cfg.train, cfg.trainer
     steps = training_steps(t)
     module = DictionaryModule(
-        dictionaries=[_member_config(plan, t.init_from) for plan in plans], total_steps=steps, lr=t.lr, betas=tuple(t.betas),
-        warmup_steps=t.warmup_steps, lr_decay_frac=t.lr_decay_frac, sparsity_warmup_frac=t.sparsity_warmup_frac,
-        dead_window=t.dead_window, init_tokens=t.init_tokens, resample_every=t.resample_every,
-        resample_until=t.resample_until, duplicate_cos=t.duplicate_cos, resample_pool=t.resample_pool, seed=cfg.seed,
-        objective=OmegaConf.to_container(cfg.objective, resolve=True), divergence_fvu=t.divergence_fvu,
+        dictionaries=[_member_config(plan, t.init_from) for plan in plans],
+        total_steps=steps,
+        lr=t.lr,
+        betas=tuple(t.betas),
+        warmup_steps=t.warmup_steps,
+        lr_decay_frac=t.lr_decay_frac,
+        sparsity_warmup_frac=t.sparsity_warmup_frac,
+        dead_window=t.dead_window,
+        init_tokens=t.init_tokens,
+        resample_every=t.resample_every,
+        resample_until=t.resample_until,
+        duplicate_cos=t.duplicate_cos,
+        resample_pool=t.resample_pool,
+        seed=cfg.seed,
+        objective=OmegaConf.to_container(cfg.objective, resolve=True),
+        divergence_fvu=t.divergence_fvu,
         divergence_steps=t.divergence_steps,
     )
     logger = make_logger(cfg.logger, run)
-    checkpoints = ModelCheckpoint(dirpath=str(run.dir / "checkpoints"), every_n_train_steps=tr.checkpoint_every_n_steps, save_last=True)
+    checkpoints = ModelCheckpoint(
+        dirpath=str(run.dir / "checkpoints"), every_n_train_steps=tr.checkpoint_every_n_steps, save_last=True
+    )
     trainer = pl.Trainer(
         plugins=[AtomicCheckpointIO()], max_steps=steps, accelerator=tr.accelerator, devices=tr.devices,
         num_nodes=tr.num_nodes, strategy=tr.strategy, precision=tr.precision,
@@ -248,7 +274,12 @@ def _train(cfg: DictConfig, run: RunInfo, plans: list[DictionaryPlan], checkpoin
 def _member_config(plan: DictionaryPlan, init_from: str | None) -> dict:
     """How ``DictionaryModule`` builds, starts and feeds one dictionary of the set."""
     s = plan.cfg.sae
-    dictionary = {"variant": s.variant, "d_in": plan.d_in, "n_features": round(s.ratio * plan.d_in), **variant_hparams(s)}
+    dictionary = {
+        "variant": s.variant,
+        "d_in": plan.d_in,
+        "n_features": round(s.ratio * plan.d_in),
+        **variant_hparams(s),
+    }
     hook = None if plan.is_toy else {"layer": plan.hook.layer, "site": plan.hook.site}
     start = source_directory(plan, init_from)
     return {"name": plan.name, "input_key": plan.input_key, "hook": hook, "dictionary": dictionary,

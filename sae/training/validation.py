@@ -36,9 +36,17 @@ def _check(cond: bool, problem: str, problems: list[str]) -> None:
 def _train_problems(t: DictConfig) -> list[str]:
     """Problems of the optimisation settings (``train``)."""
     problems: list[str] = []
-    _check(t.tokens >= t.batch_size > 0, f"train.tokens ({t.tokens}) must be >= train.batch_size ({t.batch_size}) > 0", problems)
+    _check(
+        t.tokens >= t.batch_size > 0,
+        f"train.tokens ({t.tokens}) must be >= train.batch_size ({t.batch_size}) > 0",
+        problems,
+    )
     _check(t.lr > 0, f"train.lr={t.lr} must be > 0", problems)
-    _check(t.divergence_fvu > 1, f"train.divergence_fvu={t.divergence_fvu} must be > 1 (an FVU of 1 is the mean's)", problems)
+    _check(
+        t.divergence_fvu > 1,
+        f"train.divergence_fvu={t.divergence_fvu} must be > 1 (an FVU of 1 is the mean's)",
+        problems,
+    )
     for key in ("init_tokens", "dead_window", "divergence_steps"):
         _check(t[key] >= 1, f"train.{key}={t[key]} must be >= 1", problems)
     for key in ("warmup_steps", "resample_every", "resample_pool"):
@@ -78,8 +86,14 @@ def _data_problems(cfg: DictConfig) -> list[str]:
     _check(st.buffer_size >= 2 * cfg.train.batch_size,
            f"stream.buffer_size ({st.buffer_size}) must be >= 2 * train.batch_size", problems)
     if OmegaConf.is_missing(d, "path"):
-        problems.append("data.path is not set: give a text file or glob (data=text_files data.path=...) or a hub dataset")
-    _check(st.cache_dtype in CACHE_DTYPES, f"stream.cache_dtype='{st.cache_dtype}' must be one of {', '.join(CACHE_DTYPES)}", problems)
+        problems.append(
+            "data.path is not set: give a text file or glob (data=text_files data.path=...) or a hub dataset"
+        )
+    _check(
+        st.cache_dtype in CACHE_DTYPES,
+        f"stream.cache_dtype='{st.cache_dtype}' must be one of {', '.join(CACHE_DTYPES)}",
+        problems,
+    )
     return problems
 
 

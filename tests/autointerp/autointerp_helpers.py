@@ -5,11 +5,10 @@ from __future__ import annotations
 import functools
 
 import torch
-
 from conftest import WORDS, tiny_config
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def byte_tokenizer():
     """Every byte is a token (no merges), so any prompt — digits, tabs, brackets — tokenises with offsets."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -23,7 +22,7 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def byte_backend(batch_size: int = 4):
     """hf_local over a randomly initialised 2-block Llama on bytes (context long enough for the prompts)."""
     from transformers import AutoModelForCausalLM
@@ -85,8 +84,12 @@ class HashLLM:
                 for r in requests:
                     h = self._h(repr(r.messages))
                     p = (h % 97 + 1) / 99
-                    text = f"Explanation: words like number {h % 7}" if r.max_tokens > 5 else ("yes" if p > .5 else "no")
-                    out.append(ChatResponse(text, {"yes": math.log(p), "no": math.log(1 - p)} if r.top_logprobs else None))
+                    text = (
+                        f"Explanation: words like number {h % 7}" if r.max_tokens > 5 else ("yes" if p > 0.5 else "no")
+                    )
+                    out.append(
+                        ChatResponse(text, {"yes": math.log(p), "no": math.log(1 - p)} if r.top_logprobs else None)
+                    )
                 return out
 
             def prompt_logprobs(self, requests):

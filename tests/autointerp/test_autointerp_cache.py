@@ -72,8 +72,11 @@ def test_a_killed_study_resumes_from_the_cache_and_writes_nothing_half_done(tmp_
     script = tmp_path / "killed.py"
     script.write_text(KILLED.format(here=str(HERE), root=str(HERE.parents[1]), tests=str(HERE.parent)))
     db, out = tmp_path / "cache.sqlite", tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, str(script), str(db), str(out)], env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(db), str(out)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 60
     stored = 0
     while time.time() < deadline and proc.poll() is None:
@@ -93,7 +96,9 @@ def test_a_killed_study_resumes_from_the_cache_and_writes_nothing_half_done(tmp_
 
     cache = ResponseCache(db)
     resumed_llm = HashLLM()
-    resumed = run_study(_source(), LLMInterpreter(CachedBackend(resumed_llm, cache)), word_decode, out, CFG, cache=cache)
+    resumed = run_study(
+        _source(), LLMInterpreter(CachedBackend(resumed_llm, cache)), word_decode, out, CFG, cache=cache
+    )
     assert cache.hits >= stored >= 5, "the answers stored before the kill must be reused"
     assert resumed.meta["cache"]["hits"] == cache.hits and resumed_llm.calls == cache.misses
     run_study(_source(), LLMInterpreter(HashLLM()), word_decode, tmp_path / "fresh", CFG)

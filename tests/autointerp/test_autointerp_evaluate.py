@@ -9,9 +9,8 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from conftest import run_cli, run_in_process, tiny_overrides
+from safetensors.torch import load_file, save_file
 
 # records small enough for the tiny run's held-out text (a few hundred tokens)
 SMALL = ["analysis.fragment_len=8", "analysis.n_top=3", "analysis.n_random=2", "analysis.n_explain=1",
@@ -109,7 +108,12 @@ def _dead_copy(run, tmp_path):
                                   "unreachable"])
 def test_bad_input_is_one_line(case, tiny_run, tmp_path):
     run, extra, env = tiny_run, [], {}
-    chat = ["explainer=openai", "explainer.base_url=http://127.0.0.1:9/v1", "explainer.model=m", "explainer.api_key_env=null"]
+    chat = [
+        "explainer=openai",
+        "explainer.base_url=http://127.0.0.1:9/v1",
+        "explainer.model=m",
+        "explainer.api_key_env=null",
+    ]
     if case == "unknown_method":
         extra, expected = ["analysis.baselines=[pca,nmf]"], "unknown baselines ['nmf']"
     elif case == "no_live_features":

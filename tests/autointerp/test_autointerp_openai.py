@@ -13,8 +13,7 @@ pytest.importorskip("uvicorn")
 from autointerp_helpers import byte_backend, planted_codes, word_decode  # noqa: E402
 
 from sae.autointerp import RecordConfig, StudyConfig, iter_feature_activations, run_study  # noqa: E402
-from sae.autointerp.backends.base import (CachedBackend, ChatRequest, LogprobRequest,  # noqa: E402
-                                          SimulationUnsupported)
+from sae.autointerp.backends.base import CachedBackend, ChatRequest, LogprobRequest, SimulationUnsupported  # noqa: E402
 from sae.autointerp.backends.openai_api import OpenAIBackend  # noqa: E402
 from sae.autointerp.cache import ResponseCache  # noqa: E402
 from sae.autointerp.interpret import Explanation, LLMInterpreter  # noqa: E402
@@ -120,7 +119,9 @@ def _closed_port() -> int:
 
 
 def test_bad_endpoints_and_keys_are_one_line_each(server, monkeypatch):
-    dead = OpenAIBackend(f"http://127.0.0.1:{_closed_port()}/v1", "tiny", api_key_env=None, max_retries=1, backoff_s=0.01)
+    dead = OpenAIBackend(
+        f"http://127.0.0.1:{_closed_port()}/v1", "tiny", api_key_env=None, max_retries=1, backoff_s=0.01
+    )
     with pytest.raises(ConfigError, match="cannot reach it after 2 tries") as err:
         dead.chat([ChatRequest((("user", "hi"),), 2)])
     assert "\n" not in str(err.value)

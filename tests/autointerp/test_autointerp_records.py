@@ -4,8 +4,15 @@ import pytest
 import torch
 from autointerp_helpers import planted_codes, word_decode
 
-from sae.autointerp import (FeatureActivations, RecordConfig, build_records, cut_fragments, iter_feature_activations,
-                            normalise, sample_live_features)
+from sae.autointerp import (
+    FeatureActivations,
+    RecordConfig,
+    build_records,
+    cut_fragments,
+    iter_feature_activations,
+    normalise,
+    sample_live_features,
+)
 from sae.autointerp.records import all_fragments
 from sae.errors import ConfigError
 
@@ -106,5 +113,7 @@ def test_batched_collection_matches_the_whole_tensor_and_liveness_ors_over_batch
     assert mask.tolist() == [True, True, True, False]
     feats = sample_features(mask, n=2, seed=3)
     whole = list(iter_feature_activations("m", "h", 0, codes, ids, feats, 16))
-    batched = list(collect_feature_activations("m", "h", 0, [(codes[:10], ids[:10]), (codes[10:], ids[10:])], feats, 16))
+    batched = list(
+        collect_feature_activations("m", "h", 0, [(codes[:10], ids[:10]), (codes[10:], ids[10:])], feats, 16)
+    )
     assert all(torch.equal(a.acts, b.acts) and torch.equal(a.token_ids, b.token_ids) for a, b in zip(whole, batched))

@@ -17,7 +17,9 @@ from sae.autointerp.study import fuzz_cases, score_variant
 def test_expected_value_over_digit_tokens():
     ln = math.log
     assert expected_value({"0": ln(0.5), "10": ln(0.5)}) == pytest.approx(5.0)
-    assert expected_value({" 3": ln(0.1), "3": ln(0.1), "7": ln(0.2), "x": ln(0.6)}) == pytest.approx((3 * 0.2 + 7 * 0.2) / 0.4)
+    assert expected_value({" 3": ln(0.1), "3": ln(0.1), "7": ln(0.2), "x": ln(0.6)}) == pytest.approx(
+        (3 * 0.2 + 7 * 0.2) / 0.4
+    )
     assert math.isnan(expected_value({"cat": -0.1})) and math.isnan(expected_value(None))
 
 
@@ -114,7 +116,14 @@ def test_explanation_parsing_is_robust_and_records_failures():
     assert prompts.parse_explanation("Explanation: the word 'cat'.").text == "the word 'cat'"
     assert prompts.parse_explanation("Sure!\n**Explanation**: names of months\nMore text").text == "names of months"
     assert prompts.parse_explanation('  "animals in stories."  ').text == "animals in stories"
-    for bad in ["", "   \n ", "123 456", "word " * 40, "cat\t3", "The tokens with a non-zero response, again:\n the\t10"]:
+    for bad in [
+        "",
+        "   \n ",
+        "123 456",
+        "word " * 40,
+        "cat\t3",
+        "The tokens with a non-zero response, again:\n the\t10",
+    ]:
         parsed = prompts.parse_explanation(bad)
         assert parsed.text is None and not parsed.ok and parsed.raw == bad
     assert prompts.parse_yes_no(" Yes.") is True and prompts.parse_yes_no("no") is False

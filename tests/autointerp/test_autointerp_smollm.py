@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from conftest import FIXTURES
 
 SMOL = FIXTURES / "smollm2-135m-instruct"

@@ -7,8 +7,7 @@ import math
 import pytest
 from autointerp_helpers import HashLLM, planted_codes, word_decode
 
-from sae.autointerp import (RecordConfig, StudyConfig, iter_feature_activations, output_paths, run_from_config,
-                            run_study)
+from sae.autointerp import RecordConfig, StudyConfig, iter_feature_activations, output_paths, run_from_config, run_study
 from sae.autointerp.backends.token_lookup import TokenLookup
 from sae.autointerp.interpret import LLMInterpreter
 from sae.errors import ConfigError
@@ -34,7 +33,12 @@ def test_token_lookup_study_writes_every_output_and_reports_both_controls(tmp_pa
     assert all(float(r["shuffled_simulation"]) < 0.5 for r in planted)  # another feature's tokens predict nothing
     summary = list(csv.DictReader(open(paths["summary"])))
     sim = [r for r in summary if r["score"] == "simulation"]
-    assert {(r["method"], r["layer"]) for r in sim} == {("dictionary", "1"), ("dictionary", "2"), ("pca", "1"), ("pca", "2")}
+    assert {(r["method"], r["layer"]) for r in sim} == {
+        ("dictionary", "1"),
+        ("dictionary", "2"),
+        ("pca", "1"),
+        ("pca", "2"),
+    }
     assert all(r["n_features"] == "3" and r["n_skipped"] == "1" for r in sim)
     assert all(float(r["ci_low"]) <= float(r["mean"]) <= float(r["ci_high"]) for r in sim)
     assert {r["score"] for r in summary} >= {"shuffled_simulation", "lookup_detection", "fuzzing_auroc"}
@@ -93,13 +97,15 @@ def test_run_from_config_builds_the_token_lookup_explainer_and_its_cache(tmp_pat
 
 
 def test_the_shipped_configs_drive_run_from_config(tmp_path, monkeypatch):
+    from conftest import ROOT
     from omegaconf import OmegaConf
 
-    from conftest import ROOT
     from sae.autointerp.backends import make_backend
 
     analysis = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "analysis" / "autointerp.yaml"))
-    explainers = {p.stem: OmegaConf.to_container(OmegaConf.load(p)) for p in (ROOT / "conf" / "explainer").glob("*.yaml")}
+    explainers = {
+        p.stem: OmegaConf.to_container(OmegaConf.load(p)) for p in (ROOT / "conf" / "explainer").glob("*.yaml")
+    }
     assert {k: v["backend"] for k, v in explainers.items()} == {k: k for k in ("openai", "hf_local", "token_lookup")}
     small = {**analysis, **RECORDS.__dict__, "n_bootstrap": 20}
     res = run_from_config(_source(layers=(1,)), word_decode, tmp_path, small, explainers["token_lookup"])
@@ -126,5 +132,7 @@ def test_a_failure_while_moving_files_into_place_leaves_no_summary(tmp_path, mon
 
     monkeypatch.setattr(study.os, "replace", flaky)
     with pytest.raises(OSError, match="disk full"):
-        run_study(_source(layers=(1,)), TokenLookup(), word_decode, tmp_path, StudyConfig(records=RECORDS, n_bootstrap=20))
+        run_study(
+            _source(layers=(1,)), TokenLookup(), word_decode, tmp_path, StudyConfig(records=RECORDS, n_bootstrap=20)
+        )
     assert not output_paths(tmp_path)["summary"].exists() and not list(tmp_path.glob(".autointerp-staging*"))

@@ -13,8 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from conftest import make_tokenizer, run_cli, run_in_process, tiny_model
+
 from sae.circuits.circuits_study import _token_feature, settings_problems
 from sae.circuits.contexts import HeldOut
 from sae.circuits.discovery import CircuitProblem, Contexts, DiscoverySettings, Level, discover
@@ -123,7 +123,9 @@ def test_faithfulness_full_is_one_and_empty_is_zero(problem):
     baseline = {H0: torch.full((8,), 0.05)}
     everything = circuit_scores(problem, top, B, [below], {H0: list(range(8))}, baseline, random_circuits=0)
     nothing = circuit_scores(problem, top, B, [below], {}, baseline, random_circuits=0)
-    assert everything["faithfulness"] == pytest.approx(1.0) and everything["circuit"] == pytest.approx(everything["full"])
+    assert everything["faithfulness"] == pytest.approx(1.0) and everything["circuit"] == pytest.approx(
+        everything["full"]
+    )
     assert nothing["faithfulness"] == pytest.approx(0.0) and nothing["completeness_left"] == pytest.approx(1.0)
     found = circuit_scores(problem, top, B, [below], {H0: [A]}, baseline, random_circuits=4, seed=0)
     assert found["faithfulness"] == pytest.approx(1.0) and found["completeness_left"] == pytest.approx(0.0, abs=1e-6)
@@ -157,17 +159,33 @@ def handbuilt_run(tmp_path_factory, tiny_text):
     handbuilt_model().save_pretrained(root / "lm")
 
     def meta(layer: int) -> dict:
-        return {"model": {"name_or_path": str(root / "lm"), "dtype": "float32"}, "hook": {"layer": layer, "site": "resid"},
-                "data": {"source": "files", "path": str(tiny_text), "context_length": 32, "eval_tokens": 512,
-                         "text_column": "text", "split": "train", "heldout_fraction": 0.1}, "stream": {"lm_batch_size": 8}}
+        return {
+            "model": {"name_or_path": str(root / "lm"), "dtype": "float32"},
+            "hook": {"layer": layer, "site": "resid"},
+            "data": {
+                "source": "files",
+                "path": str(tiny_text),
+                "context_length": 32,
+                "eval_tokens": 512,
+                "text_column": "text",
+                "split": "train",
+                "heldout_fraction": 0.1,
+            },
+            "stream": {"lm_batch_size": 8},
+        }
 
     d0, d1 = handbuilt_dictionaries()
     save_dictionary(d0, root / "run" / "l0", meta(0))
     save_dictionary(d1, root / "run" / "l1", meta(1))
     save_dictionary(d1, root / "lone" / "l1", meta(1))
-    vocabulary = {"train_templates": ["the{A} and{B} sat on the {P} ,{B} ran to{A}"], "held_out_template": "it was{A} and{B} ,{B} sat under{A}",
-                  "train_names": [" cat", " dog", " mat", " log"], "held_out_names": [" red", " blue", " mat"],
-                  "places": ["mat", "log"], "objects": ["big", "small"]}
+    vocabulary = {
+        "train_templates": ["the{A} and{B} sat on the {P} ,{B} ran to{A}"],
+        "held_out_template": "it was{A} and{B} ,{B} sat under{A}",
+        "train_names": [" cat", " dog", " mat", " log"],
+        "held_out_names": [" red", " blue", " mat"],
+        "places": ["mat", "log"],
+        "objects": ["big", "small"],
+    }
     (root / "vocabulary.json").write_text(json.dumps(vocabulary))
     return root
 
@@ -182,7 +200,9 @@ def _summary(out) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-@pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is absent: apt-get install graphviz (.ci/run does)")
+@pytest.mark.skipif(
+    shutil.which("dot") is None, reason="Graphviz's dot is absent: apt-get install graphviz (.ci/run does)"
+)
 def test_study_end_to_end(handbuilt_run):
     import graphviz
     jsonschema = pytest.importorskip("jsonschema")
@@ -205,8 +225,12 @@ def test_study_end_to_end(handbuilt_run):
     if CHROMIUM.exists():
         flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", f"--user-data-dir={root / 'profile'}"]
-        dom = subprocess.run([str(CHROMIUM), *flags, "--dump-dom", (folder / "graph.html").as_uri()], capture_output=True,
-                             text=True, timeout=120).stdout
+        dom = subprocess.run(
+            [str(CHROMIUM), *flags, "--dump-dom", (folder / "graph.html").as_uri()],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
         assert dom.count('class="node"') == 3 and dom.count('class="dashboard"') == 2
         assert len(re.findall(r'<a xlink:href="[^"]+"', dom)) == 3  # every node of the drawing is a link
         assert 'href="../../dashboard/dictionary_l0/2.html"' in dom
@@ -241,7 +265,9 @@ def test_settings_problems():
 
     good = OmegaConf.load(Path(__file__).parents[2] / "conf" / "analysis" / "circuits.yaml")
     assert settings_problems(good) == []
-    bad = OmegaConf.merge(good, {"methods": ["guess"], "n_contexts": 0, "depth": 0, "faithfulness": {"ablation": "max"}})
+    bad = OmegaConf.merge(
+        good, {"methods": ["guess"], "n_contexts": 0, "depth": 0, "faithfulness": {"ablation": "max"}}
+    )
     problems = settings_problems(bad)
     assert len(problems) == 4 and problems[0].startswith("analysis.methods=") and "analysis.depth=0" in problems[2]
     assert settings_problems(OmegaConf.merge(good, {"fan_in": 0}))[0] == "analysis.fan_in=0 must be an integer >= 1"
@@ -254,6 +280,9 @@ def test_one_dictionary_per_hook():
     entries = [SimpleNamespace(name=n, hook=HookPoint(layer)) for n, layer in (("l0", 0), ("l3", 3), ("l3_k4", 3))]
     with pytest.raises(ConfigError, match="share a hook; choose one per hook with analysis.dictionaries"):
         _by_hook(entries, None)
-    assert {h: e.name for h, e in _by_hook(entries, ["l0", "l3"]).items()} == {"layers.0.resid": "l0", "layers.3.resid": "l3"}
+    assert {h: e.name for h, e in _by_hook(entries, ["l0", "l3"]).items()} == {
+        "layers.0.resid": "l0",
+        "layers.3.resid": "l3",
+    }
     with pytest.raises(ConfigError, match=r"no dictionary named \['l9'\]"):
         _by_hook(entries, ["l0", "l9"])

@@ -11,13 +11,34 @@ from pathlib import Path
 import pytest
 import torch
 
-from sae.circuits.graph import (GRAPH_SCHEMA, CircuitGraph, Node, error_id, feature_id, html_page, read_json, write_all, write_html, write_json)
-from sae.circuits.scores import (against_random, completeness_left, faithfulness, fraction_surviving, ranks, same_top_k,
-                                 spearman, top_k)
+from sae.circuits.graph import (
+    GRAPH_SCHEMA,
+    CircuitGraph,
+    Node,
+    error_id,
+    feature_id,
+    html_page,
+    read_json,
+    write_all,
+    write_html,
+    write_json,
+)
+from sae.circuits.scores import (
+    against_random,
+    completeness_left,
+    faithfulness,
+    fraction_surviving,
+    ranks,
+    same_top_k,
+    spearman,
+    top_k,
+)
 from sae.errors import ConfigError
 
 jsonschema = pytest.importorskip("jsonschema")
-needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is absent: apt-get install graphviz (.ci/run does)")
+needs_dot = pytest.mark.skipif(
+    shutil.which("dot") is None, reason="Graphviz's dot is absent: apt-get install graphviz (.ci/run does)"
+)
 CHROMIUM = Path("/usr/bin/chromium")
 ODD = ["back\\slash", "\n", "<b>&", 'say "hi"']  # tokens that must survive DOT quoting and HTML escaping
 
@@ -88,7 +109,9 @@ def test_dot_parses_through_graphviz(tmp_path):
     assert svg.count('class="node"') == len(graph.nodes) and svg.count('class="edge"') == len(graph.edges)
     # the first three top tokens are drawn as text: a backslash (shown escaped, as repr does), a newline, markup
     assert "back\\\\\\\\slash" in source and "back\\\\slash" in svg and "&lt;b&gt;&amp;" in svg
-    assert 'xlink:href="../../dashboard/dictionary_1/40.html"' in (tmp_path / "circuits" / "t" / "graph.svg").read_text()
+    assert (
+        'xlink:href="../../dashboard/dictionary_1/40.html"' in (tmp_path / "circuits" / "t" / "graph.svg").read_text()
+    )
     assert "rankdir=BT" in source and source.count("rank=same") == 3
 
 
@@ -157,7 +180,9 @@ def test_html_without_a_drawing():
 
 
 @needs_dot
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is absent: apt-get install chromium (.ci/run does)")
+@pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="/usr/bin/chromium is absent: apt-get install chromium (.ci/run does)"
+)
 def test_html_in_chromium(tmp_path):
     graph = sample_graph()
     _dashboard(tmp_path, graph)
@@ -166,7 +191,9 @@ def test_html_in_chromium(tmp_path):
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
              "--disable-background-networking", "--disable-component-update", "--disable-sync",
              f"--user-data-dir={tmp_path / 'profile'}"]
-    proc = subprocess.run([str(CHROMIUM), *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [str(CHROMIUM), *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     dom = proc.stdout
     assert dom.count('class="dashboard"') == 4 and dom.count('class="node"') == len(graph.nodes)
@@ -192,7 +219,9 @@ def test_faithfulness_arithmetic():
     assert fraction_surviving(1.0, 4.0) == 0.25 and math.isnan(fraction_surviving(1.0, 0.0))
     control = against_random(0.9, [0.1, 0.3, 0.95, math.nan])
     assert control["n_random"] == 3 and control["beats_random"] == pytest.approx(2 / 3)
-    assert control["random_mean"] == pytest.approx(0.45) and control["random_std"] == pytest.approx(0.4444097, rel=1e-5)  # sample std
+    assert control["random_mean"] == pytest.approx(0.45) and control["random_std"] == pytest.approx(
+        0.4444097, rel=1e-5
+    )  # sample std
     assert math.isnan(against_random(1.0, [])["random_mean"])
 
 

@@ -5,12 +5,27 @@ import math
 import pytest
 import torch
 
-from sae.circuits.curves import CURVE_FIELDS, SUMMARY_FIELDS, curve_rows, read_rows, summarise, write_curves, write_summary
-from sae.circuits.metrics import (PairTotals, edit_size, fraction_restored, kl_patched_to_counterfactual,
-                                  logit_difference, mean_kl, patch_report)
+from sae.circuits.curves import (
+    CURVE_FIELDS,
+    SUMMARY_FIELDS,
+    curve_rows,
+    read_rows,
+    summarise,
+    write_curves,
+    write_summary,
+)
+from sae.circuits.metrics import (
+    PairTotals,
+    edit_size,
+    fraction_restored,
+    kl_patched_to_counterfactual,
+    logit_difference,
+    mean_kl,
+    patch_report,
+)
 from sae.circuits.plots import plot_patching_hooks
-from sae.errors import ConfigError
 from sae.circuits.pruning import CurvePoint
+from sae.errors import ConfigError
 
 
 def test_kl_direction_by_hand():
@@ -53,8 +68,15 @@ def test_totals_over_batches_equal_one_report():
     x, x_patched = torch.randn(6, 3, 4), torch.randn(6, 3, 4)
     totals = PairTotals()
     for rows in (slice(0, 2), slice(2, 6)):
-        totals.add(logits["patched"][rows], logits["base"][rows], logits["cf"][rows], answers[0][rows], answers[1][rows],
-                   x_patched[rows], x[rows])
+        totals.add(
+            logits["patched"][rows],
+            logits["base"][rows],
+            logits["cf"][rows],
+            answers[0][rows],
+            answers[1][rows],
+            x_patched[rows],
+            x[rows],
+        )
     whole = patch_report(logits["patched"], logits["base"], logits["cf"], *answers)
     result = totals.result()
     for key in ("kl", "logit_diff", "logit_diff_restored"):
@@ -68,7 +90,9 @@ def test_totals_over_batches_equal_one_report():
 def _curve(method, sizes_kl, ordering="greedy", hook="layers.1.resid", order="all"):
     points = [CurvePoint(n, kl, None if i == 0 else 10.0 ** (i - 6), tuple(range(n)), i + 1,
                          {"edit_size": 0.1 * n, "logit_diff_restored": 1 - kl}) for i, (n, kl) in enumerate(sizes_kl)]
-    return curve_rows(points, method=method, hook=hook, order=order, ordering=ordering, unpatched_kl=2.0, model="stand-in")
+    return curve_rows(
+        points, method=method, hook=hook, order=order, ordering=ordering, unpatched_kl=2.0, model="stand-in"
+    )
 
 
 def test_summary_and_csv_round_trip(tmp_path):
@@ -76,9 +100,17 @@ def test_summary_and_csv_round_trip(tmp_path):
             + _curve("pca", [(128, 0.5), (64, 0.8), (20, 1.2), (0, 2.0)])
             + _curve("pca", [(0, 2.0), (10, 1.1), (50, 0.95)], ordering="attribution"))
     summary = {(r["method"], r["ordering"]): r for r in summarise(rows, target_fraction=0.5)}
-    assert summary[("dictionary", "greedy")]["fewest_features"] == 8 and summary[("dictionary", "greedy")]["target_kl"] == 1.0
-    assert summary[("dictionary", "greedy")]["min_kl"] == 0.1 and summary[("dictionary", "greedy")]["n_features_at_min_kl"] == 100
-    assert summary[("pca", "greedy")]["fewest_features"] == 64 and summary[("pca", "greedy")]["edit_size_at_fewest"] == pytest.approx(6.4)
+    assert (
+        summary[("dictionary", "greedy")]["fewest_features"] == 8
+        and summary[("dictionary", "greedy")]["target_kl"] == 1.0
+    )
+    assert (
+        summary[("dictionary", "greedy")]["min_kl"] == 0.1
+        and summary[("dictionary", "greedy")]["n_features_at_min_kl"] == 100
+    )
+    assert summary[("pca", "greedy")]["fewest_features"] == 64 and summary[("pca", "greedy")][
+        "edit_size_at_fewest"
+    ] == pytest.approx(6.4)
     assert summary[("pca", "attribution")]["fewest_features"] == 50
     assert summarise(rows, 0.2)[1]["fewest_features"] is None  # pca never reaches 0.4
     write_curves(tmp_path / "patching" / "curves.csv", rows)

@@ -6,9 +6,9 @@ import random
 
 import pytest
 import torch
+from conftest import ROOT, WORDS, make_tokenizer, tiny_model
 from omegaconf import OmegaConf
 
-from conftest import ROOT, WORDS, make_tokenizer, tiny_model
 from sae.baselines import fit
 from sae.circuits.curves import summarise
 from sae.circuits.metrics import mean_kl
@@ -37,7 +37,9 @@ def setup(tmp_path_factory):
         other = list(words)
         other[2] = rng.choice([w for w in WORDS if w != words[2]])
         a, b = rng.sample(WORDS, 2)
-        pairs.append(make_pair(tokenizer, " ".join(words), " ".join(other), a, b, where="t", order="ABBA" if i % 2 else "BABA"))
+        pairs.append(
+            make_pair(tokenizer, " ".join(words), " ".join(other), a, b, where="t", order="ABBA" if i % 2 else "BABA")
+        )
     return model, pairs
 
 
@@ -130,7 +132,9 @@ def test_curves_end_to_end(setup):
     problem = problem_of(model, build("relu", 32, 64, l1_coeff=0.0).double(), pairs, 8)
     settings = CurveSettings(thresholds=(1e-4, 1e-2, 1.0), sizes=None, points=5)
     messages = []
-    rows = patching_curves(problem, settings, method="relu", hook=HOOK.name, model="tiny test model", progress=messages.append)
+    rows = patching_curves(
+        problem, settings, method="relu", hook=HOOK.name, model="tiny test model", progress=messages.append
+    )
     keys = {(r["ordering"], r["order"]) for r in rows}
     assert keys == {(o, g) for o in ("greedy", "attribution") for g in ("all", "ABBA", "BABA")}
     greedy = [r for r in rows if r["ordering"] == "greedy" and r["order"] == "all"]
@@ -150,7 +154,9 @@ def test_curves_end_to_end(setup):
     assert {r["order"] for r in each} == {"all", "ABBA", "BABA"} and len(each) == 6
     fast = patching_curves(problem, dataclasses.replace(settings, lookahead=7), method="relu", hook=HOOK.name,
                            model="tiny test model")
-    assert [(r["n_features"], r["order"], r["ordering"]) for r in fast] == [(r["n_features"], r["order"], r["ordering"]) for r in rows]
+    assert [(r["n_features"], r["order"], r["ordering"]) for r in fast] == [
+        (r["n_features"], r["order"], r["ordering"]) for r in rows
+    ]
     assert [r["kl"] for r in fast] == pytest.approx([r["kl"] for r in rows], rel=1e-9, abs=1e-12)
     masks = [torch.rand(64) < 0.5 for _ in range(3)]
     assert problem.kl_many(masks, "ABBA") == pytest.approx([problem.kl(m, "ABBA") for m in masks], rel=1e-9)
@@ -197,4 +203,6 @@ def test_outputs(setup, tmp_path):
     rows = patching_curves(problem, CurveSettings(thresholds=(1e-3, 1.0), points=4), method="relu", hook=HOOK.name)
     written = write_outputs(rows, tmp_path, "tiny test model; word pairs")
     assert len(read_rows(written["curves"])) == len(rows) and len(read_rows(written["summary"])) == 6
-    assert [p.name for p in written["plots"]] == ["patching_layers.1.resid.png"] and written["plots"][0].stat().st_size > 0
+    assert [p.name for p in written["plots"]] == ["patching_layers.1.resid.png"] and written["plots"][
+        0
+    ].stat().st_size > 0

@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from sae.circuits.pruning import (attribution_curve, attribution_scores, greedy_prune, log_thresholds, ranked,
-                                  size_grid)
+from sae.circuits.pruning import attribution_curve, attribution_scores, greedy_prune, log_thresholds, ranked, size_grid
 from sae.errors import ConfigError
 
 N = 40
@@ -47,7 +46,9 @@ def test_greedy_recovers_planted_features():
     for point in curve[1:]:
         # additive: a feature is un-patched exactly when its own weight is below the threshold
         assert set(point.features) == {j for j, w in PLANTED.items() if w >= point.threshold}, point.threshold
-        assert point.metric == pytest.approx(sum(w for w in planted_weights()[[j for j in range(N) if j not in point.features]].tolist()))
+        assert point.metric == pytest.approx(
+            sum(w for w in planted_weights()[[j for j in range(N) if j not in point.features]].tolist())
+        )
     assert set(curve[1].features) == set(PLANTED)
     sizes = [p.n_features for p in curve]
     assert sizes == sorted(sizes, reverse=True) and sizes[-1] == 0
@@ -105,7 +106,9 @@ def test_attribution_is_exact_for_a_linear_metric():
     (c * weight).sum().backward()
     scores = attribution_scores(cf_codes - codes, c.grad)
     none = value(torch.zeros(8, dtype=torch.bool))
-    exact = torch.stack([(value(torch.nn.functional.one_hot(torch.tensor(j), 8).bool()) - none).abs() for j in range(8)])
+    exact = torch.stack(
+        [(value(torch.nn.functional.one_hot(torch.tensor(j), 8).bool()) - none).abs() for j in range(8)]
+    )
     assert torch.allclose(scores, exact.float(), atol=1e-5)
 
 

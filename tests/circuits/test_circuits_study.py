@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import WORDS, run_cli, run_in_process
+
 from sae.dictionaries import build
 from sae.io.saving import save_dictionary
 
@@ -23,9 +23,14 @@ def patching_run(tiny_lm_dir, tiny_text, tmp_path_factory):
             "data": {"source": "files", "path": str(tiny_text), "context_length": 32, "eval_tokens": 512,
                      "text_column": "text", "split": "train", "heldout_fraction": 0.1}, "stream": {"lm_batch_size": 8}}
     save_dictionary(build("relu", 32, 64, l1_coeff=0.0), root / "run" / "d", meta)
-    vocabulary = {"train_templates": ["the{A} and{B} sat on the {P} ,{B} ran to{A}", "then{A} and{B} ran ,{B} sat on{A}"],
-                  "held_out_template": "it was{A} and{B} ,{B} sat under{A}", "train_names": NAMES[:4],
-                  "held_out_names": NAMES[2:], "places": ["mat", "log"], "objects": ["big", "small"]}
+    vocabulary = {
+        "train_templates": ["the{A} and{B} sat on the {P} ,{B} ran to{A}", "then{A} and{B} ran ,{B} sat on{A}"],
+        "held_out_template": "it was{A} and{B} ,{B} sat under{A}",
+        "train_names": NAMES[:4],
+        "held_out_names": NAMES[2:],
+        "places": ["mat", "log"],
+        "objects": ["big", "small"],
+    }
     (root / "vocabulary.json").write_text(json.dumps(vocabulary))
     assert all(w.strip() in WORDS for w in NAMES)
     return root
@@ -33,8 +38,18 @@ def patching_run(tiny_lm_dir, tiny_text, tmp_path_factory):
 
 def _args(root, *extra, task=None):
     task = task or ["task=ioi", f"task.vocabulary={root / 'vocabulary.json'}", "task.n_pairs=8"]
-    return ["analysis=patching", f"run={root / 'run'}", f"out={root / 'out'}", *task, "analysis.baselines=[pca,neurons]",
-            "analysis.greedy.thresholds.n=3", "analysis.attribution.points=4", "baseline_tokens=512", "device=cpu", *extra]
+    return [
+        "analysis=patching",
+        f"run={root / 'run'}",
+        f"out={root / 'out'}",
+        *task,
+        "analysis.baselines=[pca,neurons]",
+        "analysis.greedy.thresholds.n=3",
+        "analysis.attribution.points=4",
+        "baseline_tokens=512",
+        "device=cpu",
+        *extra,
+    ]
 
 
 def _rows(path) -> list[dict]:

@@ -1,10 +1,18 @@
 """Circuit targets from the command line and their bad-input lines (no model needed)."""
 
 import pytest
-
 from conftest import make_tokenizer
-from sae.circuits.targets import (FeatureTarget, TaskTarget, TokenTarget, check_feature, folder_name, last_hook,
-                                  parse_target, upstream_hook)
+
+from sae.circuits.targets import (
+    FeatureTarget,
+    TaskTarget,
+    TokenTarget,
+    check_feature,
+    folder_name,
+    last_hook,
+    parse_target,
+    upstream_hook,
+)
 from sae.errors import ConfigError
 
 WIDTHS = {"layers.0.resid": 64, "layers.1.resid": 64, "layers.2.resid": 32, "layers.1.mlp": 16}

@@ -5,10 +5,21 @@ import re
 from collections import Counter
 
 import pytest
-
 from conftest import FIXTURES, make_tokenizer, needs_fixtures
-from sae.circuits.tasks import (build_task, batches, check_template, encode, ioi_task, load_pairs, load_vocabulary,
-                                make_pair, render, sentence, write_pairs)
+
+from sae.circuits.tasks import (
+    batches,
+    build_task,
+    check_template,
+    encode,
+    ioi_task,
+    load_pairs,
+    load_vocabulary,
+    make_pair,
+    render,
+    sentence,
+    write_pairs,
+)
 from sae.errors import ConfigError
 
 IOI_VOCABULARY = FIXTURES / "neox-ioi-14m" / "ioi_vocabulary.json"
@@ -34,9 +45,14 @@ def test_render_orders():
     assert render(TEMPLATE, "BABA", " Mary", " John", "store", "drink") == \
         ("When John and Mary went to the store, John gave a drink to", " Mary")
     spaceless = "{A0} and{B} went to the {P}.{B} handed the {O} to{A}."
-    assert render(spaceless, "ABBA", " Mary", " John", "park", "ball")[0] == "Mary and John went to the park. John handed the ball to"
-    assert render(spaceless, "BABA", " Mary", " John", "park", "ball")[0] == "John and Mary went to the park. John handed the ball to"
-
+    assert (
+        render(spaceless, "ABBA", " Mary", " John", "park", "ball")[0]
+        == "Mary and John went to the park. John handed the ball to"
+    )
+    assert (
+        render(spaceless, "BABA", " Mary", " John", "park", "ball")[0]
+        == "John and Mary went to the park. John handed the ball to"
+    )
 
 
 def test_sentence_completes_the_prompt():
@@ -97,7 +113,9 @@ def test_held_out_split(pythia):
     assert {p.meta["io"] for p in task.pairs} <= set(data["held_out_names"])
     assert {p.meta["template"] for p in task.pairs} == {0} and "decided to give it to" in task.pairs[0].base
     crossed = ioi_task(pythia, IOI_VOCABULARY, "held_out", n_pairs=40, templates="train")
-    assert {p.meta["io"] for p in crossed.pairs} <= set(data["held_out_names"]) and len({p.meta["template"] for p in crossed.pairs}) > 1
+    assert {p.meta["io"] for p in crossed.pairs} <= set(data["held_out_names"]) and len(
+        {p.meta["template"] for p in crossed.pairs}
+    ) > 1
     assert crossed.split == "held_out names, train templates"
 
 
@@ -129,7 +147,9 @@ def test_pairs_round_trip(words, tmp_path):
     task = load_pairs(path, words)
     assert len(task.pairs) == 2 and task.dropped == 0 and task.orders() == ["x"]
     first = task.pairs[0]
-    assert first.base_answer == words.convert_tokens_to_ids("mat") and first.counterfactual_answer == words.convert_tokens_to_ids("log")
+    assert first.base_answer == words.convert_tokens_to_ids(
+        "mat"
+    ) and first.counterfactual_answer == words.convert_tokens_to_ids("log")
     assert first.base_ids[0] == words.bos_token_id and len(first.base_ids) == 6
     copy = tmp_path / "copy.jsonl"
     write_pairs(copy, task.pairs, words)
@@ -208,15 +228,17 @@ def test_batches_group_by_length(words):
     assert [tuple(b.base_ids.shape) for b in out] == [(1, 2), (1, 2), (1, 3), (1, 4)]
     grouped = batches(pairs, batch_size=8)
     assert [b.index.tolist() for b in grouped] == [[1, 3], [0], [2]]
-    assert grouped[0].counterfactual_ids.tolist() == [list(pairs[1].counterfactual_ids), list(pairs[3].counterfactual_ids)]
+    assert grouped[0].counterfactual_ids.tolist() == [
+        list(pairs[1].counterfactual_ids),
+        list(pairs[3].counterfactual_ids),
+    ]
     assert grouped[0].base_answer.tolist() == [words.convert_tokens_to_ids("on")] * 2
 
 
 @needs_fixtures
 def test_task_configs(pythia, tmp_path):
-    from omegaconf import OmegaConf
-
     from conftest import ROOT
+    from omegaconf import OmegaConf
 
     ioi = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "task" / "ioi.yaml"))
     assert set(ioi) == {"kind", "vocabulary", "split", "templates", "n_pairs", "seed", "prepend_bos"}
@@ -266,4 +288,6 @@ def test_ioi_mixed_text_script(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         script.main(["--text", str(text), "--vocabulary", vocabulary, "--out", str(tmp_path / "x.jsonl"),
                      "--heldout", "40"])
-    assert exit_.value.code == 2 and capsys.readouterr().err.startswith("error: ") and not (tmp_path / "x.jsonl").exists()
+    assert (
+        exit_.value.code == 2 and capsys.readouterr().err.startswith("error: ") and not (tmp_path / "x.jsonl").exists()
+    )

@@ -5,19 +5,21 @@ import shutil
 
 import pytest
 import torch
+from conftest import compose_config, make_lm_datamodule, text_settings, tiny_overrides
 from safetensors.torch import load_file
 
 import sae.data.cache
-from conftest import compose_config, make_lm_datamodule, text_settings, tiny_overrides
 from sae.data.cache import CacheSettings, cache_key, key_material, model_fingerprint, open_cache, prepare_caches
 from sae.data.datamodule import ActivationDataModule
-from sae.lm.session import LMSession
 from sae.lm.hooks import HookPoint
+from sae.lm.session import LMSession
 
 HOOKS = [HookPoint(0, "resid"), HookPoint(1, "mlp")]
 
 
-def datamodule(lm_dir, text, cache_dir=None, cache_dtype="float16", hooks=HOOKS, context_length=32) -> ActivationDataModule:
+def datamodule(
+    lm_dir, text, cache_dir=None, cache_dtype="float16", hooks=HOOKS, context_length=32
+) -> ActivationDataModule:
     return make_lm_datamodule(lm_dir, text, hooks, context_length, cache_dir=cache_dir, cache_dtype=cache_dtype)
 
 
@@ -96,10 +98,14 @@ def test_the_key_changes_with_model_files_data_context_length_and_hook(tiny_lm_d
     shutil.copytree(tiny_lm_dir, model_dir)
     other_text = tmp_path / "other.jsonl"
     lines = tiny_text.read_text().splitlines()
-    other_text.write_text("\n".join([json.dumps({"text": "the cat sat on the mat"})] + lines[1:]) + "\n")  # one training document
+    other_text.write_text(
+        "\n".join([json.dumps({"text": "the cat sat on the mat"})] + lines[1:]) + "\n"
+    )  # one training document
 
     def key(text=tiny_text, context_length=32, hook=HOOKS[0]):
-        session = LMSession(str(model_dir), text_settings(text, context_length), model_dtype="float32", lm_batch_size=8, seed=0)
+        session = LMSession(
+            str(model_dir), text_settings(text, context_length), model_dtype="float32", lm_batch_size=8, seed=0
+        )
         settings = CacheSettings(tmp_path, "float16", str(model_dir), "float32", {"context_length": context_length})
         return cache_key(key_material(settings, hook, session.train_contexts, model_fingerprint(str(model_dir))))
 

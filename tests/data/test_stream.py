@@ -2,11 +2,11 @@
 special positions."""
 
 import torch
-
 from conftest import tiny_model
+
 from sae.data.stream import ActivationStream, ContextOrder
-from sae.lm.reader import read_rows
 from sae.lm.hooks import HookPoint
+from sae.lm.reader import read_rows
 
 SEQ = 64
 

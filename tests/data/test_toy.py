@@ -4,9 +4,9 @@ import json
 
 import pytest
 import torch
+from conftest import TEST_HPARAMS, run_cli, toy_data
 
 import sae
-from conftest import TEST_HPARAMS, run_cli, toy_data
 from sae.dictionaries import build
 from sae.errors import ConfigError
 from sae.evaluation.metrics import dictionary_mmcs, mmcs, recovered_fraction

@@ -8,10 +8,15 @@ from sae.dictionaries import VARIANTS
 from sae.errors import ConfigError
 from sae.training.objectives import reconstruction_loss
 
-HPARAMS = {"relu_tied": {"l1_coeff": 0.01}, "relu": {"l1_coeff": 0.01}, "topk": {"k": 4, "aux_coeff": 1 / 32, "k_aux": None},
-           "batchtopk": {"k": 4, "aux_coeff": 1 / 32, "k_aux": None, "threshold_lr": 0.01},
-           "matryoshka": {"k": 4, "aux_coeff": 1 / 32, "k_aux": None, "threshold_lr": 0.01, "prefixes": [0.25, 0.5]},
-           "jumprelu": {"l0_coeff": 1e-3, "bandwidth": 1e-3, "init_threshold": 1e-3}, "gated": {"l1_coeff": 0.01}}
+HPARAMS = {
+    "relu_tied": {"l1_coeff": 0.01},
+    "relu": {"l1_coeff": 0.01},
+    "topk": {"k": 4, "aux_coeff": 1 / 32, "k_aux": None},
+    "batchtopk": {"k": 4, "aux_coeff": 1 / 32, "k_aux": None, "threshold_lr": 0.01},
+    "matryoshka": {"k": 4, "aux_coeff": 1 / 32, "k_aux": None, "threshold_lr": 0.01, "prefixes": [0.25, 0.5]},
+    "jumprelu": {"l0_coeff": 1e-3, "bandwidth": 1e-3, "init_threshold": 1e-3},
+    "gated": {"l1_coeff": 0.01},
+}
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -67,7 +72,9 @@ def test_loss_terms_by_hand():
     assert out["mse"].item() == pytest.approx(((x_hat - x) ** 2).sum(-1).mean().item(), rel=1e-5)
     assert out["sparsity"].item() == pytest.approx(0.5 * codes.abs().sum(-1).mean().item(), rel=1e-5)
     assert loss.item() == pytest.approx(out["mse"].item() + out["sparsity"].item(), rel=1e-6)
-    assert reconstruction_loss(d, x, sparsity_weight=0.5)[0].item() == pytest.approx(out["mse"].item() + 0.5 * out["sparsity"].item(), rel=1e-6)
+    assert reconstruction_loss(d, x, sparsity_weight=0.5)[0].item() == pytest.approx(
+        out["mse"].item() + 0.5 * out["sparsity"].item(), rel=1e-6
+    )
 
 
 def test_unknown_variant_and_missing_directory(tmp_path):
@@ -82,7 +89,9 @@ def dense_topk_loss(d, x: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
     pre = d.pre_activations(x)
     x_hat = d.decode_normalised(d.encode_normalised(x))
     residual = x - x_hat.detach()
-    aux_codes = torch.zeros_like(pre).scatter_(-1, *reversed(torch.relu(pre.masked_fill(~dead, float("-inf"))).topk(d.k_aux, dim=-1)))
+    aux_codes = torch.zeros_like(pre).scatter_(
+        -1, *reversed(torch.relu(pre.masked_fill(~dead, float("-inf"))).topk(d.k_aux, dim=-1))
+    )
     aux = ((aux_codes @ d.decoder_weight() - residual).pow(2).sum() / (residual - residual.mean(0)).pow(2).sum())
     return (x_hat - x).pow(2).sum(-1).mean() + d.aux_coeff * aux
 

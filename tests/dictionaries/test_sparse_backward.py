@@ -3,12 +3,11 @@
 
 import pytest
 import torch
-
 from conftest import needs_cuda
+
 from sae.dictionaries import build
 from sae.dictionaries import topk as topk_module
 from sae.dictionaries.topk import sparse_decode, sparse_topk
-
 
 _CSR = torch.sparse_csr_tensor
 

@@ -9,18 +9,18 @@ import sys
 
 import pytest
 import torch
+from conftest import FIXTURES, ROOT, needs_fixtures, run_cli, tiny_overrides, toy_data, write_saelens_dir
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 import sae
-from conftest import FIXTURES, ROOT, needs_fixtures, run_cli, tiny_overrides, toy_data, write_saelens_dir
+from sae.data.toy import ToyData
 from sae.dictionaries.batchtopk import batch_topk
 from sae.dictionaries.jumprelu import JumpReLU, Step
-from sae.training.objectives import reconstruction_loss
-from sae.training.plan import variant_hparams
-from sae.data.toy import ToyData
 from sae.errors import ConfigError
 from sae.io.saelens import export_saelens, load_saelens
+from sae.training.objectives import reconstruction_loss
+from sae.training.plan import variant_hparams
 
 
 def variant_yaml(variant: str):
@@ -102,7 +102,14 @@ def test_export_cli(trained_set, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "sae.io.saelens", str(trained_set / "gated"), str(tmp_path / "lens")],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert set(load_file(str(tmp_path / "lens" / "sae_weights.safetensors"))) == {"W_enc", "W_dec", "b_dec", "b_gate", "b_mag", "r_mag"}
+    assert set(load_file(str(tmp_path / "lens" / "sae_weights.safetensors"))) == {
+        "W_enc",
+        "W_dec",
+        "b_dec",
+        "b_gate",
+        "b_mag",
+        "r_mag",
+    }
 
 
 # --- JumpReLU -------------------------------------------------------------------------------------------------
@@ -219,13 +226,19 @@ def test_matryoshka_prefix_losses_and_gradients_by_hand():
 
 
 def test_matryoshka_refuses_bad_prefixes():
-    for prefixes, message in (([0.5, 0.25], "strictly increasing"), ([0.5, 1.0], "in \\(0, 1\\)"), ([0.001, 0.002], "strictly")):
+    for prefixes, message in (
+        ([0.5, 0.25], "strictly increasing"),
+        ([0.5, 1.0], "in \\(0, 1\\)"),
+        ([0.001, 0.002], "strictly"),
+    ):
         with pytest.raises(ConfigError, match=message):
             sae.build("matryoshka", 8, 64, **defaults("matryoshka", prefixes=prefixes))
 
 
 def test_bad_hyperparameter_is_one_line(tiny_lm_dir, tiny_text, tmp_path):
-    proc = run_cli("train.py", *tiny_overrides(tiny_lm_dir, tiny_text, tmp_path), "sae=matryoshka", "sae.prefixes=[0.5,0.25]")
+    proc = run_cli(
+        "train.py", *tiny_overrides(tiny_lm_dir, tiny_text, tmp_path), "sae=matryoshka", "sae.prefixes=[0.5,0.25]"
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode != 0 and lines[-1].startswith("error: ") and "strictly increasing" in lines[-1]
 
@@ -252,7 +265,9 @@ def test_gated_terms_by_hand():
     assert out["aux"].item() == pytest.approx(aux.item(), rel=1e-6)
     # the aux term decodes through a frozen decoder: no gradient to W_dec, none to the magnitude path, and b_dec's
     # only through the encoder's input x − b_dec: −Σ_batch (∂aux/∂π_gate) W_enc
-    grads = torch.autograd.grad(out["aux"], [d.W_dec, d.W_enc, d.b_gate, d.b_mag, d.r_mag], allow_unused=True, retain_graph=True)
+    grads = torch.autograd.grad(
+        out["aux"], [d.W_dec, d.W_enc, d.b_gate, d.b_mag, d.r_mag], allow_unused=True, retain_graph=True
+    )
     assert [g is not None and bool(g.any()) for g in grads] == [False, True, True, False, False]
     (grad_b_dec,) = torch.autograd.grad(out["aux"], d.b_dec)
     d_pi = (2 / len(x)) * ((torch.relu(pi_gate) @ atoms + d.b_dec - x) @ atoms.T) * (pi_gate > 0)
@@ -279,7 +294,9 @@ def test_reinit_atoms_resets_every_per_atom_parameter(variant):
         p = getattr(d, name)
         assert not torch.equal(p[idx], before[name][idx]), name  # re-seeded ...
         torch.testing.assert_close(p[alive], before[name][alive])  # ... and only those
-    zero_bias = {"b_enc"} if variant in ("batchtopk", "matryoshka") else set()  # TopK's re-seeding: bias 0, AuxK trains it
+    zero_bias = (
+        {"b_enc"} if variant in ("batchtopk", "matryoshka") else set()
+    )  # TopK's re-seeding: bias 0, AuxK trains it
     for name in per_atom - {"W_dec", "W_enc"}:
         expected = 0.0 if name in zero_bias else before[name][alive].median()
         assert (getattr(d, name)[idx] == expected).all(), name  # else a typical live atom's value
@@ -302,11 +319,27 @@ def test_saelens_jumprelu_fixture():
 
 def test_saelens_gated_formula_with_unequal_norms_and_no_b_dec_on_input(tmp_path):
     gen = torch.Generator().manual_seed(0)
-    w = {"W_enc": torch.randn(8, 24, generator=gen), "W_dec": 3 * torch.rand(24, 1, generator=gen) * torch.randn(24, 8, generator=gen),
-         "b_gate": torch.randn(24, generator=gen), "b_mag": torch.randn(24, generator=gen),
-         "r_mag": 0.3 * torch.randn(24, generator=gen), "b_dec": torch.randn(8, generator=gen)}
-    write_saelens_dir(tmp_path, w, {"architecture": "gated", "d_in": 8, "d_sae": 24, "apply_b_dec_to_input": False,
-                                    "normalize_activations": "none", "model_name": "m", "hook_name": "blocks.2.hook_resid_post"})
+    w = {
+        "W_enc": torch.randn(8, 24, generator=gen),
+        "W_dec": 3 * torch.rand(24, 1, generator=gen) * torch.randn(24, 8, generator=gen),
+        "b_gate": torch.randn(24, generator=gen),
+        "b_mag": torch.randn(24, generator=gen),
+        "r_mag": 0.3 * torch.randn(24, generator=gen),
+        "b_dec": torch.randn(8, generator=gen),
+    }
+    write_saelens_dir(
+        tmp_path,
+        w,
+        {
+            "architecture": "gated",
+            "d_in": 8,
+            "d_sae": 24,
+            "apply_b_dec_to_input": False,
+            "normalize_activations": "none",
+            "model_name": "m",
+            "hook_name": "blocks.2.hook_resid_post",
+        },
+    )
     loaded, _ = load_saelens(tmp_path)
     x = torch.randn(50, 8, generator=gen)
     gate = (x @ w["W_enc"] + w["b_gate"]) > 0

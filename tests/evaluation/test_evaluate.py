@@ -5,8 +5,8 @@ import json
 import shutil
 
 import pytest
-
 from conftest import run_cli, run_in_process, tiny_overrides
+
 from sae.evaluation.evaluate import COLUMNS
 
 BASELINES = ["pca", "ica", "random", "neurons"]
@@ -39,7 +39,10 @@ def test_run_with_all_baselines(topk_run):
             assert float(row["l0"]) == float(row["k"]) == int(row["name"].rsplit("_topk", 1)[1])
     [matched] = _rows(out, "comparison.csv")
     dictionary = next(r for r in rows if r["kind"] == "dictionary")
-    assert matched["k"] == str(round(float(dictionary["l0"]))) and matched["kl_spliced_dictionary"] == dictionary["kl_spliced"]
+    assert (
+        matched["k"] == str(round(float(dictionary["l0"])))
+        and matched["kl_spliced_dictionary"] == dictionary["kl_spliced"]
+    )
     assert {f"kl_spliced_{b}_topk" for b in BASELINES} <= set(matched) and "kl_spliced: dict / ica-k" in proc.stdout
     pca = next(r for r in rows if r["kind"] == "pca")
     assert float(pca["fvu"]) < 1e-6 and float(pca["kl_spliced"]) < 1e-5
@@ -79,7 +82,9 @@ def test_saelens_directory(topk_run, tiny_lm_dir, tiny_text, tmp_path):
 
 def _single_error(proc, message: str) -> None:
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr[-2000:]
+    assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (
+        proc.stderr[-2000:]
+    )
 
 
 def test_no_dictionary(tmp_path):
@@ -97,7 +102,10 @@ def test_width_mismatch(topk_run, tmp_path):
 
 
 def test_unknown_baseline(topk_run):
-    _single_error(run_in_process("evaluate.py", f"run={topk_run}", "analysis.baselines=[nmf]", f"out={topk_run}/bad"), "unknown baselines ['nmf']")
+    _single_error(
+        run_in_process("evaluate.py", f"run={topk_run}", "analysis.baselines=[nmf]", f"out={topk_run}/bad"),
+        "unknown baselines ['nmf']",
+    )
     assert not (topk_run / "bad").exists()
 
 
@@ -106,7 +114,9 @@ def test_every_problem_in_one_line(topk_run, tmp_path):
     shutil.copytree(topk_run, tmp_path / "run" / "a", ignore=shutil.ignore_patterns("eval*", "checkpoints"))
     meta = json.loads((tmp_path / "run" / "a" / "sae.json").read_text())
     (tmp_path / "run" / "a" / "sae.json").write_text(json.dumps({**meta, "hook": {"layer": 9, "site": "resid"}}))
-    proc = run_in_process("evaluate.py", f"run={tmp_path / 'run'}", "analysis.baselines=[nmf]", "eval_tokens=0", "baseline_tokens=0")
+    proc = run_in_process(
+        "evaluate.py", f"run={tmp_path / 'run'}", "analysis.baselines=[nmf]", "eval_tokens=0", "baseline_tokens=0"
+    )
     line = proc.stderr.strip().splitlines()
     _single_error(proc, "unknown baselines ['nmf']")
     for problem in ("eval_tokens=0 must be > 0", "baseline_tokens=0 must be > 0", "hook.layer=9 does not exist"):
@@ -149,4 +159,6 @@ def test_each_hooks_unconverged_ica_is_named(capsys):
     for layer in (0, 1):
         fit_noting_warnings("ica", gaussian, HookPoint(layer, "resid"), seed=0)
     err = capsys.readouterr().err
-    assert "warning: ica at layers.0.resid: FastICA did not converge in 200 iterations" in err and "layers.1.resid" in err
+    assert (
+        "warning: ica at layers.0.resid: FastICA did not converge in 200 iterations" in err and "layers.1.resid" in err
+    )

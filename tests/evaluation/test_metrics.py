@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 import torch
-
 from conftest import tiny_model
+
 from sae.dictionaries import Dictionary
-from sae.lm.hooks import HookPoint
 from sae.evaluation.heldout import heldout_metrics
 from sae.evaluation.metrics import NextTokenScorer, fvu, l0
+from sae.lm.hooks import HookPoint
 
 
 def test_fvu_is_centred():
@@ -98,7 +98,9 @@ def test_reconstruction_metrics_by_hand():
     assert m["cosine"] == pytest.approx(1.0, abs=1e-6) and m["l2_ratio"] == pytest.approx(0.5, abs=1e-6)
     assert m["l0"] == 32 and m["dead_frac"] == 0.0 and m["dense_frac"] == 1.0
     assert m["l0_hist"]["counts"][-1] == len(x) and sum(m["l0_hist"]["counts"]) == len(x)
-    assert m["ppl_clean"] == pytest.approx(np.exp(m["ce_clean"])) and m["ppl_spliced"] == pytest.approx(np.exp(m["ce_spliced"]))
+    assert m["ppl_clean"] == pytest.approx(np.exp(m["ce_clean"])) and m["ppl_spliced"] == pytest.approx(
+        np.exp(m["ce_spliced"])
+    )
     assert m["kl_spliced"] > 0 and m["ce_spliced"] != m["ce_clean"]
 
 

@@ -6,7 +6,6 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT, hydra_conf, tiny_overrides
 
 
@@ -47,7 +46,10 @@ def test_dump_writes_the_training_streams_batches_in_order(tiny_lm_dir, tiny_tex
 def test_frontier_series_and_pareto_front():
     plot = _module("kl_frontier_plot")
     assert plot.series_of("ours/topk-k8-mse", {}) == "topk"
-    assert plot.series_of("saelens/batchtopk-k16-lr3e-3", {"saelens/batchtopk": "SAELens BatchTopK"}) == "SAELens BatchTopK"
+    assert (
+        plot.series_of("saelens/batchtopk-k16-lr3e-3", {"saelens/batchtopk": "SAELens BatchTopK"})
+        == "SAELens BatchTopK"
+    )
     assert plot.pareto([(16, 0.05), (8, 0.1), (12, 0.2), (4, 0.3)]) == [(4, 0.3), (8, 0.1), (16, 0.05)]
 
 

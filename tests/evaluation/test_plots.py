@@ -21,6 +21,11 @@ def test_l1_dictionaries_get_one_line_per_kind():
 
 
 def test_by_layer_is_a_png(tmp_path):
-    rows = [_row(kind, layer, k, kl=0.01 * (layer + 1)) for layer in (0, 1, 2) for k in (8, 16) for kind in ("dictionary", "ica_topk")]
+    rows = [
+        _row(kind, layer, k, kl=0.01 * (layer + 1))
+        for layer in (0, 1, 2)
+        for k in (8, 16)
+        for kind in ("dictionary", "ica_topk")
+    ]
     plot_by_layer(rows, tmp_path / "by_layer.png", "test")
     assert (tmp_path / "by_layer.png").read_bytes()[:4] == b"\x89PNG"

@@ -3,9 +3,9 @@
 import json
 
 import torch
+from conftest import run_cli, run_in_process, tiny_model, tiny_overrides
 from torch import nn
 
-from conftest import run_cli, run_in_process, tiny_model, tiny_overrides
 from sae.evaluation.residue import token_scores, top_records, top_share
 from sae.lm.hooks import HookPoint
 from sae.lm.reader import capture
@@ -66,7 +66,11 @@ def test_residue_study_writes_jsonl_page_and_summary(tiny_lm_dir, tiny_text, tmp
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = (run / "eval" / "residue" / "run" / "tokens.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
-    assert len(records) == 20 and records[0]["rank"] == 1 and {"clean_top", "spliced_top", "fvu", "before"} <= set(records[0])
+    assert (
+        len(records) == 20
+        and records[0]["rank"] == 1
+        and {"clean_top", "spliced_top", "fvu", "before"} <= set(records[0])
+    )
     summary = json.loads((run / "eval" / "residue" / "summary.json").read_text())["run"]
     assert 0 < summary["top_share"] <= 1 and "tiny-neox" in summary["model"]
     metrics = json.loads((run / "metrics.json").read_text())
@@ -74,4 +78,6 @@ def test_residue_study_writes_jsonl_page_and_summary(tiny_lm_dir, tiny_text, tmp
     assert "<table>" in (run / "eval" / "residue" / "run" / "index.html").read_text()
     bad = run_in_process("evaluate.py", f"run={run}", "analysis=residue", "analysis.top=0", "analysis.share_frac=2")
     lines = bad.stderr.strip().splitlines()
-    assert bad.returncode != 0 and len(lines) == 1 and "analysis.top=0 must be" in lines[0] and "share_frac=2" in lines[0]
+    assert (
+        bad.returncode != 0 and len(lines) == 1 and "analysis.top=0 must be" in lines[0] and "share_frac=2" in lines[0]
+    )

@@ -9,15 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import WORDS, feature_settings, make_tokenizer, run_cli, tiny_model
 
-from conftest import feature_settings, WORDS, make_tokenizer, run_cli, tiny_model
 from sae.dictionaries import build
-from sae.features.records import Collector
-from sae.lm.hooks import HookPoint
-from sae.lm.reader import capture as read_activations, token_mask
-from sae.lm.session import LMSession
 from sae.features.monosemanticity import summarise, token_scores
+from sae.features.records import Collector
 from sae.io.saving import save_dictionary
+from sae.lm.hooks import HookPoint
+from sae.lm.reader import capture as read_activations
+from sae.lm.reader import token_mask
+from sae.lm.session import LMSession
 from sae.lm.text import pack_contexts
 
 PLANTED = WORDS.index("cat") + 2  # the token id the planted feature fires on
@@ -50,9 +51,20 @@ def planted_run(tmp_path_factory, tiny_text):
     root = tmp_path_factory.mktemp("planted")
     make_tokenizer(root / "lm")
     planted_model().save_pretrained(root / "lm")
-    meta = {"model": {"name_or_path": str(root / "lm"), "dtype": "float32"}, "hook": {"layer": HOOK.layer, "site": HOOK.site},
-            "data": {"source": "files", "path": str(tiny_text), "context_length": 32, "eval_tokens": 512,
-                     "text_column": "text", "split": "train", "heldout_fraction": 0.1}, "stream": {"lm_batch_size": 8}}
+    meta = {
+        "model": {"name_or_path": str(root / "lm"), "dtype": "float32"},
+        "hook": {"layer": HOOK.layer, "site": HOOK.site},
+        "data": {
+            "source": "files",
+            "path": str(tiny_text),
+            "context_length": 32,
+            "eval_tokens": 512,
+            "text_column": "text",
+            "split": "train",
+            "heldout_fraction": 0.1,
+        },
+        "stream": {"lm_batch_size": 8},
+    }
     save_dictionary(planted_dictionary(), root / "run", meta)
     return root
 
@@ -74,7 +86,13 @@ def test_collection_on_planted_feature(tiny_text):
     tokenizer = make_tokenizer(Path(tiny_text).parent / "tok")
     docs = [json.loads(line)["text"] for line in Path(tiny_text).read_text().splitlines()]
     contexts = pack_contexts(docs[-6:], tokenizer, 32)
-    collector = Collector(LMSession.of_model(model, [0]), dictionary, HOOK, contexts, feature_settings(top_k=5, window=3, causal_contexts=3))
+    collector = Collector(
+        LMSession.of_model(model, [0]),
+        dictionary,
+        HOOK,
+        contexts,
+        feature_settings(top_k=5, window=3, causal_contexts=3),
+    )
     rec = collector.record(0)
     ordinary = token_mask(contexts, [0])
     planted = (contexts == PLANTED) & ordinary
@@ -93,7 +111,9 @@ def test_collection_on_planted_feature(tiny_text):
 def features_out(planted_run) -> Path:
     """``evaluate.py analysis=features`` on the planted run, once for the tests that read its output (each fails,
     never skips, when it cannot be built)."""
-    proc = run_cli("evaluate.py", f"run={planted_run / 'run'}", "analysis=features", "baseline_tokens=256", "analysis.figures=2")
+    proc = run_cli(
+        "evaluate.py", f"run={planted_run / 'run'}", "analysis=features", "baseline_tokens=256", "analysis.figures=2"
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return planted_run / "run" / "eval"
 
@@ -111,14 +131,27 @@ def test_dashboard_from_cli(features_out):
 
 
 def _dump_dom(page: Path, tmp: Path) -> str:
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp}"]
-    proc = subprocess.run([str(CHROMIUM), *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp}",
+    ]
+    proc = subprocess.run(
+        [str(CHROMIUM), *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return proc.stdout
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is absent: apt-get install chromium (.ci/run does)")
+@pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="/usr/bin/chromium is absent: apt-get install chromium (.ci/run does)"
+)
 def test_dashboard_in_chromium(features_out, tmp_path):
     dashboard = features_out / "dashboard"
     index = _dump_dom(dashboard / "index.html", tmp_path / "profile")
@@ -135,7 +168,9 @@ def test_no_dictionary(tmp_path):
     tmp_path.mkdir()
     proc = run_cli("evaluate.py", f"run={tmp_path}", "analysis=features")
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: no dictionary under"), proc.stderr[-2000:]
+    assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: no dictionary under"), proc.stderr[
+        -2000:
+    ]
 
 
 def test_bfloat16_model_at_the_mlp_site(tiny_text):

@@ -6,10 +6,10 @@ import sys
 
 import pytest
 import torch
+from conftest import FIXTURES, ROOT, needs_fixtures, write_saelens_dir
 from safetensors.torch import load_file
 
 import sae
-from conftest import FIXTURES, ROOT, needs_fixtures, write_saelens_dir
 from sae.errors import ConfigError
 from sae.io.saelens import hook_from_name, is_saelens_dir, load_saelens
 
@@ -30,7 +30,14 @@ def _trained_like(variant: str, **hparams) -> sae.Dictionary:
     return d
 
 
-@pytest.mark.parametrize("variant,hparams", [("relu_tied", {"l1_coeff": 0.1}), ("relu", {"l1_coeff": 0.0}), ("topk", {"k": 5, "aux_coeff": 0.0, "k_aux": None})])
+@pytest.mark.parametrize(
+    "variant,hparams",
+    [
+        ("relu_tied", {"l1_coeff": 0.1}),
+        ("relu", {"l1_coeff": 0.0}),
+        ("topk", {"k": 5, "aux_coeff": 0.0, "k_aux": None}),
+    ],
+)
 def test_export_then_load_round_trips(variant, hparams, tmp_path):
     d = _trained_like(variant, **hparams)
     sae.save_dictionary(d, tmp_path / "run", META)
@@ -49,10 +56,25 @@ def test_export_then_load_round_trips(variant, hparams, tmp_path):
 
 def test_saelens_formula_without_b_dec_on_input(tmp_path):
     gen = torch.Generator().manual_seed(0)
-    w = {"W_enc": torch.randn(8, 24, generator=gen), "W_dec": 3 * torch.rand(24, 1, generator=gen) * torch.randn(24, 8, generator=gen),
-         "b_enc": torch.randn(24, generator=gen), "b_dec": torch.randn(8, generator=gen)}
-    write_saelens_dir(tmp_path, w, {"architecture": "standard", "d_in": 8, "d_sae": 24, "apply_b_dec_to_input": False,
-                                    "normalize_activations": "none", "model_name": "m", "hook_name": "blocks.2.hook_resid_pre"})
+    w = {
+        "W_enc": torch.randn(8, 24, generator=gen),
+        "W_dec": 3 * torch.rand(24, 1, generator=gen) * torch.randn(24, 8, generator=gen),
+        "b_enc": torch.randn(24, generator=gen),
+        "b_dec": torch.randn(8, generator=gen),
+    }
+    write_saelens_dir(
+        tmp_path,
+        w,
+        {
+            "architecture": "standard",
+            "d_in": 8,
+            "d_sae": 24,
+            "apply_b_dec_to_input": False,
+            "normalize_activations": "none",
+            "model_name": "m",
+            "hook_name": "blocks.2.hook_resid_pre",
+        },
+    )
     loaded, meta = load_saelens(tmp_path)
     x = torch.randn(50, 8, generator=gen)
     by_hand = torch.relu(x @ w["W_enc"] + w["b_enc"]) @ w["W_dec"] + w["b_dec"]
@@ -63,8 +85,11 @@ def test_saelens_formula_without_b_dec_on_input(tmp_path):
 def test_unsupported_hook_and_normalisation(tmp_path):
     with pytest.raises(ConfigError, match="hook_z"):
         hook_from_name("blocks.0.attn.hook_z")
-    write_saelens_dir(tmp_path, {"W_enc": torch.zeros(2, 3), "W_dec": torch.ones(3, 2), "b_enc": torch.zeros(3), "b_dec": torch.zeros(2)},
-                      {"normalize_activations": "layer_norm", "hook_name": "blocks.0.hook_resid_post"})
+    write_saelens_dir(
+        tmp_path,
+        {"W_enc": torch.zeros(2, 3), "W_dec": torch.ones(3, 2), "b_enc": torch.zeros(3), "b_dec": torch.zeros(2)},
+        {"normalize_activations": "layer_norm", "hook_name": "blocks.0.hook_resid_post"},
+    )
     with pytest.raises(ConfigError, match="layer_norm"):
         load_saelens(tmp_path)
 
@@ -96,10 +121,16 @@ def _check_against(directory, w: dict, codes_ref: torch.Tensor, reconstruction_r
 @pytest.mark.parametrize("kind", ["standard", "topk"])
 def test_saelens_own_files_give_saelens_own_codes_and_reconstructions(kind):
     cfg, w, ref = _fixture(kind)
-    loaded, meta = _check_against(FIXTURES / "saelens" / kind, w, ref[f"{kind}.codes"], ref[f"{kind}.reconstruction"], ref["input"])
-    assert meta["hook"] == {"layer": 3, "site": "resid"} and loaded.variant == ("relu" if kind == "standard" else "topk")
+    loaded, meta = _check_against(
+        FIXTURES / "saelens" / kind, w, ref[f"{kind}.codes"], ref[f"{kind}.reconstruction"], ref["input"]
+    )
+    assert meta["hook"] == {"layer": 3, "site": "resid"} and loaded.variant == (
+        "relu" if kind == "standard" else "topk"
+    )
     if kind == "topk":
-        assert cfg["rescale_acts_by_decoder_norm"] is False and (w["W_dec"].norm(dim=1).std() > 0.01)  # ranks unequal norms
+        assert cfg["rescale_acts_by_decoder_norm"] is False and (
+            w["W_dec"].norm(dim=1).std() > 0.01
+        )  # ranks unequal norms
         assert ((ref["topk.codes"] != 0).sum(-1) == cfg["k"]).all()
 
 
@@ -141,7 +172,9 @@ def test_unfolded_activation_scaling_is_folded_on_import(kind, tmp_path):
                                            "norm_scaling_factor": factor})
     _check_against(tmp_path, w, ref[f"{kind}.codes"], ref[f"{kind}.reconstruction"], ref["input"])
     (tmp_path / "cfg.json").write_text(json.dumps({**cfg, "normalize_activations": "expected_average_only_in"}))
-    with pytest.raises(ConfigError, match=r"expected_average_only_in'.*does not record \(got None\); add \"norm_scaling_factor\""):
+    with pytest.raises(
+        ConfigError, match=r"expected_average_only_in'.*does not record \(got None\); add \"norm_scaling_factor\""
+    ):
         load_saelens(tmp_path)
 
 

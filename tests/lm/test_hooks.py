@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import FIXTURES, needs_fixtures, tiny_model
+
 from sae.errors import ConfigError
 from sae.lm.hooks import SITES, HookPoint, intervene
 from sae.lm.reader import capture as read_activations

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import text_settings
+
 from sae.errors import ConfigError
 from sae.lm.hooks import HookPoint
 from sae.lm.reader import capture, token_mask
@@ -32,9 +32,15 @@ def test_session_reads_masked_rows_and_loads_the_model_once(tiny_lm_dir, tiny_te
 
 
 def test_sample_is_seeded_and_independent_of_the_batch_size(tiny_lm_dir, tiny_text):
-    a = LMSession(str(tiny_lm_dir), text_settings(tiny_text), model_dtype="float32", lm_batch_size=2, seed=5).sample(HOOKS, 100)
-    b = LMSession(str(tiny_lm_dir), text_settings(tiny_text), model_dtype="float32", lm_batch_size=7, seed=5).sample(HOOKS, 100)
-    c = LMSession(str(tiny_lm_dir), text_settings(tiny_text), model_dtype="float32", lm_batch_size=2, seed=6).sample(HOOKS, 100)
+    a = LMSession(str(tiny_lm_dir), text_settings(tiny_text), model_dtype="float32", lm_batch_size=2, seed=5).sample(
+        HOOKS, 100
+    )
+    b = LMSession(str(tiny_lm_dir), text_settings(tiny_text), model_dtype="float32", lm_batch_size=7, seed=5).sample(
+        HOOKS, 100
+    )
+    c = LMSession(str(tiny_lm_dir), text_settings(tiny_text), model_dtype="float32", lm_batch_size=2, seed=6).sample(
+        HOOKS, 100
+    )
     assert all(torch.equal(a[k], b[k]) for k in a) and a["layers.0.resid"].shape == (100, 32)
     assert not torch.equal(a["layers.0.resid"], c["layers.0.resid"])
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import TEST_HPARAMS, tiny_model
+
 from sae.dictionaries import build
 from sae.lm.hooks import HookPoint
 from sae.lm.reader import capture, token_mask
@@ -32,7 +32,9 @@ def test_patching_no_feature_leaves_the_logits_bit_equal():
         clean = spliced_forward(model, ids, {}, SPECIAL).logits
         other = d.encode(capture(model, [HOOK], ids.flip(0))[HOOK])
         patched = spliced_forward(model, ids, {HOOK: PatchCodes(d, [], other)}, SPECIAL).logits
-        none_mask = spliced_forward(model, ids, {HOOK: PatchCodes(d, torch.zeros(64, dtype=torch.bool), other)}, SPECIAL).logits
+        none_mask = spliced_forward(
+            model, ids, {HOOK: PatchCodes(d, torch.zeros(64, dtype=torch.bool), other)}, SPECIAL
+        ).logits
     assert torch.equal(patched, clean) and torch.equal(none_mask, clean)
 
 

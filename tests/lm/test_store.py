@@ -6,9 +6,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import WORDS, make_tokenizer, text_settings
 
 import sae.lm.store as store
-from conftest import WORDS, make_tokenizer, text_settings
 from sae.lm.session import LMSession
 from sae.lm.text import load_documents, pack_contexts, split_heldout
 
@@ -20,7 +20,9 @@ def session(lm_dir, text, root, context_length=32, heldout_fraction=0.1) -> LMSe
 
 def test_store_contexts_are_the_packed_training_documents_and_built_once(tiny_lm_dir, tiny_text, tmp_path, monkeypatch):
     first = session(tiny_lm_dir, tiny_text, tmp_path).train_contexts
-    packed = pack_contexts(split_heldout(load_documents("files", str(tiny_text)), 0.1).train, first_tokenizer(tiny_lm_dir), 32)
+    packed = pack_contexts(
+        split_heldout(load_documents("files", str(tiny_text)), 0.1).train, first_tokenizer(tiny_lm_dir), 32
+    )
     assert torch.equal(first[:], packed) and first.shape == packed.shape
     picks = torch.tensor([7, 0, len(packed) - 1, 7])
     assert torch.equal(first[picks], packed[picks]) and torch.equal(first[3:9], packed[3:9])

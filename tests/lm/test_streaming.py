@@ -5,8 +5,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import compose_config, text_settings, tiny_overrides
+
 from sae.errors import ConfigError
 from sae.lm.model import load_tokenizer
 from sae.lm.session import LMSession

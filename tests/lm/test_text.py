@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from conftest import FIXTURES, make_tokenizer, needs_fixtures
+
 from sae.errors import ConfigError
 from sae.lm.text import load_documents, pack_contexts, special_ids, split_heldout
 

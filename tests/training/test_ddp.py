@@ -5,10 +5,10 @@ import json
 
 import pytest
 import torch
+from conftest import run_cli
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from conftest import run_cli
 from sae.errors import ConfigError
 from sae.training.run import RunInfo, check_launch
 from sae.training.validation import n_processes
@@ -38,16 +38,24 @@ def test_two_processes_match_one(tmp_path):
 
     ddp_state, one_state = _final_state(tmp_path / "ddp"), _final_state(tmp_path / "one")
     assert len(ddp_state["ToyDataModule"]["ranks"]) == 2  # each process's stream position, for resuming
-    since_ddp, since_one = ddp_state["state_dict"]["members.0.tokens_since_fired"], one_state["state_dict"]["members.0.tokens_since_fired"]
+    since_ddp, since_one = (
+        ddp_state["state_dict"]["members.0.tokens_since_fired"],
+        one_state["state_dict"]["members.0.tokens_since_fired"],
+    )
     assert torch.equal(since_ddp, since_one)  # counted over both processes' halves of each batch
     dead = since_one >= 1024
     assert 0 < dead.sum() < len(dead)
     first_resample = []
     for run in ("ddp", "one"):
         rows = list(csv.DictReader(open(tmp_path / run / "csv" / "metrics.csv")))
-        first_resample.append(next((r["step"], r["train/resampled"]) for r in rows if float(r["train/resampled"] or 0) > 0))
+        first_resample.append(
+            next((r["step"], r["train/resampled"]) for r in rows if float(r["train/resampled"] or 0) > 0)
+        )
     assert first_resample[0] == first_resample[1] and first_resample[0][0] == "20"
-    want, got = load_file(str(tmp_path / "one" / "sae.safetensors")), load_file(str(tmp_path / "ddp" / "sae.safetensors"))
+    want, got = (
+        load_file(str(tmp_path / "one" / "sae.safetensors")),
+        load_file(str(tmp_path / "ddp" / "sae.safetensors")),
+    )
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5)
     assert json.loads((tmp_path / "ddp" / "status.json").read_text())["state"] == "finished"

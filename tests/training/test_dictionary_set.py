@@ -5,12 +5,12 @@ import json
 
 import pytest
 import torch
+from conftest import compose_config, run_cli, tiny_overrides
 from safetensors.torch import load_file
 
-from conftest import compose_config, run_cli, tiny_overrides
-from sae.io.checkpoints import dictionary_from_checkpoint
 from sae.errors import ConfigError
 from sae.evaluation.metrics import dictionary_mmcs
+from sae.io.checkpoints import dictionary_from_checkpoint
 from sae.training.run import RunInfo, train
 from sae.training.validation import validate
 
@@ -52,10 +52,15 @@ def test_set_trains_each_dictionary_as_if_alone(tiny_lm_dir, tiny_text, tmp_path
         alone_dir = tmp_path / f"alone_{entry['name']}"
         alone = train(_compose([*base, *_alone_overrides(entry)]), RunInfo(alone_dir, entry["name"], None))
         in_set = tmp_path / "set" / entry["name"]
-        weights, weights_alone = load_file(str(in_set / "sae.safetensors")), load_file(str(alone_dir / "sae.safetensors"))
+        weights, weights_alone = (
+            load_file(str(in_set / "sae.safetensors")),
+            load_file(str(alone_dir / "sae.safetensors")),
+        )
         assert weights.keys() == weights_alone.keys()
         for key in weights:
-            torch.testing.assert_close(weights[key], weights_alone[key], rtol=1e-5, atol=1e-6, msg=f"{entry['name']}.{key}")
+            torch.testing.assert_close(
+                weights[key], weights_alone[key], rtol=1e-5, atol=1e-6, msg=f"{entry['name']}.{key}"
+            )
         meta, meta_alone = (json.loads((d / "sae.json").read_text()) for d in (in_set, alone_dir))
         assert meta.pop("name") == entry["name"] and meta["data"] == meta_alone["data"]
         assert {k: meta[k] for k in ("variant", "hparams", "hook", "n_features")} == {
@@ -84,7 +89,9 @@ def test_set_from_the_command_line_then_evaluate(tiny_lm_dir, tiny_text, tmp_pat
     with pytest.raises(ConfigError, match="holds 2 dictionaries"):
         dictionary_from_checkpoint(last)
     for name in names:
-        assert dictionary_mmcs(dictionary_from_checkpoint(last, name=name), tmp_path / name) == pytest.approx(1.0, abs=1e-5)
+        assert dictionary_mmcs(dictionary_from_checkpoint(last, name=name), tmp_path / name) == pytest.approx(
+            1.0, abs=1e-5
+        )
     evaluated = run_cli("evaluate.py", f"run={tmp_path}")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "eval" / "eval.csv")))
@@ -95,11 +102,17 @@ def test_set_from_the_command_line_then_evaluate(tiny_lm_dir, tiny_text, tmp_pat
 
 
 def test_every_bad_entry_in_one_message(tiny_lm_dir, tiny_text, tmp_path):
-    entries = [{"name": "x", "hook": {"layer": 7}}, {"name": "y", "sae": {"ratio": 0}}, {"name": "z", "sae": {"variant": "nope"}}]
+    entries = [
+        {"name": "x", "hook": {"layer": 7}},
+        {"name": "y", "sae": {"ratio": 0}},
+        {"name": "z", "sae": {"variant": "nope"}},
+    ]
     with pytest.raises(ConfigError) as err:
         validate(_compose([*tiny_overrides(tiny_lm_dir, tiny_text, tmp_path), _set_override(entries)]))
     message = str(err.value)
-    assert "dictionary 'y': sae.ratio=0 must be > 0" in message and "dictionary 'z': unknown sae.variant 'nope'" in message
+    assert (
+        "dictionary 'y': sae.ratio=0 must be > 0" in message and "dictionary 'z': unknown sae.variant 'nope'" in message
+    )
     entries[1:] = []  # the layer problem is found once the others are fixed
     with pytest.raises(ConfigError, match="dictionary 'x': hook.layer=7 does not exist"):
         validate(_compose([*tiny_overrides(tiny_lm_dir, tiny_text, tmp_path), _set_override(entries)]))

@@ -7,8 +7,8 @@ import os
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from conftest import run_cli, tiny_overrides
+
 from sae.training.divergence import FVU_HIGH, NON_FINITE, DivergenceWatch, skip_non_finite_step
 
 
@@ -56,8 +56,15 @@ def test_a_step_with_non_finite_gradients_is_skipped():
 def test_finite_divergence_stops_the_run_like_a_nan(tiny_lm_dir, tiny_text, tmp_path):
     """lr=1000 blows the reconstruction up without a NaN: the run must stop with one line, exit 2, and leave no
     dictionary, no metrics and a failed status (before the fix it exited 0 with a complete-looking metrics.json)."""
-    proc = run_cli("train.py", *tiny_overrides(tiny_lm_dir, tiny_text, tmp_path), "train.lr=1000", "train.warmup_steps=1",
-                   "train.divergence_steps=5", "trainer.log_every_n_steps=4", env={"OMP_NUM_THREADS": "1"})
+    proc = run_cli(
+        "train.py",
+        *tiny_overrides(tiny_lm_dir, tiny_text, tmp_path),
+        "train.lr=1000",
+        "train.warmup_steps=1",
+        "train.divergence_steps=5",
+        "trainer.log_every_n_steps=4",
+        env={"OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: the training diverged at step ") and "train.lr=1000" in last, last
@@ -91,8 +98,14 @@ def _two_ranks(rank: int, init_file: str, results) -> None:
         opt = torch.optim.Adam(member.dictionary.parameters(), lr=1e-3, fused=True)
         count = member.resample(member.recent_inputs, opt, 0.99, batch_rows=16)
         pool = member.pool_state()["inputs"]
-        results[rank] = (found, count, member.dictionary.W_dec.detach().clone(), member.dictionary.b_enc.detach().clone(),
-                         tuple(pool.shape), member.tokens_since_fired[:8].tolist())
+        results[rank] = (
+            found,
+            count,
+            member.dictionary.W_dec.detach().clone(),
+            member.dictionary.b_enc.detach().clone(),
+            tuple(pool.shape),
+            member.tokens_since_fired[:8].tolist(),
+        )
     finally:
         dist.destroy_process_group()
 
@@ -102,7 +115,9 @@ def test_two_processes_share_the_verdict_and_rank_zeros_resampling(tmp_path):
         results = manager.dict()
         mp.spawn(_two_ranks, args=(str(tmp_path / "init"), results), nprocs=2, join=True)
         (found0, count0, w0, b0, pool0, since0), (found1, count1, w1, b1, pool1, since1) = results[0], results[1]
-    assert (found0.member, found0.step, found0.reason) == (found1.member, found1.step, found1.reason) == (0, 3, NON_FINITE)
+    assert (
+        (found0.member, found0.step, found0.reason) == (found1.member, found1.step, found1.reason) == (0, 3, NON_FINITE)
+    )
     assert count0 == count1 > 0
     assert torch.equal(w0, w1) and torch.equal(b0, b1)
     assert pool0 == pool1 == (2, 64, 8)  # every process's pool, gathered for the checkpoint

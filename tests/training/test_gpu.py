@@ -5,9 +5,9 @@ skip, saying so, without a CUDA device; the first test runs anywhere (the move b
 import json
 
 import torch
+from conftest import kill_after_checkpoint, needs_cuda, needs_gpus, run_cli, tiny_overrides
 from safetensors.torch import load_file
 
-from conftest import kill_after_checkpoint, needs_cuda, needs_gpus, run_cli, tiny_overrides
 from sae.training.module import TrainedDictionary
 
 CFG = {"variant": "relu", "d_in": 8, "n_features": 32, "l1_coeff": 0.0}
@@ -58,8 +58,15 @@ def test_ddp_on_two_gpus_saves_and_finishes(tmp_path):
     from tests.training.test_ddp import TOY
 
     toy = [o for o in TOY if not o.startswith(("trainer.accelerator", "train.resample_until"))]
-    done = run_cli("train.py", *toy, "trainer.accelerator=gpu", "train.resample_until=1.0", "trainer.devices=2", "trainer.strategy=ddp",
-                   f"hydra.run.dir={tmp_path}")
+    done = run_cli(
+        "train.py",
+        *toy,
+        "trainer.accelerator=gpu",
+        "train.resample_until=1.0",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        f"hydra.run.dir={tmp_path}",
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "status.json").read_text())["state"] == "finished"
     pools = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["resample_pools"]

@@ -7,9 +7,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from conftest import ROOT, TEST_HPARAMS, kill_after_checkpoint, run_cli, text_settings, tiny_model, tiny_overrides
 from safetensors.torch import load_file
 
-from conftest import kill_after_checkpoint, ROOT, TEST_HPARAMS, run_cli, text_settings, tiny_model, tiny_overrides
 from sae.data.contexts import ContextDataModule
 from sae.dictionaries import build
 from sae.lm.hooks import HookPoint
@@ -88,10 +88,23 @@ def test_a_perfect_dictionary_has_zero_kl_and_zero_gradient():
 def _module(objective: dict, steps: int) -> DictionaryModule:
     dictionary = {"variant": "topk", "d_in": 32, "n_features": 64, **TEST_HPARAMS["topk"]}
     return DictionaryModule(
-        dictionaries=[{"name": None, "input_key": HOOK.name, "hook": {"layer": 1, "site": "resid"}, "dictionary": dictionary}],
-        total_steps=steps, lr=3e-3, betas=(0.9, 0.999), warmup_steps=1, lr_decay_frac=0.2, sparsity_warmup_frac=0.0,
-        dead_window=1000, init_tokens=256, resample_every=0, resample_until=0.5, duplicate_cos=0.99, resample_pool=0,
-        seed=0, objective=objective,
+        dictionaries=[
+            {"name": None, "input_key": HOOK.name, "hook": {"layer": 1, "site": "resid"}, "dictionary": dictionary}
+        ],
+        total_steps=steps,
+        lr=3e-3,
+        betas=(0.9, 0.999),
+        warmup_steps=1,
+        lr_decay_frac=0.2,
+        sparsity_warmup_frac=0.0,
+        dead_window=1000,
+        init_tokens=256,
+        resample_every=0,
+        resample_until=0.5,
+        duplicate_cos=0.99,
+        resample_pool=0,
+        seed=0,
+        objective=objective,
     )
 
 
@@ -137,13 +150,22 @@ def test_killed_kl_run_resumes_to_the_same_dictionary(tiny_lm_dir, tiny_text, tm
     assert metrics["kl_spliced"] >= 0
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["objective=kl", "stream.cache_dir=cache"], "error: objective=kl runs the LM in every step, so the activation cache does not apply"),
-    (["objective=e2e_ds", "hook.layer=2"], "error: objective=e2e_ds compares the block outputs after the hook, but layers.2.resid has none"),
-    (["objective=kl", "objective.splice=some"], "error: objective.splice='some' must be one of each, all"),
-    (["objective=kl", "objective.kl_coeff=abc"], "error: "),
-    (["objective=kl_mse", "train.resample_every=5"], "error: objective=kl_mse does not resample atoms yet"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (
+            ["objective=kl", "stream.cache_dir=cache"],
+            "error: objective=kl runs the LM in every step, so the activation cache does not apply",
+        ),
+        (
+            ["objective=e2e_ds", "hook.layer=2"],
+            "error: objective=e2e_ds compares the block outputs after the hook, but layers.2.resid has none",
+        ),
+        (["objective=kl", "objective.splice=some"], "error: objective.splice='some' must be one of each, all"),
+        (["objective=kl", "objective.kl_coeff=abc"], "error: "),
+        (["objective=kl_mse", "train.resample_every=5"], "error: objective=kl_mse does not resample atoms yet"),
+    ],
+)
 def test_bad_objective_settings_are_one_line(extra, message, tiny_lm_dir, tiny_text, tmp_path):
     result = run_cli("train.py", *tiny_overrides(tiny_lm_dir, tiny_text, tmp_path / "run"), *extra)
     lines = result.stderr.strip().splitlines()

@@ -1,8 +1,7 @@
 """Experiment presets compose as documented: a preset's settings, hydra.* included, win over config.yaml's."""
 
-from hydra import compose, initialize_config_dir
-
 from conftest import FIXTURES, ROOT
+from hydra import compose, initialize_config_dir
 
 
 def _compose(*overrides: str):

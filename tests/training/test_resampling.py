@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from conftest import toy_data
 
 from sae.data.toy import ToyData
@@ -11,7 +10,9 @@ from sae.training.objectives import reconstruction_loss
 from sae.training.resampling import pick_inputs, unexplained
 
 
-def killed_module(variant: str, hparams: dict, bias: float = -100.0) -> tuple[TrainedDictionary, torch.Tensor, torch.optim.Optimizer]:
+def killed_module(
+    variant: str, hparams: dict, bias: float = -100.0
+) -> tuple[TrainedDictionary, torch.Tensor, torch.optim.Optimizer]:
     """A dictionary on toy data with its first 16 atoms killed (encoder bias ``bias``) and marked dead."""
     cfg = {"variant": variant, "d_in": 16, "n_features": 64, **hparams}
     module = TrainedDictionary(None, "toy", cfg, seed=0, dead_window=1000, resample_pool=0)
@@ -32,7 +33,9 @@ def resample_until_none_dead(module: TrainedDictionary, opt: torch.optim.Optimiz
     """Resample as the schedule does: each call sees new inputs and re-seeds the dead atoms it finds inputs for."""
     toy, revived = toy_data(n_features=32, d=16, avg_active=3), 0
     for t in range(tries):
-        revived += module.resample(toy.sample(2048, torch.Generator().manual_seed(t)) / module.dictionary.scale, opt, 0.99)
+        revived += module.resample(
+            toy.sample(2048, torch.Generator().manual_seed(t)) / module.dictionary.scale, opt, 0.99
+        )
         if not module.dead_mask().any():
             break
     return revived

@@ -8,15 +8,21 @@ import zipfile
 
 import pytest
 import torch
+from conftest import compose_config, kill_after_checkpoint, make_lm_datamodule, run_cli, tiny_overrides, toy_data
 from safetensors.torch import load_file
 
-from conftest import compose_config, kill_after_checkpoint, make_lm_datamodule, run_cli, tiny_overrides, toy_data
-from sae.io.checkpoints import (LAST, AtomicCheckpointIO, check_resumed_settings, record_settings, resume_checkpoint,
-                               write_status)
 from sae.data.datamodule import ActivationDataModule
-from sae.errors import ConfigError
-from sae.lm.hooks import HookPoint
 from sae.data.toy import ToyDataModule
+from sae.errors import ConfigError
+from sae.io.checkpoints import (
+    LAST,
+    AtomicCheckpointIO,
+    check_resumed_settings,
+    record_settings,
+    resume_checkpoint,
+    write_status,
+)
+from sae.lm.hooks import HookPoint
 
 
 def consume(dm, n: int) -> list[dict]:
@@ -30,8 +36,16 @@ def consume(dm, n: int) -> list[dict]:
 
 
 def lm_datamodule(lm_dir, text, streaming: bool = False) -> ActivationDataModule:
-    return make_lm_datamodule(lm_dir, text, [HookPoint(1, "resid")], lm_batch_size=4, buffer_size=512, batch_size=64, seed=3,
-                              streaming=streaming)
+    return make_lm_datamodule(
+        lm_dir,
+        text,
+        [HookPoint(1, "resid")],
+        lm_batch_size=4,
+        buffer_size=512,
+        batch_size=64,
+        seed=3,
+        streaming=streaming,
+    )
 
 
 def toy_datamodule() -> ToyDataModule:
@@ -118,7 +132,9 @@ def test_resume_refuses_changed_training_settings_only(tmp_path):
     from sae.training.validation import training_settings
 
     def settings(*extra: str) -> dict:
-        return training_settings(compose_config(tiny_overrides(tmp_path / "lm", tmp_path / "t.jsonl", tmp_path, *extra)))
+        return training_settings(
+            compose_config(tiny_overrides(tmp_path / "lm", tmp_path / "t.jsonl", tmp_path, *extra))
+        )
 
     record_settings(tmp_path, settings())
     check_resumed_settings(tmp_path, settings("resume=true", "logger=wandb", "trainer.log_every_n_steps=1",

@@ -4,14 +4,16 @@ import json
 
 import pytest
 import torch
+from conftest import run_cli, tiny_overrides
 
 import sae
-from conftest import run_cli, tiny_overrides
 from sae.io.checkpoints import AtomicCheckpointIO
 
 
 def test_absurd_learning_rate_stops_with_one_line(tiny_lm_dir, tiny_text, tmp_path):
-    proc = run_cli("train.py", *tiny_overrides(tiny_lm_dir, tiny_text, tmp_path), "train.lr=1e30", "train.warmup_steps=1")
+    proc = run_cli(
+        "train.py", *tiny_overrides(tiny_lm_dir, tiny_text, tmp_path), "train.lr=1e30", "train.warmup_steps=1"
+    )
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]  # after the training progress output
     assert last.startswith("error: the loss became") and "at step" in last and "train.lr" in last
@@ -37,7 +39,10 @@ def test_atomic_checkpoint_leaves_old_file_when_write_fails(tmp_path):
     io.save_checkpoint({"a": torch.ones(2)}, path)
     with pytest.raises(AttributeError, match="Can.t pickle local object"):  # what pickle says of a lambda
         io.save_checkpoint({"a": lambda: None}, path)  # cannot be pickled: the write fails midway
-    assert torch.load(path)["a"].sum() == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt", "last.ckpt.sha256"]
+    assert torch.load(path)["a"].sum() == 2 and sorted(p.name for p in tmp_path.iterdir()) == [
+        "last.ckpt",
+        "last.ckpt.sha256",
+    ]
 
 
 @pytest.mark.parametrize("launcher", ["submitit_local", "joblib"])

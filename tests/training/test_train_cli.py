@@ -4,12 +4,22 @@ import json
 
 import pytest
 import torch
+from conftest import FIXTURES, needs_fixtures, run_cli, tiny_overrides
 from safetensors.torch import load_file
 
 import sae
-from conftest import FIXTURES, needs_fixtures, run_cli, tiny_overrides
 
-METRICS = {"mse", "fvu", "l0", "dead_frac", "ce_clean", "ce_spliced", "ce_zero_ablation", "ce_loss_recovered", "n_tokens"}
+METRICS = {
+    "mse",
+    "fvu",
+    "l0",
+    "dead_frac",
+    "ce_clean",
+    "ce_spliced",
+    "ce_zero_ablation",
+    "ce_loss_recovered",
+    "n_tokens",
+}
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +80,10 @@ BAD = [
     (["data.text_column=body"], "data.text_column 'body' is not in"),
     (["model.name_or_path=EleutherAI/no-such-model"], "cannot load model"),
     (["model.name_or_path=/nonexistent/model"], "does not exist"),
-    (["sae.ratio=0", "train.lr=0", "trainer.devices=3"], "activation width); train.lr=0.0 must be > 0; train.batch_size (128) must be divisible by the 3 processes"),
+    (
+        ["sae.ratio=0", "train.lr=0", "trainer.devices=3"],
+        "activation width); train.lr=0.0 must be > 0; train.batch_size (128) must be divisible by the 3 processes",
+    ),
 ]
 
 
@@ -94,7 +107,9 @@ def test_default_command_fails_offline_with_the_offline_command(tmp_path):
     proc = run_cli("train.py", f"hydra.run.dir={tmp_path}")
     assert proc.returncode != 0
     assert proc.stderr.count("\n") == 1 and "cannot load model 'EleutherAI/pythia-70m-deduped'" in proc.stderr
-    assert "the README's offline command" in proc.stderr and "../shared" not in proc.stderr  # no fixture path in library messages
+    assert (
+        "the README's offline command" in proc.stderr and "../shared" not in proc.stderr
+    )  # no fixture path in library messages
 
 
 @needs_fixtures

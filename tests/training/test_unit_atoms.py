@@ -4,8 +4,8 @@ have no component along the atom (the forward pass normalises the rows), for eve
 import pytest
 import pytorch_lightning as pl
 import torch
-
 from conftest import toy_data
+
 from sae.data.toy import ToyDataModule
 from sae.dictionaries import build
 from sae.training.module import DictionaryModule

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from conftest import run_cli, tiny_overrides
 from safetensors.torch import load_file
 
-from conftest import run_cli, tiny_overrides
 from sae.evaluation.perplexity import objective_of
 
 
@@ -39,14 +39,22 @@ def test_a_kl_run_starts_from_the_saved_dictionary_and_records_it(mse_run, tiny_
     assert objective_of(meta) == "mse→kl_mse"
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["train.init_from=/nonexistent/run"], "error: train.init_from=/nonexistent/run is not a directory"),
-    (["train.init_from={run}", "sae=relu_tied", "hook.layer=2"], "error: train.init_from: the dictionary in {run} does not match this run: "
-                                        "variant topk (this run: relu_tied), hook {{'layer': 1, 'site': 'resid'}} "
-                                        "(this run: {{'layer': 2, 'site': 'resid'}})"),
-    (["train.init_from={run}", "sae=topk", "sae.ratio=2"], "error: train.init_from: the dictionary in {run} does not match this run: "
-                                  "n_features 128 (this run: 64)"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["train.init_from=/nonexistent/run"], "error: train.init_from=/nonexistent/run is not a directory"),
+        (
+            ["train.init_from={run}", "sae=relu_tied", "hook.layer=2"],
+            "error: train.init_from: the dictionary in {run} does not match this run: "
+            "variant topk (this run: relu_tied), hook {{'layer': 1, 'site': 'resid'}} "
+            "(this run: {{'layer': 2, 'site': 'resid'}})",
+        ),
+        (
+            ["train.init_from={run}", "sae=topk", "sae.ratio=2"],
+            "error: train.init_from: the dictionary in {run} does not match this run: n_features 128 (this run: 64)",
+        ),
+    ],
+)
 def test_a_missing_or_mismatched_start_is_one_line(extra, message, mse_run, tiny_lm_dir, tiny_text, tmp_path):
     result = run_cli("train.py", *tiny_overrides(tiny_lm_dir, tiny_text, tmp_path / "run"),
                      *(e.format(run=mse_run) for e in extra))

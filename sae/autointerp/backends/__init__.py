@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
-from sae.autointerp.backends.base import (CachedBackend, ChatRequest, ChatResponse, LLMBackend, LogprobRequest,
-                                          PromptLogprobs, SimulationUnsupported)
+from sae.autointerp.backends.base import (
+    CachedBackend,
+    ChatRequest,
+    ChatResponse,
+    LLMBackend,
+    LogprobRequest,
+    PromptLogprobs,
+    SimulationUnsupported,
+)
 from sae.autointerp.cache import ResponseCache
 from sae.errors import ConfigError
 

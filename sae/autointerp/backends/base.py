@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
 
 from sae.autointerp.cache import ResponseCache
 from sae.errors import ConfigError
@@ -103,7 +103,12 @@ class CachedBackend(LLMBackend):
 
     def __init__(self, inner: LLMBackend, cache: ResponseCache):
         self.inner, self.cache = inner, cache
-        self.name, self.model, self.endpoint, self.batch_size = inner.name, inner.model, inner.endpoint, inner.batch_size
+        self.name, self.model, self.endpoint, self.batch_size = (
+            inner.name,
+            inner.model,
+            inner.endpoint,
+            inner.batch_size,
+        )
 
     def _through(self, kind: str, requests: Sequence, compute, decode) -> list:
         out = self.cache.through(self.inner.cache_tag, self.model, kind, [r.to_json() for r in requests],
@@ -126,7 +131,9 @@ class CachedBackend(LLMBackend):
                 return [{"ok": False, "reason": str(err)}]
             return [{"ok": True, "reason": ""}]
 
-        (outcome,) = self.cache.through(self.inner.cache_tag, self.model, "probe", [{"probe": "prompt_logprobs"}], probe)
+        (outcome,) = self.cache.through(
+            self.inner.cache_tag, self.model, "probe", [{"probe": "prompt_logprobs"}], probe
+        )
         if not outcome["ok"]:
             raise SimulationUnsupported(outcome["reason"])
 

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
-from sae.autointerp.backends.base import (ChatRequest, ChatResponse, LLMBackend, LogprobRequest, PromptLogprobs,
-                                          add_logprob)
+from sae.autointerp.backends.base import (
+    ChatRequest,
+    ChatResponse,
+    LLMBackend,
+    LogprobRequest,
+    PromptLogprobs,
+    add_logprob,
+)
 from sae.autointerp.prompts import render_plain
 from sae.errors import ConfigError
 
@@ -66,7 +72,7 @@ class HFLocalBackend(LLMBackend):
 
     @classmethod
     def load(cls, model: str, gguf_file: str | None = None, batch_size: int = 8, device: str = "cpu",
-             dtype: str = "auto") -> "HFLocalBackend":
+             dtype: str = "auto") -> HFLocalBackend:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         name_or_path, gguf = resolve_model(model, gguf_file)
@@ -145,7 +151,9 @@ class HFLocalBackend(LLMBackend):
         for b, req in enumerate(requests):
             new = gen.sequences[b, width: width + req.max_tokens]
             text = req.prefix + self.tok.decode(new, skip_special_tokens=True)
-            table = self._table(first[b], req.top_logprobs, req.candidates) if req.top_logprobs or req.candidates else None
+            table = (
+                self._table(first[b], req.top_logprobs, req.candidates) if req.top_logprobs or req.candidates else None
+            )
             responses.append(ChatResponse(text=text, first_logprobs=table))
         return responses
 
@@ -190,7 +198,9 @@ class HFLocalBackend(LLMBackend):
             out += self._score([encoded[i] for i in part], [requests[i] for i in part])
         return out
 
-    def _score(self, encoded: list[tuple[list[int], list[int]]], requests: list[LogprobRequest]) -> list[PromptLogprobs]:
+    def _score(
+        self, encoded: list[tuple[list[int], list[int]]], requests: list[LogprobRequest]
+    ) -> list[PromptLogprobs]:
         width = max(len(ids) for ids, _ in encoded)
         pad = self.tok.pad_token_id
         ids = torch.tensor([e + [pad] * (width - len(e)) for e, _ in encoded], device=self.device)
@@ -209,7 +219,9 @@ class HFLocalBackend(LLMBackend):
             if wanted:
                 prev = torch.tensor([i - 1 for i in wanted], device=self.device)
                 with torch.no_grad():
-                    logits = self.lm.get_output_embeddings()(hidden[b, prev]) if self._fast_head else logits_all[b, prev]
+                    logits = (
+                        self.lm.get_output_embeddings()(hidden[b, prev]) if self._fast_head else logits_all[b, prev]
+                    )
                 lp = torch.log_softmax(logits.float(), -1)
                 for row, i in enumerate(wanted):
                     result.top[i] = self._table(lp[row], req.top_logprobs, req.candidates)

@@ -11,11 +11,19 @@ from __future__ import annotations
 import os
 import random
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
-from sae.autointerp.backends.base import (ChatRequest, ChatResponse, LLMBackend, LogprobRequest, PromptLogprobs,
-                                          SimulationUnsupported, add_logprob)
+from sae.autointerp.backends.base import (
+    ChatRequest,
+    ChatResponse,
+    LLMBackend,
+    LogprobRequest,
+    PromptLogprobs,
+    SimulationUnsupported,
+    add_logprob,
+)
 from sae.errors import ConfigError
 
 T = TypeVar("T")
@@ -44,9 +52,19 @@ def read_key(api_key_env: str | None) -> str:
 class OpenAIBackend(LLMBackend):
     name = "openai"
 
-    def __init__(self, base_url: str, model: str, api_key_env: str | None = "OPENAI_API_KEY", concurrency: int = 4,
-                 max_retries: int = 4, backoff_s: float = 1.0, timeout_s: float = 120.0, completions: str | bool = "auto",
-                 top_logprobs: int = 20, prefill: bool = False):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key_env: str | None = "OPENAI_API_KEY",
+        concurrency: int = 4,
+        max_retries: int = 4,
+        backoff_s: float = 1.0,
+        timeout_s: float = 120.0,
+        completions: str | bool = "auto",
+        top_logprobs: int = 20,
+        prefill: bool = False,
+    ):
         try:
             import openai
         except ImportError as err:
@@ -73,16 +91,25 @@ class OpenAIBackend(LLMBackend):
             except transient as err:
                 if attempt == self.max_retries:
                     if isinstance(err, o.APIConnectionError):
-                        raise ConfigError(f"explainer.base_url={self.endpoint}: cannot reach it after "
-                                          f"{attempt + 1} tries ({type(err).__name__})") from err
-                    raise ConfigError(f"explainer.base_url={self.endpoint}: still failing after {attempt + 1} tries "
-                                      f"({_one_line(err)})") from err
-                time.sleep(self.backoff_s * 2 ** attempt * (1 + 0.25 * random.random()))
+                        raise ConfigError(
+                            f"explainer.base_url={self.endpoint}: cannot reach it after "
+                            f"{attempt + 1} tries ({type(err).__name__})"
+                        ) from err
+                    raise ConfigError(
+                        f"explainer.base_url={self.endpoint}: still failing after {attempt + 1} tries "
+                        f"({_one_line(err)})"
+                    ) from err
+                time.sleep(self.backoff_s * 2**attempt * (1 + 0.25 * random.random()))
             except o.AuthenticationError as err:
-                raise ConfigError(f"explainer.base_url={self.endpoint} rejected the API key ({_one_line(err)})") from err
+                raise ConfigError(
+                    f"explainer.base_url={self.endpoint} rejected the API key ({_one_line(err)})"
+                ) from err
             except o.APIStatusError as err:
-                raise EndpointRefused(f"explainer.base_url={self.endpoint}: request refused with status "
-                                      f"{err.status_code} ({_one_line(err)})", err.status_code) from err
+                raise EndpointRefused(
+                    f"explainer.base_url={self.endpoint}: request refused with status "
+                    f"{err.status_code} ({_one_line(err)})",
+                    err.status_code,
+                ) from err
         raise AssertionError("unreachable")
 
     def _map(self, fn: Callable[[Any], T], items: Sequence[Any]) -> list[T]:
@@ -93,7 +120,9 @@ class OpenAIBackend(LLMBackend):
 
     # -- chat -----------------------------------------------------------------------------------------------------
     def _chat_one(self, req: ChatRequest) -> ChatResponse:
-        extra: dict[str, Any] = {"logprobs": True, "top_logprobs": min(req.top_logprobs, 20)} if req.top_logprobs else {}
+        extra: dict[str, Any] = (
+            {"logprobs": True, "top_logprobs": min(req.top_logprobs, 20)} if req.top_logprobs else {}
+        )
         messages = [{"role": r, "content": c} for r, c in req.messages]
         prefill = self.prefill and bool(req.prefix)
         if prefill:  # vLLM's way to start the reply: a partial assistant message, continued

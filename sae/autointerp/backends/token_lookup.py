@@ -8,7 +8,7 @@ score a bag of tokens already earns, and a fast interpretability proxy that runs
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 from sae.autointerp.interpret import Explanation, Interpreter, Judgement
 from sae.autointerp.records import FeatureRecords, Fragment
