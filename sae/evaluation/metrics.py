@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -120,7 +122,35 @@ class _NextTokenKL(torch.autograd.Function):
         return dz, None
 
 
-ROWS_PER_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 28}  # logits per chunk of ``kl_from_hidden``
+ROWS_PER_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 28}  # logits per chunk of the hidden-state paths
+
+
+def chunk_rows(weight: torch.Tensor) -> int:
+    """Positions per chunk when unembedding with ``weight`` ``[vocab, d]``: ``ROWS_PER_CHUNK_ELEMENTS`` logits."""
+    return max(1, ROWS_PER_CHUNK_ELEMENTS["cuda" if weight.is_cuda else "cpu"] // weight.shape[0])
+
+
+class _CleanChunk:
+    """A chunk of clean next-token logits ``c`` ``[n, vocab]`` (float32): its softmax p (each exp formed once),
+    log-sum-exp and Σp, and how any other logits of the same positions compare with it."""
+
+    def __init__(self, c: torch.Tensor):
+        self.c = c
+        c_max = c.amax(-1, keepdim=True)
+        self.p = (c - c_max).exp_()
+        c_sum = self.p.sum(-1, keepdim=True)
+        self.p.div_(c_sum)
+        self.p_sum = self.p.sum(-1, keepdim=True)
+        self.lse = c_max + c_sum.log()
+
+    def against(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """KL(clean || softmax(z)) per row ``[n]`` (``NextTokenScorer._kl``), the log-sum-exp of z ``[n, 1]``,
+        exp(z - max z) and its row sums ``[n, 1]`` (softmax(z) is their ratio); ``z`` is overwritten (by z - c)."""
+        z_max = z.amax(-1, keepdim=True)
+        q = (z - z_max).exp_()
+        z_sum = q.sum(-1, keepdim=True)
+        lse = z_max + z_sum.log()
+        return ((lse - self.lse) * self.p_sum).squeeze(-1) - _row_dot(self.p, z.sub_(self.c)), lse, q, z_sum
 
 
 def kl_from_hidden(hidden: torch.Tensor, clean_hidden: torch.Tensor, weight: torch.Tensor,
@@ -137,9 +167,7 @@ def kl_from_hidden(hidden: torch.Tensor, clean_hidden: torch.Tensor, weight: tor
     batch, seq = hidden.shape[0], hidden.shape[1] - 1
     flat = hidden[:, :-1].reshape(batch * seq, -1)
     clean = clean_hidden[:, :-1].reshape(batch * seq, -1)
-    budget = ROWS_PER_CHUNK_ELEMENTS["cuda" if hidden.is_cuda else "cpu"]
-    rows = max(1, budget // weight.shape[0])
-    return _HiddenStateKL.apply(flat, clean, weight, bias, rows).view(batch, seq)
+    return _HiddenStateKL.apply(flat, clean, weight, bias, chunk_rows(weight)).view(batch, seq)
 
 
 class _HiddenStateKL(torch.autograd.Function):
@@ -151,16 +179,9 @@ class _HiddenStateKL(torch.autograd.Function):
         grad = torch.empty_like(hidden)
         for start in range(0, len(hidden), rows):
             part = slice(start, start + rows)
-            c = F.linear(clean[part], weight, bias).float()
-            z = F.linear(hidden[part], weight, bias).float()
-            c_max, z_max = c.amax(-1, keepdim=True), z.amax(-1, keepdim=True)
-            p, q = (c - c_max).exp_(), (z - z_max).exp_()  # each exp once: softmax and log-sum-exp from it
-            c_sum, z_sum = p.sum(-1, keepdim=True), q.sum(-1, keepdim=True)
-            p.div_(c_sum)
-            p_sum = p.sum(-1, keepdim=True)
-            lse_gap = z_max + z_sum.log() - c_max - c_sum.log()
-            kl[part] = (lse_gap * p_sum).squeeze(-1) - _row_dot(p, z.sub_(c))
-            dz = q.mul_(p_sum / z_sum).sub_(p)
+            chunk = _CleanChunk(F.linear(clean[part], weight, bias).float())
+            kl[part], _, q, z_sum = chunk.against(F.linear(hidden[part], weight, bias).float())
+            dz = q.mul_(chunk.p_sum / z_sum).sub_(chunk.p)
             grad[part] = (dz.to(weight.dtype) @ weight).to(grad.dtype)
         ctx.save_for_backward(grad)
         return kl
@@ -169,6 +190,49 @@ class _HiddenStateKL(torch.autograd.Function):
     def backward(ctx, kl_grad):
         (grad,) = ctx.saved_tensors
         return grad * kl_grad.unsqueeze(-1).to(grad.dtype), None, None, None, None
+
+
+@dataclass
+class NextTokenLosses:
+    """Summed next-token CE of a batch's clean run, and per other run its summed CE and KL(clean || it)."""
+
+    ce_clean: float
+    ce: list[float]
+    kl: list[float]
+
+
+def losses_from_logits(clean: torch.Tensor, others: Iterable[torch.Tensor], input_ids: torch.Tensor) -> NextTokenLosses:
+    """``NextTokenLosses`` from full logits ``[batch, seq, vocab]`` (a head that is not a plain linear map); each
+    of ``others`` is scored as it comes, so one spliced run's logits at a time are held beside the clean ones."""
+    scorer = NextTokenScorer(clean, input_ids)
+    scores = [scorer.ce_and_kl(logits) for logits in others]
+    return NextTokenLosses(scorer.ce(clean), [ce for ce, _ in scores], [kl for _, kl in scores])
+
+
+def losses_from_hidden(clean: torch.Tensor, others: list[torch.Tensor], input_ids: torch.Tensor,
+                       weight: torch.Tensor, bias: torch.Tensor | None = None) -> NextTokenLosses:
+    """``losses_from_logits`` of the logits ``hidden @ weight.T + bias``, from the final hidden states
+    ``[batch, seq, d]``, a chunk of positions at a time (as ``kl_from_hidden``): each chunk's clean distribution is
+    formed once and every run of ``others`` compared with it; no ``[positions, vocab]`` tensor outlives its
+    chunk."""
+    flat = [h[:, :-1].reshape(-1, h.shape[-1]) for h in (clean, *others)]
+    targets = input_ids[:, 1:].reshape(-1, 1).to(clean.device)
+    ce = torch.zeros(len(flat), dtype=torch.float64, device=clean.device)
+    kl = torch.zeros(len(others), dtype=torch.float64, device=clean.device)
+    rows = chunk_rows(weight)
+    for start in range(0, len(targets), rows):
+        part = slice(start, start + rows)
+        target = targets[part]
+        chunk = _CleanChunk(F.linear(flat[0][part], weight, bias).float())
+        ce[0] += (chunk.lse - chunk.c.gather(-1, target)).double().sum()
+        for i, hidden in enumerate(flat[1:]):
+            z = F.linear(hidden[part], weight, bias).float()
+            z_target = z.gather(-1, target)
+            kl_rows, lse, _, _ = chunk.against(z)  # z is overwritten
+            ce[i + 1] += (lse - z_target).double().sum()
+            kl[i] += kl_rows.double().sum()
+    ce, kl = ce.tolist(), kl.tolist()
+    return NextTokenLosses(ce[0], ce[1:], kl)
 
 
 def histogram(values: torch.Tensor, bins: int, low: float, high: float) -> dict[str, list[float]]:
@@ -247,17 +311,22 @@ class Tally:
             "l0_hist": histogram(l0s, L0_BINS, 0.0, max(l0s.max().item(), 1.0)),
         }
 
-    def summary(self, ce: dict[str, float], n_pred: int) -> dict:
-        spliced = self.ce / n_pred
+    def summary(self, hook_metrics: dict[str, float], n_pred: int) -> dict:
+        """Every held-out metric; ``hook_metrics``: the ones shared by the hook's dictionaries (``ce_clean``,
+        ``ce_zero_ablation``, ``ce_mean_ablation``, ``kl_zero_ablation``, ``kl_mean_ablation``: means per
+        next-token prediction)."""
+        spliced, clean, zero = self.ce / n_pred, hook_metrics["ce_clean"], hook_metrics["ce_zero_ablation"]
         return {
             **self.reconstruction_summary(),
-            "ce_clean": ce["clean"],
+            "ce_clean": clean,
             "ce_spliced": spliced,
-            "ce_zero_ablation": ce["zero"],
-            "ce_mean_ablation": ce["mean"],
-            "ce_loss_recovered": (ce["zero"] - spliced) / (ce["zero"] - ce["clean"]),
+            "ce_zero_ablation": zero,
+            "ce_mean_ablation": hook_metrics["ce_mean_ablation"],
+            "ce_loss_recovered": (zero - spliced) / (zero - clean),
             "kl_spliced": self.kl / n_pred,
-            "ppl_clean": math.exp(ce["clean"]),
+            "kl_zero_ablation": hook_metrics["kl_zero_ablation"],
+            "kl_mean_ablation": hook_metrics["kl_mean_ablation"],
+            "ppl_clean": math.exp(clean),
             "ppl_spliced": math.exp(spliced),
         }
 
