@@ -132,7 +132,9 @@ def chunk_rows(weight: torch.Tensor) -> int:
 
 class _CleanChunk:
     """A chunk of clean next-token logits ``c`` ``[n, vocab]`` (float32): its softmax p (each exp formed once),
-    log-sum-exp and Σp, and how any other logits of the same positions compare with it."""
+    log-sum-exp and Σp; and how the logits z = c + δ of another run at the same positions compare with it, from
+    δ = (h − h_clean) @ weight.T alone (the bias cancels; z is never formed): lse(z) − lse(c) = log Σ p e^δ − log Σp,
+    one exponential pass and two dot products per row, and an exact 0 where the hidden states are the same."""
 
     def __init__(self, c: torch.Tensor):
         self.c = c
@@ -140,17 +142,21 @@ class _CleanChunk:
         self.p = (c - c_max).exp_()
         c_sum = self.p.sum(-1, keepdim=True)
         self.p.div_(c_sum)
-        self.p_sum = self.p.sum(-1, keepdim=True)
-        self.lse = c_max + c_sum.log()
+        self.p_sum = _row_dot(self.p, torch.ones_like(self.p))  # summed as Σ p e^δ is: δ = 0 gives a gap of 0
+        self.lse = (c_max + c_sum.log()).squeeze(-1)
 
-    def against(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """KL(clean || softmax(z)) per row ``[n]`` (``NextTokenScorer._kl``), the log-sum-exp of z ``[n, 1]``,
-        exp(z - max z) and its row sums ``[n, 1]`` (softmax(z) is their ratio); ``z`` is overwritten (by z - c)."""
-        z_max = z.amax(-1, keepdim=True)
-        q = (z - z_max).exp_()
-        z_sum = q.sum(-1, keepdim=True)
-        lse = z_max + z_sum.log()
-        return ((lse - self.lse) * self.p_sum).squeeze(-1) - _row_dot(self.p, z.sub_(self.c)), lse, q, z_sum
+    def compare(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For z = c + ``delta``: the gap lse(z) − lse(c) ``[n]``, Σ p δ ``[n]``, and e = exp(δ − max δ)
+        ``[n, vocab]`` (in ``delta``'s storage, which is overwritten) with S = Σ p e ``[n]``: softmax(z) = p e / S."""
+        p_delta = _row_dot(self.p, delta)
+        shift = delta.amax(-1, keepdim=True)
+        e = delta.sub_(shift).exp_()
+        s = _row_dot(self.p, e)
+        return shift.squeeze(-1) + s.log() - self.p_sum.log(), p_delta, e, s
+
+    def kl(self, gap: torch.Tensor, p_delta: torch.Tensor) -> torch.Tensor:
+        """KL(clean || softmax(z)) per row, ``NextTokenScorer._kl``: (lse(z) − lse(c)) Σp − Σ p (z − c)."""
+        return gap * self.p_sum - p_delta
 
 
 def kl_from_hidden(hidden: torch.Tensor, clean_hidden: torch.Tensor, weight: torch.Tensor,
@@ -180,8 +186,9 @@ class _HiddenStateKL(torch.autograd.Function):
         for start in range(0, len(hidden), rows):
             part = slice(start, start + rows)
             chunk = _CleanChunk(F.linear(clean[part], weight, bias).float())
-            kl[part], _, q, z_sum = chunk.against(F.linear(hidden[part], weight, bias).float())
-            dz = q.mul_(chunk.p_sum / z_sum).sub_(chunk.p)
+            gap, p_delta, e, s = chunk.compare(F.linear(hidden[part] - clean[part], weight).float())
+            kl[part] = chunk.kl(gap, p_delta)
+            dz = e.mul_(chunk.p).mul_((chunk.p_sum / s).unsqueeze(-1)).sub_(chunk.p)  # softmax(z) Σp − p
             grad[part] = (dz.to(weight.dtype) @ weight).to(grad.dtype)
         ctx.save_for_backward(grad)
         return kl
@@ -222,15 +229,16 @@ def losses_from_hidden(clean: torch.Tensor, others: list[torch.Tensor], input_id
     rows = chunk_rows(weight)
     for start in range(0, len(targets), rows):
         part = slice(start, start + rows)
-        target = targets[part]
-        chunk = _CleanChunk(F.linear(flat[0][part], weight, bias).float())
-        ce[0] += (chunk.lse - chunk.c.gather(-1, target)).double().sum()
+        target, clean_part = targets[part], flat[0][part]
+        chunk = _CleanChunk(F.linear(clean_part, weight, bias).float())
+        c_target = chunk.c.gather(-1, target).squeeze(-1)
+        ce[0] += (chunk.lse - c_target).double().sum()
         for i, hidden in enumerate(flat[1:]):
-            z = F.linear(hidden[part], weight, bias).float()
-            z_target = z.gather(-1, target)
-            kl_rows, lse, _, _ = chunk.against(z)  # z is overwritten
-            ce[i + 1] += (lse - z_target).double().sum()
-            kl[i] += kl_rows.double().sum()
+            delta = F.linear(hidden[part] - clean_part, weight).float()
+            delta_target = delta.gather(-1, target).squeeze(-1)
+            gap, p_delta, _, _ = chunk.compare(delta)
+            ce[i + 1] += (chunk.lse + gap - c_target - delta_target).double().sum()  # lse(z) - z[target]
+            kl[i] += chunk.kl(gap, p_delta).double().sum()
     ce, kl = ce.tolist(), kl.tolist()
     return NextTokenLosses(ce[0], ce[1:], kl)
 
