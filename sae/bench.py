@@ -27,6 +27,7 @@ from sae.training.objectives import reconstruction_loss
 
 CONF = Path("conf")  # the application's config groups: run from the project's root, as the README's commands are
 FIXTURES = Path("..") / "shared" / "fixtures"
+EVAL_TEXT = FIXTURES / "text" / "openwebtext-1k.jsonl"  # the held-out evaluation's text
 HPARAMS = {"relu_tied": {"l1_coeff": 0.04}, "topk": {"k": 32, "aux_coeff": 1 / 32, "k_aux": None}}
 
 
@@ -147,6 +148,47 @@ def kl_figures(model_dir: Path, text: Path, repeats: int) -> dict:
             "kl_from_states_speedup": slow / fast}
 
 
+def eval_figures(model_dir: Path, text: Path, tokens: int, ratio: int, repeats: int) -> dict:
+    """The held-out evaluation (``heldout_metrics_many``) of one TopK dictionary (k 32, ``ratio`` × the model's
+    width, at its middle block) on ``tokens`` tokens of contexts of 256, against the bare LM forwards it needs: per
+    batch of 8 contexts, four plain forwards with logits (clean, spliced, zero- and mean-ablated), timed in the same
+    run. Their ratio, ``eval_over_forward_bound``, is what the evaluation costs beyond its forwards (the mean's
+    cut-off read, the dictionary, the losses): 1 would be the forwards alone."""
+    from sae.evaluation.heldout import heldout_metrics_many
+    from sae.lm.model import load_model, load_tokenizer
+    from sae.lm.text import load_documents, pack_contexts, special_ids
+    from sae.training.spliced import n_layers
+
+    model, tokenizer = load_model(str(model_dir)).to(DEVICE), load_tokenizer(str(model_dir))
+    contexts = pack_contexts(load_documents("files", str(text))[:200], tokenizer, 256)[: max(1, tokens // 256)]
+    hook, width, special = HookPoint(n_layers(model.config) // 2), model.config.hidden_size, special_ids(tokenizer)
+    torch.manual_seed(0)
+    dictionary = build("topk", width, ratio * width, k=32, aux_coeff=1 / 32, k_aux=None).to(DEVICE)
+    dictionary.init_from_data(capture(model, [hook], contexts[:1].to(DEVICE))[hook].flatten(0, 1).float())
+    batch = 8  # heldout_metrics_many's default
+
+    def forwards() -> None:
+        with torch.no_grad():
+            for start in range(0, len(contexts), batch):
+                ids = contexts[start : start + batch].to(DEVICE)
+                for _ in range(4):
+                    model(input_ids=ids, use_cache=False)
+
+    def evaluation() -> None:
+        heldout_metrics_many(model, {"topk": dictionary}, hook, contexts, special, batch, progress=False)
+
+    bare, evaluated = best_seconds(forwards, repeats), best_seconds(evaluation, repeats)
+    return {"eval_model": model_dir.name, "eval_tokens": contexts.numel(), "eval_features": dictionary.n_features,
+            "eval_seconds": evaluated, "eval_forward_seconds": bare, "eval_over_forward_bound": evaluated / bare}
+
+
+def print_eval_figures(figures: dict) -> None:
+    f = figures
+    print(f"held-out evaluation on {f['eval_model']}, {f['eval_tokens']:,} tokens, a TopK dictionary of "
+          f"{f['eval_features']:,} features: {f['eval_seconds']:.2f} s against {f['eval_forward_seconds']:.2f} s for "
+          f"its four bare forwards per batch: eval_over_forward_bound {f['eval_over_forward_bound']:.2f}")
+
+
 def ensemble_figures(
     model_dir: Path, text: Path, n_dicts: int, tokens: int, eval_tokens: int, overrides: list[str]
 ) -> dict:
@@ -206,6 +248,10 @@ def run(args: argparse.Namespace) -> dict:
         "gemm_gflops": peak,
     }
     print(f"fp32 GEMM [{batch}x{d}] @ [{d}x{n_features}] on {DEVICE}, {figures['threads']} threads: {peak:.1f} GFLOP/s")
+    if args.eval_only:
+        figures.update(eval_figures(Path(args.model), EVAL_TEXT, args.eval_tokens, args.eval_ratio, args.eval_repeats))
+        print_eval_figures(figures)
+        return figures
     for variant in HPARAMS:
         rate = batch / step_seconds(variant, d, n_features, batch, repeats)
         frac = rate * 10 * d * n_features / (peak * 1e9)
@@ -217,7 +263,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.options:
         fp32 = {variant: figures[f"{variant}_acts_per_s"] for variant in HPARAMS}
         figures.update(option_figures(d, n_features, batch, repeats, fp32))
-    figures.update(lm_over_full_forward=None, ensemble_speedup=None, kl_from_states_speedup=None)
+    figures.update(lm_over_full_forward=None, ensemble_speedup=None, kl_from_states_speedup=None,
+                   eval_over_forward_bound=None)
     if args.no_lm or not FIXTURES.is_dir() or not CONF.is_dir():
         print("LM figures skipped (--no-lm, or ../shared/fixtures or ./conf absent: run from the project's root): "
               "lm_over_full_forward, kl_from_states_speedup, ensemble_speedup null")
@@ -232,6 +279,8 @@ def run(args: argparse.Namespace) -> dict:
     print(f"KL objective step (TopK k 8 at block 3, 512 tokens): {figures['kl_step_tokens_per_s']:,.0f} tokens/s with "
           f"the KL from the final hidden states, {figures['kl_step_logits_tokens_per_s']:,.0f} from the logits: "
           f"{figures['kl_from_states_speedup']:.2f}x")
+    figures.update(eval_figures(Path(args.model), text, args.eval_tokens, args.eval_ratio, args.eval_repeats))
+    print_eval_figures(figures)
     figures.update(
         ensemble_figures(model_dir, text, args.dicts, args.ensemble_tokens, args.ensemble_eval_tokens, args.override)
     )
@@ -268,6 +317,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--options", action="store_true", help="also time the step under bf16 autocast and torch.compile"
     )
+    parser.add_argument("--model", default=str(FIXTURES / "neox-owt-14m"),
+                        help="the LM of the held-out evaluation's figures (e.g. a sae.lm.shapes directory)")
+    parser.add_argument("--eval-tokens", type=int, default=4096, help="held-out tokens of those figures")
+    parser.add_argument("--eval-ratio", type=int, default=64, help="their TopK dictionary's features per width")
+    parser.add_argument("--eval-repeats", type=int, default=1, help="timed evaluations (and forwards); fastest counts")
+    parser.add_argument("--eval-only", action="store_true", help="only the GEMM and the held-out evaluation's figures")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: this machine has no CUDA device (use --device cpu or auto)")

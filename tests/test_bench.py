@@ -7,7 +7,7 @@ import sys
 from tests.conftest import FIXTURES, ROOT, needs_cuda
 
 KEYS = {"gemm_gflops", "relu_frac_of_peak", "topk_over_relu", "lm_over_full_forward", "kl_from_states_speedup",
-        "ensemble_speedup"}
+        "ensemble_speedup", "eval_over_forward_bound"}
 
 
 def test_bench_runs_tiny_and_prints_json(tmp_path):
@@ -26,7 +26,9 @@ def test_bench_runs_tiny_and_prints_json(tmp_path):
     assert (figures["lm_over_full_forward"] is not None) == FIXTURES.is_dir()
     assert (figures["ensemble_speedup"] is not None) == FIXTURES.is_dir()
     assert (figures["kl_from_states_speedup"] is not None) == FIXTURES.is_dir()
+    assert (figures["eval_over_forward_bound"] is not None) == FIXTURES.is_dir()
     if FIXTURES.is_dir():
+        assert figures["eval_over_forward_bound"] > 0 and figures["eval_tokens"] == 4096
         assert figures["ensemble_dicts"] == 2 and figures["ensemble_end_to_end_speedup"] > 0
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -120,7 +122,41 @@ class _NextTokenKL(torch.autograd.Function):
         return dz, None
 
 
-ROWS_PER_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 28}  # logits per chunk of ``kl_from_hidden``
+ROWS_PER_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 28}  # logits per chunk of the hidden-state paths
+
+
+def chunk_rows(weight: torch.Tensor) -> int:
+    """Positions per chunk when unembedding with ``weight`` ``[vocab, d]``: ``ROWS_PER_CHUNK_ELEMENTS`` logits."""
+    return max(1, ROWS_PER_CHUNK_ELEMENTS["cuda" if weight.is_cuda else "cpu"] // weight.shape[0])
+
+
+class _CleanChunk:
+    """A chunk of clean next-token logits ``c`` ``[n, vocab]`` (float32): its softmax p (each exp formed once),
+    log-sum-exp and Σp; and how the logits z = c + δ of another run at the same positions compare with it, from
+    δ = (h − h_clean) @ weight.T alone (the bias cancels; z is never formed): lse(z) − lse(c) = log Σ p e^δ − log Σp,
+    one exponential pass and two dot products per row, and an exact 0 where the hidden states are the same."""
+
+    def __init__(self, c: torch.Tensor):
+        self.c = c
+        c_max = c.amax(-1, keepdim=True)
+        self.p = (c - c_max).exp_()
+        c_sum = self.p.sum(-1, keepdim=True)
+        self.p.div_(c_sum)
+        self.p_sum = _row_dot(self.p, torch.ones_like(self.p))  # summed as Σ p e^δ is: δ = 0 gives a gap of 0
+        self.lse = (c_max + c_sum.log()).squeeze(-1)
+
+    def compare(self, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For z = c + ``delta``: the gap lse(z) − lse(c) ``[n]``, Σ p δ ``[n]``, and e = exp(δ − max δ)
+        ``[n, vocab]`` (in ``delta``'s storage, which is overwritten) with S = Σ p e ``[n]``: softmax(z) = p e / S."""
+        p_delta = _row_dot(self.p, delta)
+        shift = delta.amax(-1, keepdim=True)
+        e = delta.sub_(shift).exp_()
+        s = _row_dot(self.p, e)
+        return shift.squeeze(-1) + s.log() - self.p_sum.log(), p_delta, e, s
+
+    def kl(self, gap: torch.Tensor, p_delta: torch.Tensor) -> torch.Tensor:
+        """KL(clean || softmax(z)) per row, ``NextTokenScorer._kl``: (lse(z) − lse(c)) Σp − Σ p (z − c)."""
+        return gap * self.p_sum - p_delta
 
 
 def kl_from_hidden(hidden: torch.Tensor, clean_hidden: torch.Tensor, weight: torch.Tensor,
@@ -137,9 +173,7 @@ def kl_from_hidden(hidden: torch.Tensor, clean_hidden: torch.Tensor, weight: tor
     batch, seq = hidden.shape[0], hidden.shape[1] - 1
     flat = hidden[:, :-1].reshape(batch * seq, -1)
     clean = clean_hidden[:, :-1].reshape(batch * seq, -1)
-    budget = ROWS_PER_CHUNK_ELEMENTS["cuda" if hidden.is_cuda else "cpu"]
-    rows = max(1, budget // weight.shape[0])
-    return _HiddenStateKL.apply(flat, clean, weight, bias, rows).view(batch, seq)
+    return _HiddenStateKL.apply(flat, clean, weight, bias, chunk_rows(weight)).view(batch, seq)
 
 
 class _HiddenStateKL(torch.autograd.Function):
@@ -151,16 +185,10 @@ class _HiddenStateKL(torch.autograd.Function):
         grad = torch.empty_like(hidden)
         for start in range(0, len(hidden), rows):
             part = slice(start, start + rows)
-            c = F.linear(clean[part], weight, bias).float()
-            z = F.linear(hidden[part], weight, bias).float()
-            c_max, z_max = c.amax(-1, keepdim=True), z.amax(-1, keepdim=True)
-            p, q = (c - c_max).exp_(), (z - z_max).exp_()  # each exp once: softmax and log-sum-exp from it
-            c_sum, z_sum = p.sum(-1, keepdim=True), q.sum(-1, keepdim=True)
-            p.div_(c_sum)
-            p_sum = p.sum(-1, keepdim=True)
-            lse_gap = z_max + z_sum.log() - c_max - c_sum.log()
-            kl[part] = (lse_gap * p_sum).squeeze(-1) - _row_dot(p, z.sub_(c))
-            dz = q.mul_(p_sum / z_sum).sub_(p)
+            chunk = _CleanChunk(F.linear(clean[part], weight, bias).float())
+            gap, p_delta, e, s = chunk.compare(F.linear(hidden[part] - clean[part], weight).float())
+            kl[part] = chunk.kl(gap, p_delta)
+            dz = e.mul_(chunk.p).mul_((chunk.p_sum / s).unsqueeze(-1)).sub_(chunk.p)  # softmax(z) Σp − p
             grad[part] = (dz.to(weight.dtype) @ weight).to(grad.dtype)
         ctx.save_for_backward(grad)
         return kl
@@ -169,6 +197,50 @@ class _HiddenStateKL(torch.autograd.Function):
     def backward(ctx, kl_grad):
         (grad,) = ctx.saved_tensors
         return grad * kl_grad.unsqueeze(-1).to(grad.dtype), None, None, None, None
+
+
+@dataclass
+class NextTokenLosses:
+    """Summed next-token CE of a batch's clean run, and per other run its summed CE and KL(clean || it)."""
+
+    ce_clean: float
+    ce: list[float]
+    kl: list[float]
+
+
+def losses_from_logits(clean: torch.Tensor, others: Iterable[torch.Tensor], input_ids: torch.Tensor) -> NextTokenLosses:
+    """``NextTokenLosses`` from full logits ``[batch, seq, vocab]`` (a head that is not a plain linear map); each
+    of ``others`` is scored as it comes, so one spliced run's logits at a time are held beside the clean ones."""
+    scorer = NextTokenScorer(clean, input_ids)
+    scores = [scorer.ce_and_kl(logits) for logits in others]
+    return NextTokenLosses(scorer.ce(clean), [ce for ce, _ in scores], [kl for _, kl in scores])
+
+
+def losses_from_hidden(clean: torch.Tensor, others: list[torch.Tensor], input_ids: torch.Tensor,
+                       weight: torch.Tensor, bias: torch.Tensor | None = None) -> NextTokenLosses:
+    """``losses_from_logits`` of the logits ``hidden @ weight.T + bias``, from the final hidden states
+    ``[batch, seq, d]``, a chunk of positions at a time (as ``kl_from_hidden``): each chunk's clean distribution is
+    formed once and every run of ``others`` compared with it; no ``[positions, vocab]`` tensor outlives its
+    chunk."""
+    flat = [h[:, :-1].reshape(-1, h.shape[-1]) for h in (clean, *others)]
+    targets = input_ids[:, 1:].reshape(-1, 1).to(clean.device)
+    ce = torch.zeros(len(flat), dtype=torch.float64, device=clean.device)
+    kl = torch.zeros(len(others), dtype=torch.float64, device=clean.device)
+    rows = chunk_rows(weight)
+    for start in range(0, len(targets), rows):
+        part = slice(start, start + rows)
+        target, clean_part = targets[part], flat[0][part]
+        chunk = _CleanChunk(F.linear(clean_part, weight, bias).float())
+        c_target = chunk.c.gather(-1, target).squeeze(-1)
+        ce[0] += (chunk.lse - c_target).double().sum()
+        for i, hidden in enumerate(flat[1:]):
+            delta = F.linear(hidden[part] - clean_part, weight).float()
+            delta_target = delta.gather(-1, target).squeeze(-1)
+            gap, p_delta, _, _ = chunk.compare(delta)
+            ce[i + 1] += (chunk.lse + gap - c_target - delta_target).double().sum()  # lse(z) - z[target]
+            kl[i] += chunk.kl(gap, p_delta).double().sum()
+    ce, kl = ce.tolist(), kl.tolist()
+    return NextTokenLosses(ce[0], ce[1:], kl)
 
 
 def histogram(values: torch.Tensor, bins: int, low: float, high: float) -> dict[str, list[float]]:
@@ -247,17 +319,22 @@ class Tally:
             "l0_hist": histogram(l0s, L0_BINS, 0.0, max(l0s.max().item(), 1.0)),
         }
 
-    def summary(self, ce: dict[str, float], n_pred: int) -> dict:
-        spliced = self.ce / n_pred
+    def summary(self, hook_metrics: dict[str, float], n_pred: int) -> dict:
+        """Every held-out metric; ``hook_metrics``: the ones shared by the hook's dictionaries (``ce_clean``,
+        ``ce_zero_ablation``, ``ce_mean_ablation``, ``kl_zero_ablation``, ``kl_mean_ablation``: means per
+        next-token prediction)."""
+        spliced, clean, zero = self.ce / n_pred, hook_metrics["ce_clean"], hook_metrics["ce_zero_ablation"]
         return {
             **self.reconstruction_summary(),
-            "ce_clean": ce["clean"],
+            "ce_clean": clean,
             "ce_spliced": spliced,
-            "ce_zero_ablation": ce["zero"],
-            "ce_mean_ablation": ce["mean"],
-            "ce_loss_recovered": (ce["zero"] - spliced) / (ce["zero"] - ce["clean"]),
+            "ce_zero_ablation": zero,
+            "ce_mean_ablation": hook_metrics["ce_mean_ablation"],
+            "ce_loss_recovered": (zero - spliced) / (zero - clean),
             "kl_spliced": self.kl / n_pred,
-            "ppl_clean": math.exp(ce["clean"]),
+            "kl_zero_ablation": hook_metrics["kl_zero_ablation"],
+            "kl_mean_ablation": hook_metrics["kl_mean_ablation"],
+            "ppl_clean": math.exp(clean),
             "ppl_spliced": math.exp(spliced),
         }
 

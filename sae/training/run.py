@@ -183,7 +183,8 @@ def train(cfg: DictConfig, run: RunInfo) -> dict:
     (at ``run.dir`` for a single dictionary, in ``run.dir/<name>/`` for each of a ``dictionaries`` set).
 
     Returns the held-out metrics (a dict of them by name for a set). ``status.json`` says whether the run is
-    ``running``, ``finished`` (with how many seconds it took in all and in its training loop) or ``failed``. With
+    ``running``, ``finished`` (with how many seconds it took in all, in its setup, its training loop and its held-out
+    evaluation) or ``failed``. With
     ``resume=true`` the run continues from ``checkpoints/last.ckpt`` in ``run.dir`` exactly where it stopped;
     without it, a directory that already holds a run is refused. Only the lead process writes outputs."""
     start = time.perf_counter()
@@ -194,26 +195,28 @@ def train(cfg: DictConfig, run: RunInfo) -> dict:
     if lead and checkpoint is not None:
         check_resumed_settings(run.dir, training_settings(cfg))
     setup = toy_setup(cfg, run) if cfg.data.source == "toy" else lm_setup(cfg, plans)  # text problems show here
+    setup_seconds = time.perf_counter() - start
     if lead:
         if checkpoint is None:
             record_settings(run.dir, training_settings(cfg))
         write_status(run.dir, "running")
     try:
-        metrics, loop_seconds = _train(cfg, run, plans, checkpoint, setup)
+        metrics, seconds = _train(cfg, run, plans, checkpoint, setup)
     except Exception as err:
         if lead:
             write_status(run.dir, "failed", error=f"{type(err).__name__}: {err}")
         raise
     if not lead:
         return {}
-    write_status(run.dir, "finished", seconds={"total": time.perf_counter() - start, "train_loop": loop_seconds})
+    write_status(run.dir, "finished", seconds={"total": time.perf_counter() - start, "setup": setup_seconds, **seconds})
     if plans[0].name is None:
         return metrics[0]
     return {plan.name: m for plan, m in zip(plans, metrics)}
 
 
 def _train(cfg: DictConfig, run: RunInfo, plans: list[DictionaryPlan], checkpoint: Path | None,
-           setup: Setup) -> tuple[list[dict], float]:
+           setup: Setup) -> tuple[list[dict], dict[str, float]]:
+    """Fit, save and evaluate; the metrics and the seconds of the training loop and of the held-out evaluation."""
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*your dataloader is not resumable.*")  # ours is, through the datamodule
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -251,9 +254,11 @@ def _train(cfg: DictConfig, run: RunInfo, plans: list[DictionaryPlan], checkpoin
     trainer.fit(module, datamodule=setup.datamodule, ckpt_path=checkpoint)
     trainer.save_checkpoint(run.dir / LAST)  # the final state, whatever the schedule (every process takes part)
     if not trainer.is_global_zero:
-        return [], module.train_loop_seconds
+        return [], {"train_loop": module.train_loop_seconds}
     trained = list(zip(plans, module.dictionaries()))
+    start = time.perf_counter()
     metrics = setup.evaluate(trained)
+    seconds = {"train_loop": module.train_loop_seconds, "heldout_eval": time.perf_counter() - start}
     for (plan, dictionary), plan_metrics in zip(trained, metrics):
         directory = plan.directory(run.dir)
         save_dictionary(dictionary, directory, _metadata(plan, run.dir, steps))
@@ -268,7 +273,7 @@ def _train(cfg: DictConfig, run: RunInfo, plans: list[DictionaryPlan], checkpoin
             import wandb
 
             wandb.finish()
-    return metrics, module.train_loop_seconds
+    return metrics, seconds
 
 
 def _member_config(plan: DictionaryPlan, init_from: str | None) -> dict:

@@ -140,3 +140,60 @@ def test_all_zero_inputs_leave_cosine_and_l2_ratio_alone():
     x[3] = 0.0
     m = reconstruction_metrics(Half(16, 16), x)
     assert m["l2_ratio"] == pytest.approx(0.5, abs=1e-6) and m["cosine"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_zero_and_mean_ablation_kl_are_those_of_the_spliced_runs():
+    """``kl_zero_ablation``/``kl_mean_ablation`` are KL(clean || ablated): a dictionary that reconstructs zeros
+    (the held-out mean) splices in exactly the zero- (mean-) ablated run."""
+    from sae.lm.reader import read_rows
+
+    model, hook, ids = tiny_model(), HookPoint(1, "resid"), _contexts()
+    zero = heldout_metrics(model, Zero(32, 32), hook, ids, [0], batch_size=4, progress=False)
+    assert zero["kl_zero_ablation"] > 1e-4 and zero["kl_spliced"] == pytest.approx(zero["kl_zero_ablation"], rel=1e-6)
+    d = Mean(32, 32)
+    d.b_dec.data = read_rows(model, [hook], ids, [0])[hook.name].mean(0)
+    mean = heldout_metrics(model, d, hook, ids, [0], batch_size=4, progress=False)
+    assert mean["kl_mean_ablation"] == pytest.approx(mean["kl_spliced"], rel=1e-5)
+    assert mean["kl_mean_ablation"] != pytest.approx(mean["kl_zero_ablation"], rel=1e-2)
+
+
+def _peaked_model():
+    """The tiny model with its unembedding scaled up: confident, distinct next-token distributions (a random tiny
+    model's are near uniform, where any CE or KL looks alike)."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(40.0)
+    return model
+
+
+def test_chunked_losses_equal_the_full_logits(monkeypatch):
+    """CE, KL and the zero/mean-ablation CE and KL from the final hidden states, a chunk of positions at a time
+    (7 positions a chunk: 15 predictions per context, so chunk boundaries fall inside contexts), equal the
+    full-logits computation, for several dictionaries sharing the clean run's chunks; the head never runs on the
+    chunked path (no ``[positions, vocabulary]`` logits are formed)."""
+    import sae.evaluation.metrics as metrics
+    from sae.dictionaries import build
+    from sae.evaluation.heldout import heldout_metrics_many
+
+    model, hook, ids = _peaked_model(), HookPoint(1, "resid"), _contexts()
+    torch.manual_seed(0)
+    dictionaries = {f"topk{k}": build("topk", 32, 64, k=k, aux_coeff=0.0, k_aux=None) for k in (2, 8)}
+    full = heldout_metrics_many(model, dictionaries, hook, ids, [0], batch_size=4, progress=False, from_states=False)
+    monkeypatch.setitem(metrics.ROWS_PER_CHUNK_ELEMENTS, "cpu", 7 * model.config.vocab_size)
+
+    def no_full_logits(module, inputs, output):
+        raise AssertionError("the head ran: full logits were formed")
+
+    handle = model.get_output_embeddings().register_forward_hook(no_full_logits)
+    import sae.lm.splice as splice
+
+    splice._UNEMBEDDINGS[model] = (model.get_output_embeddings().weight, None)  # found before the hook, as in use
+    chunked = heldout_metrics_many(model, dictionaries, hook, ids, [0], batch_size=4, progress=False)
+    handle.remove()
+    keys = ["ce_clean", "ce_spliced", "ce_zero_ablation", "ce_mean_ablation", "kl_spliced", "kl_zero_ablation",
+            "kl_mean_ablation", "ce_loss_recovered"]
+    for name in dictionaries:
+        assert full[name]["kl_spliced"] > 0.05 and full[name]["kl_zero_ablation"] > 0.05  # the values can differ
+        for key in keys:
+            assert chunked[name][key] == pytest.approx(full[name][key], rel=1e-5, abs=1e-7), (name, key)
+    assert full["topk2"]["kl_spliced"] != pytest.approx(full["topk8"]["kl_spliced"], rel=1e-3)
