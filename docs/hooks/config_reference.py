@@ -213,6 +213,11 @@ def _leading_comment(text: str) -> str:
     return " ".join(lead)
 
 
+def _first_sentence(text: str) -> str:
+    match = re.search(r"(?<!\bal)(?<!e\.g)(?<!i\.e)\.(\s|$)", text)
+    return text[: match.start() + 1] if match else text
+
+
 def _flatten(data: dict, prefix: str = "") -> list[tuple[str, object]]:
     out = []
     for key, value in data.items():
@@ -236,7 +241,7 @@ def untyped_section(group: str, covered: set[Path]) -> str:
             match = _COMMENT.match(line)
             if match:
                 comments.setdefault(match.group(1), match.group(2).strip())
-        head = " ".join(_leading_comment(path.read_text()).split())
+        head = _first_sentence(" ".join(_leading_comment(path.read_text()).split()))
         lines += [f"`{group}={path.stem}` (`{path.relative_to(ROOT)}`){': ' + cell(head) if head else ''}", ""]
         lines += ["| key | default | comment in the file |", "|---|---|---|"]
         for key, value in _flatten(_load(path)):
