@@ -1,5 +1,5 @@
 """Write a JSONL text of OpenWebText documents with IOI sentences mixed in, for dictionaries that see the behaviour
-feature patching restores (README, "Feature patching": the OpenWebText + IOI set).
+feature patching restores (docs/results/patching.md: the OpenWebText + IOI set).
 
     python experiments/ioi_mixed_text.py --text ../shared/fixtures/text/openwebtext-1k.jsonl \
         --vocabulary ../shared/fixtures/neox-ioi-14m/ioi_vocabulary.json --out outputs/owt_ioi.jsonl \

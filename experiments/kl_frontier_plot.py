@@ -1,13 +1,14 @@
 """The Pareto plot of ``kl_spliced`` against L0, one series per dictionary variant, from an ``evaluate.py`` table.
 
-``evaluate.py``'s own plots draw FVU against L0 per layer and the CE increase per training objective; issue 18's
-figure is the KL of the spliced model against L0 for every variant at one hook, which this draws from the
+``evaluate.py``'s own plots draw FVU against L0 per layer and the CE increase per training objective; the SAELens
+page's figure is the KL of the spliced model against L0 for every variant at one hook, which this draws from the
 ``eval.csv`` of evaluations of the same held-out tokens. A row's series is its name up to
 the first ``-k``/``-l0``/``-c`` field (``topk-k8-mse`` -> ``topk``), or the ``--series`` mapping's value for the
 name's first matching prefix; each series is drawn as points joined in L0 order, its Pareto front (the points no
 other point of the series beats on both axes) bold.
 
-    PYTHONPATH=$PWD python experiments/kl_frontier_plot.py /work/runs/issue18b/bench/eval/eval.csv --out docs/layer3_kl_frontier.png \\
+    PYTHONPATH=$PWD python experiments/kl_frontier_plot.py <run>/eval/eval.csv \\
+        --out docs/layer3_kl_frontier.png \\
         --title "layer 3, neox-owt-14m (stand-in)"
 """
 

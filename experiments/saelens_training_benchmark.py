@@ -1,6 +1,6 @@
 """SAELens' own training of TopK, BatchTopK and JumpReLU on exactly the activations our training sees.
 
-A benchmark, not a test: it answers issue 18's "trained better than the peers" on the stand-in model. SAELens is
+A benchmark, not a test: it answers "trained better than the peers?" on the stand-in model. SAELens is
 not a dependency of this project; it lives in its own virtual environment, and this file has two halves, each run
 by its own Python:
 
@@ -17,21 +17,21 @@ by its own Python:
    reads through its SAELens import.
 
     # once: the SAELens environment (outside the project; pin torch first so no CUDA wheels come)
-    python -m venv /work/venvs/saelens
-    /work/venvs/saelens/bin/pip install torch==2.13.0 && /work/venvs/saelens/bin/pip install sae-lens==6.54.12
+    python -m venv <saelens-venv>
+    <saelens-venv>/bin/pip install torch==2.13.0 && <saelens-venv>/bin/pip install sae-lens==6.54.12
     # our side: the batches of a 4M-token run at block 3 (the LM ran once, into the cache)
-    PYTHONPATH=$PWD python experiments/saelens_training_benchmark.py dump --out /work/runs/issue18b/acts -- \\
+    PYTHONPATH=$PWD python experiments/saelens_training_benchmark.py dump --out <runs>/acts -- \\
         model.name_or_path=../shared/fixtures/neox-owt-14m data=text_files \\
         data.path=../shared/fixtures/text/openwebtext-1k.jsonl hook.layer=3 sae=topk \\
-        stream.cache_dir=/work/runs/issue18b/act_cache
+        stream.cache_dir=<runs>/act_cache
     # SAELens' side: one dictionary per call
-    /work/venvs/saelens/bin/python experiments/saelens_training_benchmark.py train --acts /work/runs/issue18b/acts \\
-        --architecture topk --k 8 --lr 3e-4 --out /work/runs/issue18b/bench/saelens/topk-k8-lr3e-4
+    <saelens-venv>/bin/python experiments/saelens_training_benchmark.py train --acts <runs>/acts \\
+        --architecture topk --k 8 --lr 3e-4 --out <runs>/bench/saelens/topk-k8-lr3e-4
     # both sides in one evaluation on the same held-out tokens (SAELens' cfg.json names no local text: give it)
-    python evaluate.py run=/work/runs/issue18b/bench eval_tokens=12288 data.source=files \\
+    python evaluate.py run=<runs>/bench eval_tokens=12288 data.source=files \\
         data.path=../shared/fixtures/text/openwebtext-1k.jsonl model.name_or_path=../shared/fixtures/neox-owt-14m
 
-README "Trained against SAELens' own training at layer 3" has the grid, the table and the verdict.
+docs/results/saelens.md has the grid, the table and the verdict.
 """
 
 from __future__ import annotations
@@ -94,8 +94,8 @@ def dump(out: Path, overrides: list[str]) -> None:
 # codes and the heuristic decoder init (norm 0.1), all SAELens defaults; JumpReLU with Anthropic's setup, which the
 # page recommends: tanh sparsity loss, bandwidth 2, initial threshold 0.1, the pre-activation loss 3e-6, activations
 # normalised to mean norm sqrt(d_in), the L0 penalty warmed up over the whole run. Every run: Adam (0.9, 0.999), the
-# runner's default batch of 4,096 activations, a constant rate decayed linearly to a tenth of it (lr_end) over the last 20% of steps
-# (the docs' tutorial and Anthropic's recommendation), SAELens' dead-feature window.
+# runner's default batch of 4,096 activations, a constant rate decayed linearly to a tenth of it (lr_end) over the last
+# 20% of steps (the docs' tutorial and Anthropic's recommendation), SAELens' dead-feature window.
 SAELENS_BATCH = 4096
 JUMPRELU = {"jumprelu_sparsity_loss_mode": "tanh", "jumprelu_tanh_scale": 4.0, "jumprelu_bandwidth": 2.0,
             "jumprelu_init_threshold": 0.1, "pre_act_loss_coefficient": 3e-6,

@@ -1,10 +1,10 @@
 """Throughput benchmark: training steps against this machine's GEMM peak, and the LM's share of the work.
 
-``python -m sae.bench`` prints one figure per line and, last, one JSON object with every figure. A train step is
-the objective (``sae.training.objectives``) + backward + an Adam step on one batch of normalised activations (what ``DictionaryModule``
-does, without Lightning or its logging); it is counted as 10·d·D FLOP per activation (encode, decode and three
-backward products of 2·d·D each). The set comparison (``ensemble_speedup``) runs the real training code: a set of
-dictionaries in one run against one run per dictionary over the same tokens.
+``python -m sae.bench`` prints one figure per line and, last, one JSON object with every figure. A train step is the
+objective (``sae.training.objectives``) + backward + an Adam step on one batch of normalised activations (what
+``DictionaryModule`` does, without Lightning or its logging); it is counted as 10·d·D FLOP per activation (encode,
+decode and three backward products of 2·d·D each). The set comparison (``ensemble_speedup``) runs the real training
+code: a set of dictionaries in one run against one run per dictionary over the same tokens.
 
 ``--device`` (``auto``: CUDA when there is one) runs everything there; on a GPU each timed call ends with a CUDA
 synchronisation, so the times are those of the work done, not of the kernels queued.
@@ -99,7 +99,8 @@ def option_figures(d: int, n_features: int, batch: int, repeats: int, fp32: dict
             figures[f"{variant}_{option}_acts_per_s"] = rate
             figures[f"{variant}_{option}_speedup"] = rate / fp32[variant]
             print(
-                f"{variant} train step, {option}: {rate:,.0f} activations/s = {rate / fp32[variant]:.2f}x the fp32 eager step"
+                f"{variant} train step, {option}: {rate:,.0f} activations/s = "
+                f"{rate / fp32[variant]:.2f}x the fp32 eager step"
             )
     return figures
 
@@ -192,8 +193,8 @@ def print_eval_figures(figures: dict) -> None:
 def ensemble_figures(
     model_dir: Path, text: Path, n_dicts: int, tokens: int, eval_tokens: int, overrides: list[str]
 ) -> dict:
-    """The first ``n_dicts`` dictionaries of ``experiment=six_layers`` trained by ``sae.training.run.train`` in one run (one LM
-    forward per batch) against one run each over the same tokens (a separate run is exactly the set member's own
+    """The first ``n_dicts`` dictionaries of ``experiment=six_layers`` trained by ``sae.training.run.train`` in one run
+    (one LM forward per batch) against one run each over the same tokens (a separate run is exactly the set member's own
     config, so it sees the same batches). Every run, shared or separate, is timed from start to finish: its own
     model load, tokenization, initialisation, training loop and held-out evaluation; the training loops alone are
     timed too (``status.json``)."""
@@ -289,11 +290,13 @@ def run(args: argparse.Namespace) -> dict:
         f"{n} dictionaries of experiment=six_layers on neox-owt-14m, {args.ensemble_tokens:,} tokens, held-out eval on "
         f"{args.ensemble_eval_tokens:,}: one run {figures['ensemble_shared_s']:.1f} s (training loop "
         f"{figures['ensemble_shared_loop_s']:.1f} s) against {n} separate runs {figures['ensemble_separate_s']:.1f} s "
-        f"(loops {figures['ensemble_separate_loop_s']:.1f} s; each separate run loads the model, tokenizes, initialises "
+        f"(loops {figures['ensemble_separate_loop_s']:.1f} s; each separate run loads the model, tokenizes, "
+        "initialises "
         f"and evaluates on its own)"
     )
     print(
-        f"  training loop: {figures['ensemble_speedup']:.2f}x; end to end: {figures['ensemble_end_to_end_speedup']:.2f}x"
+        f"  training loop: {figures['ensemble_speedup']:.2f}x; "
+        f"end to end: {figures['ensemble_end_to_end_speedup']:.2f}x"
     )
     return figures
 

@@ -54,7 +54,8 @@ def describe(err: Exception, moved: dict[str, str], overrides: list[str]) -> tup
     if "not in" in cause_line or "is not in struct" in cause_line:
         return (
             override,
-            f"'{key}' is not a setting here (see the README's configuration reference; prefix it with + to add a new key)",
+            f"'{key}' is not a setting here (see the configuration reference, docs/configuration.md; prefix it "
+            "with + to add a new key)",
         )
     return override, f"{override}: {cause_line}"
 

@@ -28,8 +28,8 @@ atexit.register(shutil.rmtree, _DATASETS_CACHE, ignore_errors=True)
 
 import torch  # noqa: E402  (after the thread setting, which torch reads when it loads)
 
-import sae.evaluation.config  # noqa: F401  (importing registers evaluate.yaml's schema)
-import sae.training.config  # noqa: F401  (importing registers the training config's schemas)
+import sae.evaluation.config  # noqa: E402, F401  (importing registers evaluate.yaml's schema)
+import sae.training.config  # noqa: E402, F401  (importing registers the training config's schemas)
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT.parent / "shared" / "fixtures"

@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT
 
 # Each part of the package and its layer: a module may import its own part and any part of a lower layer, never a
-# part of its own layer or of a higher one. (The README's "Architecture" section draws this.)
+# part of its own layer or of a higher one. (docs/architecture.md draws this.)
 LAYERS = {
     "errors": 0, "distributed": 0,
     "dictionaries": 1,

@@ -126,7 +126,8 @@ def endpoint_problem(base_url: str, timeout_s: float) -> str | None:
         with socket.create_connection((url.hostname, port), timeout=min(timeout_s, 5.0)):
             return None
     except OSError as err:
-        return f"explainer.base_url={base_url}: cannot connect to {url.hostname}:{port} ({err.strerror or type(err).__name__})"
+        reason = err.strerror or type(err).__name__
+        return f"explainer.base_url={base_url}: cannot connect to {url.hostname}:{port} ({reason})"
 
 
 def _importable(module: str) -> bool:
@@ -367,7 +368,8 @@ def _redraw_dashboard(published: Path, out: Path, tokenizer) -> None:
 def _print_summary(result: StudyResult, out: Path) -> None:
     shown = ("simulation", "detection", "fuzzing", "lookup_simulation", "shuffled_simulation")
     lines = [
-        f"{r['method']:>16} {r['hook']:>28} {r['score']:>20} {r['mean']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] n={r['n']}"
+        f"{r['method']:>16} {r['hook']:>28} {r['score']:>20} {r['mean']:+.3f} "
+        f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] n={r['n']}"
         for r in result.summary
         if r["score"] in shown and r.get("mean") is not None and math.isfinite(r["mean"])
     ]

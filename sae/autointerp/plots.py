@@ -41,7 +41,7 @@ def plot_by_layer(summary: Sequence[dict], path: Path, title: str) -> None:
             _panel(ax, [r for r in summary if r["score"] == prefix + name], len(sites) > 1)
             ax.set_title(f"{row_label}\n{col_label}", fontsize=8)
             ax.axhline(0.5 if name != "simulation" else 0.0, color="grey", linewidth=0.6, linestyle=":")
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # one layer: one tick
             if i == len(rows) - 1:
                 ax.set_xlabel("layer")
     handles, labels = axes[0][0].get_legend_handles_labels()

@@ -14,7 +14,8 @@ MIN_VARIANCE = 1e-6  # whitening drops directions with less than this fraction o
 
 
 def whitening(z: torch.Tensor) -> torch.Tensor:
-    """``K`` ``[r, d]`` such that ``z @ K.T`` has identity covariance (``r`` = directions with non-negligible variance)."""
+    """``K`` ``[r, d]`` such that ``z @ K.T`` has identity covariance (``r``: the directions with non-negligible
+    variance)."""
     z = z.double()
     variances, vectors = torch.linalg.eigh(z.T @ z / len(z))
     keep = variances > MIN_VARIANCE * variances.max()

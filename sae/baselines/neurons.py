@@ -1,4 +1,5 @@
-"""The neuron basis: the identity, so codes are the activation's own coordinates (for ``hook.site=mlp``, the MLP's neurons)."""
+"""The neuron basis: the identity, so codes are the activation's own coordinates (for ``hook.site=mlp``, the MLP's
+neurons)."""
 
 from __future__ import annotations
 

@@ -69,7 +69,8 @@ def _int_at_least(values: dict, key: str, low: int, nullable: bool = False) -> l
 
 
 def settings_problems(settings: DictConfig) -> list[str]:
-    """What is wrong with ``analysis=circuits``'s settings (reported with every other problem, before any model runs)."""
+    """What is wrong with ``analysis=circuits``'s settings (reported with every other problem, before any model
+    runs)."""
     values = _settings(settings)
     problems = []
     try:
@@ -113,7 +114,8 @@ def _by_hook(group: list[Entry], chosen: list[str] | None) -> dict[str, Entry]:
 
 
 def _chain(top: str, widths: dict[str, int], depth: int | None) -> list[str]:
-    """The hooks below ``top`` the circuit descends through, one layer at a time (``depth`` of them; null: to layer 0)."""
+    """The hooks below ``top`` the circuit descends through, one layer at a time (``depth`` of them; null: to
+    layer 0)."""
     steps = depth if depth is not None else hook_layer(top)
     hooks = [top]
     for _ in range(steps):
@@ -306,7 +308,8 @@ def study(cfg: DictConfig, entries: list[Entry]) -> dict:
                             int(faith["seed"]))
     _log(
         f"circuits: faithfulness {scores['faithfulness']:.3f} (random circuits of the same size: "
-        f"{scores['random_mean']:.3f} ± {scores['random_std']:.3f}), completeness left {scores['completeness_left']:.3f}"
+        f"{scores['random_mean']:.3f} ± {scores['random_std']:.3f}), "
+        f"completeness left {scores['completeness_left']:.3f}"
     )
     _top_tokens(graph, stats, session.tokenizer)
     explained = _explanations(

@@ -307,7 +307,8 @@ def html_page(
         f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1><p>{html.escape(graph.model)}</p>"
         f"{picture}<h2>Nodes</h2><table id='nodes'><tr><th>node</th><th>layer</th><th>activation</th><th>effect</th>"
         f"<th>top tokens</th><th>explanation</th></tr>{rows}</table>"
-        f"<h2>Edges</h2><table id='edges'><tr><th>from</th><th>to</th><th>weight</th><th>method</th></tr>{edges}</table>"
+        "<h2>Edges</h2><table id='edges'><tr><th>from</th><th>to</th><th>weight</th><th>method</th></tr>"
+        f"{edges}</table>"
         "</body></html>"
     )
 

@@ -1,7 +1,7 @@
 """Feature patching over prompt pairs at one hook with one dictionary (or baseline): the intervention, its metrics
 for any patched set, the live features, the attribution scores, and the curves of both orderings.
 
-The intervention (issue 14, item 2), at every ordinary-text position of the base run::
+The intervention, at every ordinary-text position of the base run::
 
     x' = x + Σ_{j∈F} (c̄_j − c_j) · d_j          (c the base run's codes, c̄ the counterfactual's, d_j in model units)
 
@@ -155,7 +155,8 @@ class PatchingProblem:
 
     @torch.no_grad()
     def kl_many(self, masks: Sequence[torch.Tensor] | torch.Tensor, order: str = "all") -> list[float]:
-        """``kl`` of several patched sets, each batch of pairs run once for all of them (the sets stacked on the rows)."""
+        """``kl`` of several patched sets, each batch of pairs run once for all of them (the sets stacked on the
+        rows)."""
         masks = torch.stack(list(masks)) if not isinstance(masks, torch.Tensor) else masks
         k = masks.shape[0]
         totals, n = torch.zeros(k, dtype=torch.float64), 0

@@ -44,7 +44,8 @@ def _hook_list(value, key: str) -> list[str]:
 
 
 def settings_problems(settings: DictConfig) -> list[str]:
-    """What is wrong with ``analysis=patching``'s settings (reported with every other problem, before any model runs)."""
+    """What is wrong with ``analysis=patching``'s settings (reported with every other problem, before any model
+    runs)."""
     values = _settings(settings)
     problems = baseline_problems(values.get("baselines") or [], "analysis.baselines")
     for check in (lambda: CurveSettings.from_config(values), lambda: _hook_list(values.get("hooks"), "analysis.hooks"),

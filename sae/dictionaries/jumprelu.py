@@ -29,7 +29,8 @@ def rectangle(u: torch.Tensor) -> torch.Tensor:
 
 
 class JumpReLU(torch.autograd.Function):
-    """``pre · H(pre − threshold)``; gradients as in the module docstring (``threshold`` ``[n]``, ``pre`` ``[batch, n]``)."""
+    """``pre · H(pre − threshold)``; gradients as in the module docstring (``threshold`` ``[n]``, ``pre``
+    ``[batch, n]``)."""
 
     @staticmethod
     def forward(ctx, pre: torch.Tensor, threshold: torch.Tensor, bandwidth: float) -> torch.Tensor:

@@ -39,7 +39,8 @@ def _pattern(indices: torch.Tensor, weights: torch.Tensor, n: int, csr: bool = T
 
 
 def _scatter_rows(indices: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
-    """``[n, d]``: row ``i`` is the sum of ``weights[b, j] * rows[b]`` over every ``(b, j)`` with ``indices[b, j] == i``."""
+    """``[n, d]``: row ``i`` is the sum of ``weights[b, j] * rows[b]`` over every ``(b, j)`` with
+    ``indices[b, j] == i``."""
     return torch.sparse.mm(_pattern(indices, weights, n, csr=False).t(), rows)
 
 

@@ -15,23 +15,38 @@ from omegaconf import MISSING
 
 @dataclass
 class ModelOverrides:
+    """Overrides of the model each dictionary's sae.json records (null: as recorded)."""
+
     name_or_path: str | None = None
+    """Another hub id or model directory for the recorded model (e.g. a local copy)."""
     dtype: str | None = None
+    """The LM's weights: float32, bfloat16 or float16."""
 
 
 @dataclass
 class DataOverrides:
+    """Overrides of the text each dictionary's sae.json records (null: as recorded)."""
+
     source: str | None = None
+    """files or hub."""
     path: str | None = None
+    """A file or glob, or a hub dataset id."""
     text_column: str | None = None
+    """The column holding the text."""
     split: str | None = None
+    """The dataset split (hub datasets)."""
     context_length: int | None = None
+    """Tokens per context, BOS included."""
     heldout_fraction: float | None = None
+    """The fraction of documents held out; keep the training run's to evaluate on text it never saw."""
 
 
 @dataclass
 class StreamOverrides:
+    """Overrides of the recorded stream settings (null: as recorded)."""
+
     lm_batch_size: int | None = None
+    """Contexts per LM forward."""
 
 
 @dataclass

@@ -95,7 +95,7 @@ def heldout_metrics(model: nn.Module, dictionary: Dictionary, hook: HookPoint, c
                     special_ids: list[int], batch_size: int = 8, progress: bool = True) -> dict:
     """Reconstruction, sparsity and spliced-LM metrics of one dictionary on held-out ``contexts``.
 
-    See ``heldout_metrics_many``; the keys are listed in the README (held-out metrics).
+    See ``heldout_metrics_many``; the keys are listed in docs/training.md (held-out metrics).
     """
     return heldout_metrics_many(model, {"dictionary": dictionary}, hook, contexts, special_ids, batch_size, progress)[
         "dictionary"

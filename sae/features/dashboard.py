@@ -12,7 +12,7 @@ from pathlib import Path
 STYLE = """body{font-family:sans-serif;margin:1.5em;max-width:70em}table{border-collapse:collapse}
 td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}th{cursor:pointer;background:#eee}
 .ctx{font-family:monospace;white-space:pre-wrap;margin:2px 0}.ctx span{border-radius:2px}
-.focus{outline:1px solid #000}.tables{display:flex;gap:2em;flex-wrap:wrap}"""
+.focus{outline:2px solid #000;font-weight:bold;text-decoration:underline}.tables{display:flex;gap:2em;flex-wrap:wrap}"""
 
 SORT_JS = """function sortBy(col){const t=document.getElementById('features'),b=t.tBodies[0],
 rows=[...b.rows],dir=t.dataset.col==col&&t.dataset.dir=='desc'?1:-1;t.dataset.col=col;t.dataset.dir=dir<0?'desc':'asc';
@@ -31,14 +31,27 @@ def _tok(names: dict[int, str], token: int | None) -> str:
     return "other" if token is None else html.escape(repr(names.get(token, str(token)))[1:-1])
 
 
+VISIBLE = {"\r\n": "↵", "\n": "↵", "\r": "↵", "\t": "⇥"}  # a context stays one line: its breaks are shown
+
+
+def visible(text: str) -> str:
+    """A token's text with line breaks and tabs as symbols (↵, ⇥), escaped for HTML."""
+    for raw, symbol in VISIBLE.items():
+        text = text.replace(raw, symbol)
+    return html.escape(text)
+
+
 def context_html(example: dict, names: dict[int, str], high: float) -> str:
-    """One context, each token's background red in proportion to the feature's activation on it."""
+    """One context on one line, each token's background red in proportion to the feature's activation on it; the
+    token the example is about (its ``focus``) is outlined, bold and underlined."""
     spans = []
     for i, (token, act) in enumerate(zip(example["tokens"], example["acts"])):
         alpha = min(1.0, act / high) if high > 0 else 0.0
-        cls = " class='focus'" if i == example["focus"] else ""
-        spans.append(f"<span{cls} title='{act:.3g}' style='background:rgba(255,0,0,{alpha:.2f})'>"
-                     f"{html.escape(names.get(token, str(token)))}</span>")
+        focus = i == example["focus"]
+        cls = " class='focus'" if focus else ""
+        title = f"{act:.3g} (the activating token)" if focus else f"{act:.3g}"
+        spans.append(f"<span{cls} title='{title}' style='background:rgba(255,0,0,{alpha:.2f})'>"
+                     f"{visible(names.get(token, str(token)))}</span>")
     return f"<div class='ctx'>{example['activation']:.3g}: {''.join(spans)}</div>"
 
 
@@ -60,7 +73,8 @@ def histogram_svg(hist: dict, names: dict[int, str], width: int = 480, height: i
         f"<span style='color:{c}'>&#9632; {_tok(names, s['token'])}</span>" for c, s in zip(COLOURS, stacks)
     )
     return (
-        f"<svg width='{width}' height='{height + 15}'>{''.join(rects)}<text x='0' y='{height + 12}' font-size='10'>0</text>"
+        f"<svg width='{width}' height='{height + 15}'>{''.join(rects)}"
+        f"<text x='0' y='{height + 12}' font-size='10'>0</text>"
         f"<text x='{width - 40}' y='{height + 12}' font-size='10'>{edges[-1]:.3g}</text></svg><div>{legend}</div>"
     )
 
@@ -94,7 +108,8 @@ def feature_page(method: str, hook: str, rec: dict, names: dict[int, str],
         f"{rec['top_token_share']:.2f}; token entropy {rec['token_entropy']:.2f} nats; activation mass on: {tokens}</p>"
         f"{explanation_html(explanation)}"
         f"<h2>Activations by token</h2>{histogram_svg(rec['histogram'], names)}"
-        f"<div class='tables'>{logit_table('Direct path (atom through the final norm weight and unembedding)', rec['direct'], names)}"
+        "<div class='tables'>"
+        f"{logit_table('Direct path (atom through the final norm weight and unembedding)', rec['direct'], names)}"
         f"{logit_table(causal_title, causal, names)}</div>"
         f"<h2>Top activating contexts</h2>{top}<h2>Samples across activation quantiles</h2>{quant}"
     )
@@ -128,7 +143,8 @@ def index_page(methods: dict, names: dict[int, str], rows: list[dict]) -> str:
         for r in rows
     )
     body = (
-        f"<h1>Features</h1><h2>Monosemanticity by method</h2><table><tr>{''.join(f'<th>{k}</th>' for k in rows[0])}</tr>{summary}</table>"
+        "<h1>Features</h1><h2>Monosemanticity by method</h2>"
+        f"<table><tr>{''.join(f'<th>{k}</th>' for k in rows[0])}</tr>{summary}</table>"
         f"<h2>All features (click a header to sort)</h2><table id='features'><thead><tr>"
         + "".join(f"<th onclick='sortBy({i})'>{h}</th>" for i, h in enumerate(head))
         + f"</tr></thead><tbody>{''.join(lines)}</tbody></table>"

@@ -1,4 +1,5 @@
-"""What a feature does to next-token logits: the direct path through the unembedding, and the causal effect of ablating it."""
+"""What a feature does to next-token logits: the direct path through the unembedding, and the causal effect of
+ablating it."""
 
 from __future__ import annotations
 

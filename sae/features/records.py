@@ -1,4 +1,5 @@
-"""One pass over held-out text per dictionary (or baseline): every feature's contexts, density, token histogram and logit effects.
+"""One pass over held-out text per dictionary (or baseline): every feature's contexts, density, token histogram and
+logit effects.
 
 A feature *fires* where its code is positive. Signed bases (PCA, ICA, neurons) are read the same way: each
 direction's positive half is the feature, so their negative half never counts as firing. BOS, EOS and padding
@@ -22,7 +23,8 @@ from sae.lm.session import LMSession
 
 @dataclass(frozen=True)
 class Settings:
-    """How much to collect per feature (``analysis.settings.*``; the one default of each: ``conf/analysis/features.yaml``)."""
+    """How much to collect per feature (``analysis.settings.*``; the one default of each:
+    ``conf/analysis/features.yaml``)."""
 
     top_k: int  # top-activating contexts
     window: int  # tokens shown either side of the firing token

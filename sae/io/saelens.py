@@ -1,4 +1,5 @@
-"""SAELens interop: read a SAELens directory (``cfg.json`` + ``sae_weights.safetensors``) as a Dictionary, write ours as one.
+"""SAELens interop: read a SAELens directory (``cfg.json`` + ``sae_weights.safetensors``) as a Dictionary, write ours
+as one.
 
 SAELens computes codes = act((x - b_dec·apply_b_dec_to_input) @ W_enc + b_enc) and x_hat = codes @ W_dec + b_dec,
 with ``W_enc`` ``[d_in, d_sae]`` and ``W_dec`` ``[d_sae, d_in]`` in the model's units. Ours keeps unit-norm atoms and
@@ -63,7 +64,8 @@ def hook_from_name(hook_name: str) -> dict:
     if match and match[2] == "hook_resid_pre" and int(match[1]) > 0:
         return {"layer": int(match[1]) - 1, "site": "resid"}
     raise ConfigError(
-        f"SAELens hook_name '{hook_name}' has no equivalent here (supported: blocks.<i>.{'|'.join(sites)}, hook_resid_pre)"
+        f"SAELens hook_name '{hook_name}' has no equivalent here "
+        f"(supported: blocks.<i>.{'|'.join(sites)}, hook_resid_pre)"
     )
 
 
@@ -88,7 +90,8 @@ def _check_supported(cfg: dict, directory: Path) -> None:
 
 def _fold_activation_scaling(cfg: dict, w: dict[str, torch.Tensor], directory: Path) -> None:
     """Fold SAELens' ``norm_scaling_factor`` into weights still saved for scaled activations, as SAELens does at
-    load: ``W_enc`` times the factor, ``W_dec`` and ``b_dec`` over it (codes unchanged, reconstructions in model units)."""
+    load: ``W_enc`` times the factor, ``W_dec`` and ``b_dec`` over it (codes unchanged, reconstructions in model
+    units)."""
     if cfg.get("normalize_activations") != UNFOLDED:
         return
     factor = cfg.get("norm_scaling_factor")
@@ -180,7 +183,8 @@ def _encoder_weight(dictionary: Dictionary) -> torch.Tensor:
     if isinstance(dictionary, TopKDictionary):
         return dictionary.W_enc
     raise ConfigError(
-        f"variant '{dictionary.variant}' has no SAELens equivalent (relu, relu_tied, topk, {', '.join(EXPORTERS)} export)"
+        f"variant '{dictionary.variant}' has no SAELens equivalent "
+        f"(relu, relu_tied, topk, {', '.join(EXPORTERS)} export)"
     )
 
 

@@ -75,7 +75,8 @@ def _rebuild(meta: dict) -> Dictionary:
 
 
 def load(directory: str | Path, device: str | torch.device = "cpu") -> Dictionary:
-    """Rebuild a dictionary (or a saved baseline) from its directory; ``encode``/``decode`` work in the model's own units."""
+    """Rebuild a dictionary (or a saved baseline) from its directory; ``encode``/``decode`` work in the model's own
+    units."""
     meta = read_meta(directory)
     weights = Path(directory) / WEIGHTS
     if not weights.is_file():

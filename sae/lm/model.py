@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 
 from sae.errors import ConfigError
 
-OFFLINE_HINT = "offline, use a local model directory and local text (the README's offline command, under Train)"
+OFFLINE_HINT = "offline, use a local model directory and local text (the README's offline command)"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -163,8 +163,8 @@ def _tokenize_batch(batch: dict, tokenizer: PreTrainedTokenizerBase, column: str
 
 def build_store(root: Path, key: str, material: dict, train_rows, tokenizer: PreTrainedTokenizerBase, column: str,
                 procs: int) -> TokenStore:
-    """Tokenize ``train_rows`` (``procs`` processes at most, batched, with a progress bar) into a new store, written under
-    a temporary name and renamed into place (a concurrent builder's finished copy wins)."""
+    """Tokenize ``train_rows`` (``procs`` processes at most, batched, with a progress bar) into a new store, written
+    under a temporary name and renamed into place (a concurrent builder's finished copy wins)."""
     import datasets
 
     dtype = token_dtype(tokenizer)

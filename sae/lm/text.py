@@ -129,7 +129,9 @@ def separators(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
 def token_ids(docs: list[str], tokenizer: PreTrainedTokenizerBase) -> list[list[int]]:
     """Each document's token ids followed by EOS (the stream contexts are cut from)."""
     eos = separators(tokenizer)[1]
-    return [[*doc, eos] for doc in tokenizer(docs, add_special_tokens=False)["input_ids"]]
+    # whole documents, packed and cut into contexts later: their length is not the model's input length, so the
+    # tokenizer's "longer than the specified maximum sequence length" warning does not apply (verbose=False)
+    return [[*doc, eos] for doc in tokenizer(docs, add_special_tokens=False, verbose=False)["input_ids"]]
 
 
 def check_context_fits(n_tokens: int, context_length: int) -> int:

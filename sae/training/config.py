@@ -46,7 +46,7 @@ class TextDataConfig:
     """Tokens per packed context, BOS included (BOS/EOS/pad positions are never trained on)."""
     heldout_fraction: float = MISSING
     """The fraction of documents held out for the final metrics: the last ones, or one in every 1/fraction when
-    streaming (README, "Large corpora")."""
+    streaming (docs: Training, "Large corpora")."""
     eval_tokens: int = MISSING
     """Held-out tokens for metrics.json (at most; all held-out text if fewer), drawn across the held-out documents."""
     streaming: bool = MISSING
@@ -165,7 +165,9 @@ class WandbLoggerConfig:
     kind: str = MISSING
     """wandb."""
     project: str = MISSING
+    """The W&B project the runs are logged to."""
     entity: str | None = MISSING
+    """The W&B user or team (null: your default entity)."""
     group: str | None = MISSING
     """null: the sweep's directory name in a multirun, else none."""
     mode: str = MISSING
@@ -190,14 +192,23 @@ class RunConfig:
     """null, or a list of {name, hook, sae} entries trained together (sae.training.plan)."""
     # the groups, each typed by its own schema (``sae`` is open-ended)
     model: Any = MISSING
+    """The frozen LM: model=<name> picks conf/model/<name>.yaml."""
     hook: Any = MISSING
+    """Where activations are read (conf/hook/)."""
     sae: Any = MISSING
+    """The dictionary variant and its settings: sae=<variant> picks conf/sae/<variant>.yaml (untyped)."""
     data: Any = MISSING
+    """The text (pile10k: the hub; text_files: local files) or toy data."""
     stream: Any = MISSING
+    """Text to shuffled batches of activations, and the activation cache (conf/stream/)."""
     train: Any = MISSING
+    """Optimisation: tokens, batch size, learning rate, resampling (conf/train/)."""
     objective: Any = MISSING
+    """What the dictionaries minimise: mse, kl, kl_mse or e2e_ds (conf/objective/)."""
     trainer: Any = MISSING
+    """The Lightning Trainer: hardware, processes, precision, logging and checkpoint cadence (conf/trainer/)."""
     logger: Any = MISSING
+    """wandb or csv (conf/logger/)."""
 
 
 # Keys that moved when the data and train groups were split into the objects they configure: the old name on the

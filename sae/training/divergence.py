@@ -50,7 +50,8 @@ class DivergenceWatch(nn.Module):
 
     @torch.no_grad()
     def observe(self, step: int, losses: torch.Tensor, fvus: torch.Tensor) -> None:
-        """Record step ``step``'s ``losses`` and training ``fvus`` (one each per dictionary); no host synchronisation."""
+        """Record step ``step``'s ``losses`` and training ``fvus`` (one each per dictionary); no host
+        synchronisation."""
         losses, fvus = losses.detach().float(), fvus.detach().float()
         non_finite = ~torch.isfinite(losses)
         reason = torch.where(non_finite, NON_FINITE, 0)

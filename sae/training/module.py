@@ -67,8 +67,8 @@ class TrainedDictionary(nn.Module):
     without firing, and its own generator for resampling.
 
     ``resample_pool`` rows of recent inputs are kept for resampling (0: none; the module sizes the pool from
-    ``train.resample_pool`` once the number of processes is known). ``name`` is ``None`` for a run's only dictionary (logged under ``train/``), else its name in the set (logged
-    under ``<name>/train/``).
+    ``train.resample_pool`` once the number of processes is known). ``name`` is ``None`` for a run's only dictionary
+    (logged under ``train/``), else its name in the set (logged under ``<name>/train/``).
     """
 
     def __init__(self, name: str | None, input_key: str, dictionary_cfg: dict, *, seed: int, dead_window: int,

@@ -129,7 +129,8 @@ def _name_problem(name, taken: set[str]) -> str | None:
     if not isinstance(name, str) or not name.strip():
         return f"name {name!r} must be a non-empty string"
     if "/" in name or "\\" in name or name in RESERVED_NAMES or name.startswith("."):
-        return f"name '{name}' cannot be a directory name inside the run (no '/', no leading '.', not {sorted(RESERVED_NAMES)})"
+        return (f"name '{name}' cannot be a directory name inside the run "
+                f"(no '/', no leading '.', not {sorted(RESERVED_NAMES)})")
     if name in taken:
         return f"name '{name}' is used twice; give each dictionary its own name"
     return None

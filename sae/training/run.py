@@ -6,6 +6,7 @@ per batch of contexts, read at every hook of the set. Each is saved, logged and 
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import warnings
@@ -35,7 +36,7 @@ from sae.io.checkpoints import (
 )
 from sae.io.saving import save_dictionary
 from sae.lm.session import LMSession, TextSettings
-from sae.training.callbacks import GroundTruthMetrics
+from sae.training.callbacks import GroundTruthMetrics, progress_bar, quiet_lightning_tips
 from sae.training.module import DictionaryModule
 from sae.training.objectives import Objective
 from sae.training.plan import DictionaryPlan, variant_hparams
@@ -45,6 +46,9 @@ from sae.training.warm_start import provenance, source_directory
 __all__ = ["RunInfo", "hydra_run_info", "train", "validate"]
 
 GROUND_TRUTH = "ground_truth.safetensors"
+SUMMARY = ("fvu", "l0", "ce_loss_recovered", "kl_spliced", "mmcs", "frac_recovered")  # whichever the run has
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -153,10 +157,13 @@ def make_logger(cfg: DictConfig, run: RunInfo):
         netrc = Path.home() / ".netrc"
         logged_in = "WANDB_API_KEY" in os.environ or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
         mode = os.environ.get("WANDB_MODE") or ("online" if logged_in else "offline")
-    return pl.loggers.WandbLogger(
+    logger = pl.loggers.WandbLogger(
         project=cfg.project, entity=cfg.entity, group=cfg.group or run.group, name=run.name,
         save_dir=str(run.dir), mode=mode,
     )
+    # Lightning passes wandb.init anonymous=None, which W&B (>= 0.19) warns has no effect: leave the setting unset
+    logger._wandb_init.pop("anonymous", None)
+    return logger
 
 
 def is_lead_process() -> bool:
@@ -209,9 +216,17 @@ def train(cfg: DictConfig, run: RunInfo) -> dict:
     if not lead:
         return {}
     write_status(run.dir, "finished", seconds={"total": time.perf_counter() - start, "setup": setup_seconds, **seconds})
+    for plan, plan_metrics in zip(plans, metrics):
+        log.info("%s", result_line(plan.directory(run.dir), plan_metrics))
     if plans[0].name is None:
         return metrics[0]
     return {plan.name: m for plan, m in zip(plans, metrics)}
+
+
+def result_line(directory: Path, metrics: dict) -> str:
+    """What a finished dictionary is, in one line: where it is and its main held-out metrics."""
+    shown = ", ".join(f"{k} {metrics[k]:.4g}" for k in SUMMARY if isinstance(metrics.get(k), (int, float)))
+    return f"finished: {directory} (held-out {shown}; all in metrics.json)"
 
 
 def _train(cfg: DictConfig, run: RunInfo, plans: list[DictionaryPlan], checkpoint: Path | None,
@@ -219,6 +234,8 @@ def _train(cfg: DictConfig, run: RunInfo, plans: list[DictionaryPlan], checkpoin
     """Fit, save and evaluate; the metrics and the seconds of the training loop and of the held-out evaluation."""
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*your dataloader is not resumable.*")  # ours is, through the datamodule
+    # Lightning's own call of a torch API that torch deprecated (nothing of ours to change; gone with its next fix)
+    warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
     pl.seed_everything(cfg.seed, workers=True, verbose=False)
     t, tr = cfg.train, cfg.trainer
     steps = training_steps(t)
@@ -245,14 +262,16 @@ def _train(cfg: DictConfig, run: RunInfo, plans: list[DictionaryPlan], checkpoin
     checkpoints = ModelCheckpoint(
         dirpath=str(run.dir / "checkpoints"), every_n_train_steps=tr.checkpoint_every_n_steps, save_last=True
     )
+    quiet_lightning_tips()
     trainer = pl.Trainer(
         plugins=[AtomicCheckpointIO()], max_steps=steps, accelerator=tr.accelerator, devices=tr.devices,
         num_nodes=tr.num_nodes, strategy=tr.strategy, precision=tr.precision,
         logger=logger, log_every_n_steps=tr.log_every_n_steps, default_root_dir=str(run.dir),
-        enable_model_summary=False, callbacks=[checkpoints, *setup.callbacks],
+        enable_model_summary=False, callbacks=[checkpoints, progress_bar(), *setup.callbacks],
     )
     trainer.fit(module, datamodule=setup.datamodule, ckpt_path=checkpoint)
-    trainer.save_checkpoint(run.dir / LAST)  # the final state, whatever the schedule (every process takes part)
+    # the final state, whatever the schedule, resumable (every process takes part)
+    trainer.save_checkpoint(run.dir / LAST, weights_only=False)
     if not trainer.is_global_zero:
         return [], {"train_loop": module.train_loop_seconds}
     trained = list(zip(plans, module.dictionaries()))

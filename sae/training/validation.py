@@ -117,7 +117,8 @@ def _sae_problems(s: DictConfig) -> list[str]:
 
 
 def _width_problems(plan: DictionaryPlan, model_config) -> tuple[int, list[str]]:
-    """The dictionary's input width and the problems of its hook and size (``model_config``: the LM's; None on toy data)."""
+    """The dictionary's input width and the problems of its hook and size (``model_config``: the LM's; None on toy
+    data)."""
     cfg, problems = plan.cfg, []
     if model_config is None:
         d_in = cfg.data.d

@@ -59,7 +59,8 @@ from sae.autointerp.backends.base import CachedBackend
 from sae.autointerp.cache import ResponseCache
 from sae.autointerp.interpret import LLMInterpreter
 cache = ResponseCache(sys.argv[1])
-run_study(_source(), LLMInterpreter(CachedBackend(HashLLM(delay_s=0.15), cache)), word_decode, sys.argv[2], CFG, cache=cache)
+interpreter = LLMInterpreter(CachedBackend(HashLLM(delay_s=0.15), cache))
+run_study(_source(), interpreter, word_decode, sys.argv[2], CFG, cache=cache)
 """
 
 

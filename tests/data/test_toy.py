@@ -17,7 +17,8 @@ def test_toy_statistics():
     torch.testing.assert_close(toy.features.norm(dim=-1), torch.ones(64))
     x = toy.sample(20000)
     assert x.shape == (20000, 32)
-    # codes fire independently with probability p_i, magnitudes uniform in [0, 1): E[c_i²] = p_i / 3, E[c_i c_j] = p_i p_j / 4
+    # codes fire independently with probability p_i, magnitudes uniform in [0, 1):
+    # E[c_i²] = p_i / 3, E[c_i c_j] = p_i p_j / 4
     p, gram = toy.probs, toy.features @ toy.features.T
     expected = (p / 3).sum() + ((p[:, None] * p[None, :] / 4) * gram).sum() - (p * p / 4).sum()
     assert x.pow(2).sum(-1).mean().item() == pytest.approx(expected.item(), rel=0.03)

@@ -1,4 +1,5 @@
-"""experiments/saelens_training_benchmark.py's dump (the batches a run trains on) and experiments/kl_frontier_plot.py."""
+"""experiments/saelens_training_benchmark.py's dump (the batches a run trains on) and
+experiments/kl_frontier_plot.py."""
 
 import importlib.util
 import json

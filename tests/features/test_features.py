@@ -163,6 +163,30 @@ def test_dashboard_in_chromium(features_out, tmp_path):
     assert page.count(">cat</span>") >= 1 and "Direct path" in page and "Causal" in page
 
 
+@pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="/usr/bin/chromium is absent: apt-get install chromium (.ci/run does)"
+)
+def test_context_view_in_chromium(tmp_path):
+    """A context with line breaks stays on one line in the browser, its breaks shown as ↵ (a tab as ⇥), and the
+    activating token is marked inside it (bold, underlined, outlined)."""
+    from sae.features.dashboard import _page, context_html
+
+    names = {0: "The", 1: " cat", 2: "\n", 3: "\n\n", 4: " sat", 5: "\t", 6: " on"}
+    example = {"tokens": [0, 1, 2, 3, 4, 5, 6], "acts": [0, 3.0, 0, 0, 1.0, 0, 0], "focus": 1, "activation": 3.0}
+    probe = (
+        "<script>const c=document.querySelector('.ctx'),f=c.querySelector('.focus'),s=getComputedStyle(f);"
+        "document.body.dataset.lines=Math.round(c.getBoundingClientRect().height/f.getBoundingClientRect().height);"
+        "document.body.dataset.weight=s.fontWeight;document.body.dataset.line=s.textDecorationLine;</script>"
+    )
+    page = tmp_path / "context.html"
+    page.write_text(_page("context", context_html(example, names, high=3.0) + probe))
+    dom = _dump_dom(page, tmp_path / "profile")
+    assert 'data-lines="1"' in dom, dom[-1500:]  # no line break tears the context apart
+    assert 'data-weight="700"' in dom and 'data-line="underline"' in dom
+    assert ">↵</span>" in dom and ">↵↵</span>" in dom and ">⇥</span>" in dom
+    assert '<span class="focus" title="3 (the activating token)"' in dom and "> cat</span>" in dom
+
+
 def test_no_dictionary(tmp_path):
     shutil.rmtree(tmp_path, ignore_errors=True)
     tmp_path.mkdir()

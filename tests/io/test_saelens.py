@@ -179,7 +179,8 @@ def test_unfolded_activation_scaling_is_folded_on_import(kind, tmp_path):
 
 
 def test_export_is_whole_or_absent(tmp_path, monkeypatch):
-    """A failed export leaves the earlier export untouched and no temporary directory; a foreign directory is refused."""
+    """A failed export leaves the earlier export untouched and no temporary directory; a foreign directory is
+    refused."""
     import sae.io.saelens as saelens
 
     sae.save_dictionary(_trained_like("relu", l1_coeff=0.0), tmp_path / "run", META)

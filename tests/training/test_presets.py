@@ -28,7 +28,8 @@ def test_pythia410m_sweep_preset_covers_its_24_blocks():
 
 
 def test_jumprelu_set_preset_is_one_jumprelu_set_over_the_six_blocks():
-    """The README's recommended L0-penalised configuration: one set, one JumpReLU per block, the paper's sae untouched."""
+    """The recommended L0-penalised configuration (docs: Training): one set, one JumpReLU per block, the paper's sae
+    untouched."""
     cfg = _compose("experiment=neox14m_jumprelu_set")
     assert cfg.sae.variant == "jumprelu" and cfg.sae.l0_coeff == 0.01 and cfg.train.tokens == 1_000_000
     assert [(d.name, d.hook.layer) for d in cfg.dictionaries] == [(f"layer{i}", i) for i in range(6)]

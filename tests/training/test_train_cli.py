@@ -114,9 +114,9 @@ def test_default_command_fails_offline_with_the_offline_command(tmp_path):
 
 @needs_fixtures
 def test_real_model_short_run(tmp_path):
-    """A short run on the stand-in LM reaches the README's figures for this command ("The offline command",
-    150,000 tokens: FVU 0.146, CE difference 0.066, CE loss recovered 0.995), within a stated margin: 20% on FVU, 50% on
-    the small CE difference, 0.005 on CE loss recovered (the run is deterministic on one machine; another CPU or BLAS
+    """A short run on the stand-in LM reaches the figures of docs/results/offline.md for this command
+    (150,000 tokens: FVU 0.146, CE difference 0.066, CE loss recovered 0.995), within a stated margin: 20% on FVU, 50%
+    on the small CE difference, 0.005 on CE loss recovered (the run is deterministic on one machine; another CPU or BLAS
     rounds differently). The bounds this replaced (FVU < 0.5, CE recovered > 0.9) held for a dictionary 3× worse."""
     proc = run_cli(
         "train.py", f"model.name_or_path={FIXTURES / 'neox-owt-14m'}", "data=text_files",
