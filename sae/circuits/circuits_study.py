@@ -113,7 +113,8 @@ def _by_hook(group: list[Entry], chosen: list[str] | None) -> dict[str, Entry]:
 
 
 def _chain(top: str, widths: dict[str, int], depth: int | None) -> list[str]:
-    """The hooks below ``top`` the circuit descends through, one layer at a time (``depth`` of them; null: to layer 0)."""
+    """The hooks below ``top`` the circuit descends through, one layer at a time (``depth`` of them; null: down to
+    layer 0)."""
     steps = depth if depth is not None else hook_layer(top)
     hooks = [top]
     for _ in range(steps):
@@ -306,7 +307,8 @@ def study(cfg: DictConfig, entries: list[Entry]) -> dict:
     scores = circuit_scores(problem, top_level, index, levels, circuit, baseline, faith.random_circuits, faith.seed)
     _log(
         f"circuits: faithfulness {scores['faithfulness']:.3f} (random circuits of the same size: "
-        f"{scores['random_mean']:.3f} ± {scores['random_std']:.3f}), completeness left {scores['completeness_left']:.3f}"
+        f"{scores['random_mean']:.3f} ± {scores['random_std']:.3f}), "
+        f"completeness left {scores['completeness_left']:.3f}"
     )
     _top_tokens(graph, stats, session.tokenizer)
     explained = _explanations(

@@ -19,7 +19,8 @@ how much an upstream feature, removed at every position, moves its downstream no
 Only *live* upstream features (non-zero somewhere at or before a read position on the contexts) are scored: the
 others cannot move anything. The first of ``methods`` picks each node's ``fan_in`` upstream features (those whose
 effect is above ``min_effect`` times the node's activation: by ``|effect|`` with ``edge_sign=both``, the default, so
-inhibitory edges are kept; only raising effects with ``edge_sign=positive``); the other method's weight on the same edges is kept
+inhibitory edges are kept; only raising effects with ``edge_sign=positive``); the other method's weight on the same
+edges is kept
 beside it, and each level records how well the two rankings agree (Spearman, and whether the top ``k`` are the same
 set) over the features ablated exactly.
 """
@@ -342,7 +343,7 @@ def _keep(
     strength = scores.abs() if settings.edge_sign == "both" else scores
     order = torch.argsort(strength, descending=True, stable=True)[: settings.fan_in]
     floor = settings.min_effect * abs(activation)
-    return [(int(features[i]), float(scores[i])) for i in order if float(strength[i]) > floor and float(strength[i]) > 0]
+    return [(int(features[i]), float(scores[i])) for i in order if float(strength[i]) > max(floor, 0.0)]
 
 
 def _candidates(live: torch.Tensor, attribution: torch.Tensor, settings: DiscoverySettings) -> torch.Tensor:

@@ -239,7 +239,8 @@ def to_dot(graph: CircuitGraph, dashboard: str | None = "../../dashboard", token
     top = max((abs(e.weight) for e in graph.edges), default=1.0) or 1.0
     for edge in graph.edges:
         dot.edge(names[edge.source], names[edge.target], color="#1f77b4" if edge.weight >= 0 else "#d62728",
-                 style="solid" if edge.method == "ablation" else "dashed", arrowhead="normal" if edge.weight >= 0 else "tee",
+                 style="solid" if edge.method == "ablation" else "dashed",
+                 arrowhead="normal" if edge.weight >= 0 else "tee",
                  penwidth=f"{0.5 + 3.5 * abs(edge.weight) / top:.2f}", tooltip=f"{edge.method}: {edge.weight:+.4g}")
     return dot
 
@@ -308,7 +309,8 @@ def html_page(
         f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1><p>{html.escape(graph.model)}</p>"
         f"{picture}<h2>Nodes</h2><table id='nodes'><tr><th>node</th><th>layer</th><th>activation</th><th>effect</th>"
         f"<th>top tokens</th><th>explanation</th></tr>{rows}</table>"
-        f"<h2>Edges</h2><table id='edges'><tr><th>from</th><th>to</th><th>weight</th><th>method</th></tr>{edges}</table>"
+        "<h2>Edges</h2><table id='edges'><tr><th>from</th><th>to</th><th>weight</th><th>method</th></tr>"
+        f"{edges}</table>"
         "</body></html>"
     )
 

@@ -162,7 +162,8 @@ class PatchingProblem:
 
     @torch.no_grad()
     def kl_many(self, masks: Sequence[torch.Tensor] | torch.Tensor, order: str = "all") -> list[float]:
-        """``kl`` of several patched sets, each batch of pairs run once for all of them (the sets stacked on the rows)."""
+        """``kl`` of several patched sets, each batch of pairs run once for all of them (the sets stacked on the
+        rows)."""
         masks = torch.stack(list(masks)) if not isinstance(masks, torch.Tensor) else masks
         k = masks.shape[0]
         totals, n = torch.zeros(k, dtype=torch.float64), 0

@@ -174,7 +174,8 @@ def study(cfg: DictConfig, entries: list[Entry]) -> list[dict]:
     title = f"{', '.join(labels)}; task {tasks[0].name} ({tasks[0].split}, {len(tasks[0].pairs)} pairs)"
     write_curves(out / "patching" / "curves.csv", rows)
     plots = plot_patching_hooks(rows, out / "plots", title, "all", fraction)
-    write_json(out / "patching" / "task.json", {"tasks": [t.summary() for t in tasks], "settings": dataclasses.asdict(analysis),
+    write_json(out / "patching" / "task.json", {"tasks": [t.summary() for t in tasks],
+                                                "settings": dataclasses.asdict(analysis),
                                                 "timings": timings, "seconds": round(time.perf_counter() - start, 1)})
     write_summary(out / "patching" / "summary.csv", summary)  # last: a summary means the run finished
     print(f"wrote {out / 'patching' / 'curves.csv'} ({len(rows)} rows), {out / 'patching' / 'summary.csv'} and "

@@ -44,7 +44,8 @@ def plot_patching(rows: Iterable[Mapping], path: Path, title: str, order: str = 
     methods = list(dict.fromkeys(r["method"] for r in rows))
     colors = _colors(methods)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for (method, ordering, ranking) in dict.fromkeys((r["method"], r["ordering"], r.get("ranking") or "") for r in rows):
+    curves = dict.fromkeys((r["method"], r["ordering"], r.get("ranking") or "") for r in rows)
+    for (method, ordering, ranking) in curves:
         curve = sorted((r for r in rows if r["method"] == method and r["ordering"] == ordering
                         and (r.get("ranking") or "") == ranking), key=lambda r: _num(r["n_features"]))
         kl = [_num(r["kl"]) for r in curve]

@@ -6,7 +6,8 @@ first ``m`` atoms alone reconstruct the input for every prefix size ``m`` in ``p
 dictionary), using the codes the selection gave them; the objective is the *sum* of the squared errors of every
 prefix and the full dictionary, as in the paper, so early atoms must carry the most general features and later
 ones refine them instead of absorbing them. The inner prefixes' errors go in ``aux`` (with AuxK), the full one is
-the trainer's ``mse``. Inference is BatchTopK's: one global threshold estimated during training (``sae.dictionaries.batchtopk``).
+the trainer's ``mse``. Inference is BatchTopK's: one global threshold estimated during training
+(``sae.dictionaries.batchtopk``).
 """
 
 from __future__ import annotations

@@ -39,7 +39,8 @@ def _pattern(indices: torch.Tensor, weights: torch.Tensor, n: int, csr: bool = T
 
 
 def _scatter_rows(indices: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
-    """``[n, d]``: row ``i`` is the sum of ``weights[b, j] * rows[b]`` over every ``(b, j)`` with ``indices[b, j] == i``."""
+    """``[n, d]``: row ``i`` is the sum of ``weights[b, j] * rows[b]`` over every ``(b, j)`` with
+    ``indices[b, j] == i``."""
     return torch.sparse.mm(_pattern(indices, weights, n, csr=False).t(), rows)
 
 
@@ -153,7 +154,8 @@ class TopKDictionary(Dictionary):
         return self._sparse_terms(pre, x, bias, atoms, values, indices, dead)
 
     def _sparse_terms(self, pre: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, atoms: torch.Tensor,
-                      values: torch.Tensor, indices: torch.Tensor, dead: torch.Tensor | None) -> dict[str, torch.Tensor]:
+                      values: torch.Tensor, indices: torch.Tensor,
+                      dead: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """``train_terms`` of the TopK family from its selection (``values`` at ``indices`` per row): the sparse
         reconstruction, AuxK on its residual, the dense detached codes, no sparsity penalty."""
         x_hat = sparse_decode(indices, values, atoms) + self.b_dec

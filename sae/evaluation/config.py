@@ -37,7 +37,8 @@ def _nullable(settings: type, name: str, doc: str) -> type:
 
 
 DataOverrides = _nullable(TextSettings, "DataOverrides",
-                          "The text settings (sae.lm.text_settings.TextSettings); a non-null one replaces the recorded.")
+                          "The text settings (sae.lm.text_settings.TextSettings): a non-null one replaces the "
+                          "dictionary's recorded value.")
 
 
 @dataclass

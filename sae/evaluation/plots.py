@@ -1,4 +1,5 @@
-"""evaluate.py's figures: the FVU-vs-L0 frontier per layer, spliced-LM quality per layer, feature densities, single features."""
+"""evaluate.py's figures: the FVU-vs-L0 frontier per layer, spliced-LM quality per layer, feature densities, single
+features."""
 
 from __future__ import annotations
 
@@ -101,7 +102,8 @@ def plot_by_layer(rows: list[dict], path: Path, title: str) -> None:
         layers = sorted({r["layer"] for r in group})
         for ax, metric in zip(axes, ("ce_loss_recovered", "kl_spliced")):
             means = [
-                sum(r[metric] for r in group if r["layer"] == l) / sum(r["layer"] == l for r in group) for l in layers
+                sum(r[metric] for r in group if r["layer"] == layer) / sum(r["layer"] == layer for r in group)
+                for layer in layers
             ]
             ax.plot(
                 layers,

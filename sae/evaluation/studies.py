@@ -10,11 +10,12 @@ line as every other problem, before any model runs.
 
 A study's module may also define ``OUTPUTS``, globs (relative to ``out``) of what it writes: before its new files are
 moved in, the old files they match are removed, so an earlier run's outputs the new one no longer has (a hook, a
-method) are not left beside it. A study writes into a staging directory beside ``out``; only when it has finished are its files moved into ``out``
-(each file replacing the file of the same name there, folders merged), so a failed or killed run never leaves new
-files beside old ones that look like one result. Studies sharing an ``out`` (``metrics`` and ``features`` both default to
-``<run>/eval``) keep each other's files; a study that reads another's results (the features dashboard shows
-autointerp's explanations) finds them under ``cfg.published``, the final ``out``, while ``cfg.out`` is its staging.
+method) are not left beside it. A study writes into a staging directory beside ``out``; only when it has finished
+are its files moved into ``out`` (each file replacing the file of the same name there, folders merged), so a failed
+or killed run never leaves new files beside old ones that look like one result. Studies sharing an ``out``
+(``metrics`` and ``features`` both default to ``<run>/eval``) keep each other's files; a study that reads another's
+results (the features dashboard shows autointerp's explanations) finds them under ``cfg.published``, the final
+``out``, while ``cfg.out`` is its staging.
 """
 
 from __future__ import annotations

@@ -294,6 +294,19 @@ def test_study_end_to_end(handbuilt_run):
     assert [r["folder"] for r in _summary(out)] == ["layers.1.resid_0", "task_logit_diff"]  # the earlier target kept
 
 
+@pytest.mark.skipif(
+    shutil.which("dot") is None, reason="Graphviz's dot is absent: apt-get install graphviz (.ci/run does)"
+)
+def test_defaults_finish(handbuilt_run, tmp_path):
+    """analysis=circuits as a new user runs it: only the target given, every analysis.* setting at its default (both
+    methods, candidates bounded, edge_sign=both, 10 random circuits as the control)."""
+    proc = run_in_process("evaluate.py", "analysis=circuits", f"run={handbuilt_run / 'run'}", f"out={tmp_path}",
+                          "target=layers.1.resid:0", "device=cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row, = _summary(tmp_path)
+    assert float(row["faithfulness"]) == pytest.approx(1.0) and int(row["n_random"]) == 10
+
+
 def _one_line(proc, message: str) -> None:
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode != 0 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]

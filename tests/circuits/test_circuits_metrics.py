@@ -91,7 +91,8 @@ def test_totals_over_batches_equal_one_report():
 
 def _curve(method, sizes_kl, ordering="greedy", hook="layers.1.resid", order="all"):
     points = [CurvePoint(n, kl, None if i == 0 else 10.0 ** (i - 6), tuple(range(n)), i + 1,
-                         {"edit_per_changed_position": 0.1 * n, "logit_diff_restored": 1 - kl}) for i, (n, kl) in enumerate(sizes_kl)]
+                         {"edit_per_changed_position": 0.1 * n, "logit_diff_restored": 1 - kl})
+              for i, (n, kl) in enumerate(sizes_kl)]
     return curve_rows(
         points, method=method, hook=hook, order=order, ordering=ordering, unpatched_kl=2.0, model="stand-in"
     )

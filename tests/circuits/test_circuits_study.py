@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import WORDS, run_cli, run_in_process
+from conftest import WORDS, run_cli, run_in_process, tiny_meta
 
 from sae.dictionaries import build
 from sae.io.saving import save_dictionary
@@ -19,9 +19,7 @@ def patching_run(tiny_lm_dir, tiny_text, tmp_path_factory):
     """A random ReLU dictionary at layers.1.resid of the tiny LM, and an IOI vocabulary of its words."""
     root = tmp_path_factory.mktemp("patching")
     torch.manual_seed(0)
-    meta = {"model": {"name_or_path": str(tiny_lm_dir), "dtype": "float32"}, "hook": {"layer": 1, "site": "resid"},
-            "data": {"source": "files", "path": str(tiny_text), "context_length": 32, "eval_tokens": 512,
-                     "text_column": "text", "split": "train", "heldout_fraction": 0.1}, "stream": {"lm_batch_size": 8}}
+    meta = tiny_meta(tiny_lm_dir, tiny_text)
     save_dictionary(build("relu", 32, 64, l1_coeff=0.0), root / "run" / "d", meta)
     vocabulary = {
         "train_templates": ["the{A} and{B} sat on the {P} ,{B} ran to{A}", "then{A} and{B} ran ,{B} sat on{A}"],
@@ -138,7 +136,7 @@ def test_bad_input_is_one_line(patching_run, tmp_path):
         ({"task": ["task=pairs", f"task.path={multi}"]}, "is 2 tokens"),
         ([f"task.vocabulary={tmp_path / 'missing.json'}"], "is not a file"),
         ([f"run={tmp_path / 'empty'}"], "no dictionary under"),
-        (["analysis.target_fraction=2", "analysis.baselines=[pcaa]"], "target_fraction=2 must be in (0, 1]"),
+        (["analysis.target_fraction=2", "analysis.baselines=[pcaa]"], "target_fraction=2.0 must be in (0, 1]"),
         (["analysis.hooks=[layers.2.resid]"], "no dictionary at ['layers.2.resid']"),
     ]
     for extra, message in cases:
