@@ -152,7 +152,9 @@ def test_wrong_types_are_one_line(patching_run, tmp_path):
     """A value of the wrong type in any study's settings or the task is one line naming the key, before anything
     runs (Hydra checks it against the typed schema): one case through a real process, the rest in this one."""
     root = patching_run
-    _single_error(run_cli("evaluate.py", *_args(root, "task.n_pairs=abc")), "task.n_pairs=abc")
+    _single_error(run_cli("evaluate.py", *_args(root, "task.n_pairs=abc")), "task.n_pairs=abc")  # the task group
+    _single_error(run_cli("evaluate.py", "analysis=circuits", f"run={root / 'run'}", "analysis.depth=abc"),
+                  "analysis.depth=abc: Value 'abc' of type 'str' could not be converted to Integer")  # analysis
     cases = [
         ("analysis=patching", "analysis.batch_size=abc"),
         ("analysis=patching", "analysis.greedy.max_candidates=many"),
