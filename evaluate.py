@@ -5,9 +5,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+import sae.circuits.config  # noqa: F401  (importing registers the patching, circuits and task schemas)
+import sae.features.config  # noqa: F401  (the features schema)
 from sae.cli import check_command_line
 from sae.errors import exit_on_config_error
-from sae.evaluation.config import MOVED  # importing registers the config schema
+from sae.evaluation.config import MOVED  # importing registers the top level's, metrics' and residue's schemas
 
 CONF = Path(__file__).resolve().parent / "conf"
 

@@ -28,7 +28,9 @@ atexit.register(shutil.rmtree, _DATASETS_CACHE, ignore_errors=True)
 
 import torch  # noqa: E402  (after the thread setting, which torch reads when it loads)
 
-import sae.evaluation.config  # noqa: E402, F401  (importing registers evaluate.yaml's schema)
+import sae.circuits.config  # noqa: E402, F401  (importing registers the patching, circuits and task schemas)
+import sae.evaluation.config  # noqa: E402, F401  (importing registers evaluate.yaml's, metrics' and residue's schemas)
+import sae.features.config  # noqa: E402, F401  (the features schema)
 import sae.training.config  # noqa: E402, F401  (importing registers the training config's schemas)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -272,3 +274,11 @@ def write_saelens_dir(directory: Path, weights: dict, cfg: dict) -> Path:
     save_file(weights, str(directory / "sae_weights.safetensors"))
     (directory / "cfg.json").write_text(json.dumps(cfg))
     return directory
+
+
+def tiny_meta(lm_dir: Path, text: Path, layer: int = 1) -> dict:
+    """The ``sae.json`` record of a dictionary at ``layers.<layer>.resid`` of the tiny LM over ``text`` (for a study's
+    test that saves a dictionary instead of training one)."""
+    return {"model": {"name_or_path": str(lm_dir), "dtype": "float32"}, "hook": {"layer": layer, "site": "resid"},
+            "data": {"source": "files", "path": str(text), "context_length": 32, "eval_tokens": 512,
+                     "text_column": "text", "split": "train", "heldout_fraction": 0.1}, "stream": {"lm_batch_size": 8}}

@@ -78,11 +78,13 @@ def schemas() -> list[Schema]:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """Each field's attribute docstring (the string literal right under it), the base classes' included."""
+    """Each field's attribute docstring (the string literal right under it), the base classes' included; a class
+    made at run time (no source) names the class its fields come from in ``__doc_source__``."""
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
             continue
+        klass = getattr(klass, "__doc_source__", klass)
         body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
         for stmt, after in zip(body, body[1:]):
             if (

@@ -16,6 +16,7 @@ contexts are the task's pairs, ``task.n_pairs`` of them).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import sys
 import time
@@ -24,11 +25,12 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from sae.circuits.config import FORWARD_PASSES_NOTICE, CircuitsSettings
 from sae.circuits.contexts import HeldOut, feature_contexts, heldout_statistics
 from sae.circuits.discovery import CircuitProblem, Contexts, DiscoverySettings, Level, LevelReport, discover
 from sae.circuits.faithfulness import circuit_scores
 from sae.circuits.graph import CircuitGraph, Node, have_dot, write_all
-from sae.circuits.patching_study import model_label, task_settings
+from sae.circuits.patching_study import task_settings
 from sae.circuits.targets import (
     FeatureTarget,
     TaskTarget,
@@ -43,10 +45,11 @@ from sae.circuits.targets import (
 from sae.circuits.tasks import Task, answer_id, batches, build_task
 from sae.errors import ConfigError
 from sae.evaluation.entries import Entry, eval_tokens, groups, session_for
+from sae.evaluation.studies import settings_of
 from sae.features.analysis import method_name, read_explanations
 from sae.features.logit_effects import direct_logits
 from sae.io.atomic import write_csv
-from sae.lm.model import resolve_device
+from sae.lm.model import model_label, resolve_device
 from sae.lm.splice import atoms_in_model_units
 
 SUMMARY = Path("circuits") / "summary.csv"
@@ -55,40 +58,36 @@ COLUMNS = ["model", "target", "folder", "selected_by", "contexts", "nodes", "edg
            "seconds_ablation", "seconds_attribution", "cpu_seconds_ablation", "cpu_seconds_attribution", "seconds"]
 
 
-def _settings(settings: DictConfig) -> dict:
-    return OmegaConf.to_container(settings, resolve=True)
-
-
-def _int_at_least(values: dict, key: str, low: int, nullable: bool = False) -> list[str]:
-    v = values.get(key)
-    if v is None and nullable:
-        return []
-    if not isinstance(v, int) or isinstance(v, bool) or v < low:
-        return [f"analysis.{key}={v!r} must be an integer >= {low}" + (" (or null)" if nullable else "")]
-    return []
-
-
-def settings_problems(settings: DictConfig) -> list[str]:
-    """What is wrong with ``analysis=circuits``'s settings (reported with every other problem, before any model
-    runs)."""
-    values = _settings(settings)
+def settings_problems(settings: CircuitsSettings) -> list[str]:
+    """What is wrong with ``analysis=circuits``'s settings (reported with every other problem, before any model runs;
+    their types Hydra has checked)."""
     problems = []
     try:
-        DiscoverySettings.from_config(values)
+        DiscoverySettings.from_settings(settings)
     except ConfigError as err:
         problems.append(str(err))
-    problems += _int_at_least(values, "n_contexts", 1) + _int_at_least(values, "depth", 1, nullable=True)
-    chosen = values.get("dictionaries")
-    if chosen is not None and (isinstance(chosen, str) or not all(isinstance(n, str) for n in chosen)):
-        problems.append(
-            f"analysis.dictionaries={chosen!r} must be a list of dictionary names such as [l0, l1] (or null)"
-        )
-    faith = values.get("faithfulness") or {}
-    if faith.get("ablation") not in ("mean", "zero"):
-        problems.append(f"analysis.faithfulness.ablation={faith.get('ablation')!r} must be mean or zero")
-    problems += [p.replace("analysis.", "analysis.faithfulness.") for p in
-                 _int_at_least(faith, "random_circuits", 0) + _int_at_least(faith, "seed", 0)]
+    if settings.n_contexts < 1:
+        problems.append(f"analysis.n_contexts={settings.n_contexts} must be an integer >= 1")
+    if settings.depth is not None and settings.depth < 1:
+        problems.append(f"analysis.depth={settings.depth} must be an integer >= 1 (or null)")
+    faith = settings.faithfulness
+    if faith.ablation not in ("mean", "zero"):
+        problems.append(f"analysis.faithfulness.ablation={faith.ablation!r} must be mean or zero")
+    if faith.random_circuits < 0:
+        problems.append(f"analysis.faithfulness.random_circuits={faith.random_circuits} must be an integer >= 0")
     return problems
+
+
+def _notice_cost(settings: DiscoverySettings, n_contexts: int, levels: list[Level]) -> None:
+    """One line at the start when the search's estimated passes exceed ``FORWARD_PASSES_NOTICE`` (each level's
+    dictionary width standing in for its live features; ``fan_in`` nodes per level after the first)."""
+    total, nodes = 0, 1
+    for level in levels:
+        total += settings.forward_passes(n_contexts, level.dictionary.n_features, nodes)
+        nodes = nodes * settings.fan_in if settings.width is None else min(nodes * settings.fan_in, settings.width)
+    if total > FORWARD_PASSES_NOTICE:
+        _log(f"circuits: about {total:,} forward passes estimated (up to); bound them with analysis.candidates, "
+             "analysis.depth or analysis.width")
 
 
 def _log(message: str) -> None:
@@ -114,7 +113,7 @@ def _by_hook(group: list[Entry], chosen: list[str] | None) -> dict[str, Entry]:
 
 
 def _chain(top: str, widths: dict[str, int], depth: int | None) -> list[str]:
-    """The hooks below ``top`` the circuit descends through, one layer at a time (``depth`` of them; null: to
+    """The hooks below ``top`` the circuit descends through, one layer at a time (``depth`` of them; null: down to
     layer 0)."""
     steps = depth if depth is not None else hook_layer(top)
     hooks = [top]
@@ -222,14 +221,14 @@ def _write_summary(out: Path, published: Path, row: dict) -> None:
 
 def study(cfg: DictConfig, entries: list[Entry]) -> dict:
     """Find the circuit of ``cfg.target`` over the dictionaries ``entries``; write its graph and the summary row."""
-    analysis = _settings(cfg.analysis)
-    settings = DiscoverySettings.from_config(analysis)
+    analysis: CircuitsSettings = settings_of(cfg)
+    settings = DiscoverySettings.from_settings(analysis)
     by_model = groups(entries)
     if len(by_model) != 1:
         raise ConfigError(
             f"analysis=circuits works on one model's dictionaries; run= holds {len(by_model)} models or texts"
         )
-    by_hook = _by_hook(by_model[0], analysis.get("dictionaries"))
+    by_hook = _by_hook(by_model[0], analysis.dictionaries)
     widths = {h: e.dictionary.n_features for h, e in by_hook.items()}
     meta = by_model[0][0].meta
     session = session_for(meta, resolve_device(cfg.device), cfg.seed)
@@ -245,18 +244,19 @@ def study(cfg: DictConfig, entries: list[Entry]) -> dict:
             )
         task = build_task(task_settings(cfg), session.tokenizer)
         top = last_hook(widths)
-        chain = [top, *_chain(top, widths, None if analysis["depth"] is None else analysis["depth"] - 1)]
+        chain = [top, *_chain(top, widths, None if analysis.depth is None else analysis.depth - 1)]
     else:
         if isinstance(target, FeatureTarget):
             check_feature(target, widths)
         top = target.hook if isinstance(target, FeatureTarget) else last_hook(widths)
-        chain = _chain(top, widths, analysis["depth"])
+        chain = _chain(top, widths, analysis.depth)
     if not have_dot():
         raise ConfigError("Graphviz's `dot` is not on PATH, so graph.svg cannot be drawn; install it "
                           "(Debian/Ubuntu: apt-get install graphviz)")
     start = time.perf_counter()
     names = {h: method_name(e, len(entries), len(by_hook)) for h, e in by_hook.items()}
     levels = [_level(by_hook[h], names) for h in chain]
+    _notice_cost(settings, len(task.pairs) if task else analysis.n_contexts, levels)
     used = ([] if task else [top]) + chain
     heldout = session.eval_contexts(eval_tokens(meta))
     stats = heldout_statistics(
@@ -281,7 +281,7 @@ def study(cfg: DictConfig, entries: list[Entry]) -> dict:
             index, extra["token_target"] = _token_feature(session, top_level, stats[top], target)
             _log(f"circuits: {target.name} -> {top}:{index} ({extra['token_target']})")
         contexts, record = feature_contexts(
-            stats[top], heldout, index, int(analysis["n_contexts"]), settings.batch_rows, f"target {top}:{index}"
+            stats[top], heldout, index, analysis.n_contexts, settings.batch_rows, f"target {top}:{index}"
         )
     name = f"{top}:{index}" if index is not None else f"{task.name} logit difference (answer - subject)"
     graph = CircuitGraph(
@@ -301,11 +301,10 @@ def study(cfg: DictConfig, entries: list[Entry]) -> dict:
     for node in graph.nodes.values():
         if node.kind == "feature" and node.hook != (top if index is not None else None):
             circuit.setdefault(by_hook[node.hook].hook, []).append(node.index)
-    faith = analysis["faithfulness"]
-    baseline = {lv.hook: stats[lv.label].mean if faith["ablation"] == "mean" else torch.zeros(lv.dictionary.n_features)
+    faith = analysis.faithfulness
+    baseline = {lv.hook: stats[lv.label].mean if faith.ablation == "mean" else torch.zeros(lv.dictionary.n_features)
                 for lv in levels}
-    scores = circuit_scores(problem, top_level, index, levels, circuit, baseline, int(faith["random_circuits"]),
-                            int(faith["seed"]))
+    scores = circuit_scores(problem, top_level, index, levels, circuit, baseline, faith.random_circuits, faith.seed)
     _log(
         f"circuits: faithfulness {scores['faithfulness']:.3f} (random circuits of the same size: "
         f"{scores['random_mean']:.3f} ± {scores['random_std']:.3f}), "
@@ -313,12 +312,12 @@ def study(cfg: DictConfig, entries: list[Entry]) -> dict:
     )
     _top_tokens(graph, stats, session.tokenizer)
     explained = _explanations(
-        graph, Path(analysis.get("explanations") or cfg.get("published") or cfg.out), names, by_hook
+        graph, Path(analysis.explanations or cfg.get("published") or cfg.out), names, by_hook
     )
     seconds = time.perf_counter() - start
     graph.meta = _finite(
         {
-            "settings": analysis,
+            "settings": dataclasses.asdict(analysis),
             "contexts": record,
             "scores": scores,
             "levels": [r.__dict__ for r in reports],
@@ -329,7 +328,7 @@ def study(cfg: DictConfig, entries: list[Entry]) -> dict:
     )
     folder = folder_name(FeatureTarget(top, index) if index is not None else target)
     out = Path(cfg.out)
-    write_all(graph, out / "circuits" / folder, str(analysis["dashboard"]))
+    write_all(graph, out / "circuits" / folder, analysis.dashboard)
     row = _summary_row(graph, folder, scores, reports, settings, seconds)
     _write_summary(out, Path(cfg.get("published") or cfg.out), row)  # last: a summary row means the graph is complete
     print(f"wrote {out / 'circuits' / folder}/graph.{{json,dot,svg,html}} and {out / SUMMARY}")

@@ -3,7 +3,10 @@ fewest features that bring the KL down to a fraction of the unpatched KL and the
 (``patching/summary.csv``).
 
 A row is a plain dict with the keys of ``CURVE_FIELDS``; ``ordering`` is how the patched set was chosen (greedy
-pruning or attribution), ``order`` the pairs it was measured on (ABBA, BABA or all).
+pruning, attribution or random), ``ranking`` how attribution ranked the features (signed or magnitude; empty for the
+other orderings), ``order`` the pairs it was measured on (ABBA, BABA or all). The edit size is
+``edit_per_changed_position``: ``||x' − x||`` over the positions the patch changes only (``sae.circuits.metrics``),
+``changed_positions`` of them per pair.
 """
 
 from __future__ import annotations
@@ -16,20 +19,24 @@ from sae.circuits.pruning import CurvePoint
 from sae.errors import ConfigError
 from sae.io.atomic import write_csv
 
-CURVE_FIELDS = ("model", "method", "hook", "order", "ordering", "threshold", "n_features", "kl", "unpatched_kl",
-                "logit_diff_restored", "edit_size", "evaluations")
-SUMMARY_FIELDS = ("model", "method", "hook", "order", "ordering", "unpatched_kl", "target_kl", "fewest_features",
-                  "kl_at_fewest", "edit_size_at_fewest", "min_kl", "n_features_at_min_kl", "edit_size_at_min_kl")
-KEY = ("model", "method", "hook", "order", "ordering")
+CURVE_FIELDS = ("model", "method", "hook", "order", "ordering", "ranking", "threshold", "n_features", "kl",
+                "unpatched_kl", "logit_diff_restored", "edit_per_changed_position", "changed_positions", "evaluations")
+SUMMARY_FIELDS = ("model", "method", "hook", "order", "ordering", "ranking", "unpatched_kl", "target_kl",
+                  "fewest_features", "kl_at_fewest", "edit_per_changed_position_at_fewest", "min_kl",
+                  "n_features_at_min_kl", "edit_per_changed_position_at_min_kl")
+EDIT = "edit_per_changed_position"
+KEY = ("model", "method", "hook", "order", "ordering", "ranking")
 
 
 def curve_rows(points: Sequence[CurvePoint], *, method: str, hook: str, order: str, ordering: str,
-               unpatched_kl: float, model: str = "") -> list[dict]:
-    """Rows of one curve; a point's ``stats`` supply ``logit_diff_restored`` and ``edit_size`` when present."""
-    return [{"model": model, "method": method, "hook": hook, "order": order, "ordering": ordering,
+               unpatched_kl: float, model: str = "", ranking: str = "") -> list[dict]:
+    """Rows of one curve; a point's ``stats`` supply ``logit_diff_restored``, ``edit_per_changed_position`` and
+    ``changed_positions`` when present."""
+    return [{"model": model, "method": method, "hook": hook, "order": order, "ordering": ordering, "ranking": ranking,
              "threshold": p.threshold, "n_features": p.n_features, "kl": p.metric, "unpatched_kl": float(unpatched_kl),
-             "logit_diff_restored": p.stats.get("logit_diff_restored"), "edit_size": p.stats.get("edit_size"),
-             "evaluations": p.evaluations} for p in points]
+             "logit_diff_restored": p.stats.get("logit_diff_restored"),
+             "edit_per_changed_position": p.stats.get("edit_per_changed_position"),
+             "changed_positions": p.stats.get("changed_positions"), "evaluations": p.evaluations} for p in points]
 
 
 def _group(rows: Iterable[Mapping]) -> dict[tuple, list[Mapping]]:
@@ -55,15 +62,15 @@ def summarise(rows: Iterable[Mapping], target_fraction: float = 0.5) -> list[dic
         out.append({**dict(zip(KEY, key)), "unpatched_kl": unpatched, "target_kl": target,
                     "fewest_features": None if best is None else int(best["n_features"]),
                     "kl_at_fewest": None if best is None else float(best["kl"]),
-                    "edit_size_at_fewest": None if best is None else best.get("edit_size"),
+                    "edit_per_changed_position_at_fewest": None if best is None else best.get(EDIT),
                     "min_kl": None if lowest is None else float(lowest["kl"]),
                     "n_features_at_min_kl": None if lowest is None else int(lowest["n_features"]),
-                    "edit_size_at_min_kl": None if lowest is None else lowest.get("edit_size")})
+                    "edit_per_changed_position_at_min_kl": None if lowest is None else lowest.get(EDIT)})
     return out
 
 
 def _edit(row: Mapping) -> float:
-    value = row.get("edit_size")
+    value = row.get(EDIT)
     return math.inf if value in (None, "") else float(value)
 
 

@@ -18,7 +18,9 @@ how much an upstream feature, removed at every position, moves its downstream no
 
 Only *live* upstream features (non-zero somewhere at or before a read position on the contexts) are scored: the
 others cannot move anything. The first of ``methods`` picks each node's ``fan_in`` upstream features (those whose
-effect is above ``min_effect`` times the node's activation); the other method's weight on the same edges is kept
+effect is above ``min_effect`` times the node's activation: by ``|effect|`` with ``edge_sign=both``, the default, so
+inhibitory edges are kept; only raising effects with ``edge_sign=positive``); the other method's weight on the same
+edges is kept
 beside it, and each level records how well the two rankings agree (Spearman, and whether the top ``k`` are the same
 set) over the features ablated exactly.
 """
@@ -83,9 +85,13 @@ class Level:
         return self.hook.name if self.hook is not None else "output"
 
 
+EDGE_SIGNS = ("both", "positive")
+
+
 @dataclass(frozen=True)
 class DiscoverySettings:
-    """``analysis.*`` of ``conf/analysis/circuits.yaml`` that shape the graph (their one default is there)."""
+    """``analysis.*`` of ``conf/analysis/circuits.yaml`` that shape the graph (``sae.circuits.config.CircuitsSettings``;
+    their one default is in the YAML)."""
 
     fan_in: int
     methods: tuple[str, ...]
@@ -96,27 +102,40 @@ class DiscoverySettings:
     min_effect: float
     width: int | None
     batch_rows: int
+    edge_sign: str = "both"
 
     @classmethod
-    def from_config(cls, values: Mapping) -> DiscoverySettings:
-        """The settings, or one ConfigError naming the first bad one."""
-        methods = values.get("methods")
-        if isinstance(methods, str) or not methods or any(m not in METHODS for m in methods) or \
-                len(set(methods)) != len(methods):
-            raise ConfigError(f"analysis.methods={methods!r} must be a non-empty list of distinct {list(METHODS)}")
-        for key, low in (("fan_in", 1), ("topk_agreement", 1), ("ig_steps", 1), ("batch_rows", 1)):
-            if not isinstance(values.get(key), int) or isinstance(values.get(key), bool) or values[key] < low:
-                raise ConfigError(f"analysis.{key}={values.get(key)!r} must be an integer >= {low}")
+    def from_settings(cls, s) -> DiscoverySettings:
+        """From a ``CircuitsSettings``; one ConfigError naming every setting out of range."""
+        problems = []
+        if not s.methods or any(m not in METHODS for m in s.methods) or len(set(s.methods)) != len(s.methods):
+            problems.append(f"analysis.methods={list(s.methods)} must be a non-empty list of distinct {list(METHODS)}")
+        for key in ("fan_in", "topk_agreement", "ig_steps", "batch_rows"):
+            if getattr(s, key) < 1:
+                problems.append(f"analysis.{key}={getattr(s, key)} must be an integer >= 1")
         for key in ("candidates", "width"):
-            v = values.get(key)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-                raise ConfigError(f"analysis.{key}={v!r} must be an integer >= 1 (or null: all)")
-        effect = values.get("min_effect")
-        if not isinstance(effect, (int, float)) or isinstance(effect, bool) or effect < 0:
-            raise ConfigError(f"analysis.min_effect={effect!r} must be a number >= 0")
-        return cls(values["fan_in"], tuple(methods), values.get("candidates"), values["topk_agreement"],
-                   values["ig_steps"], bool(values.get("error_nodes", True)), float(effect), values.get("width"),
-                   values["batch_rows"])
+            if getattr(s, key) is not None and getattr(s, key) < 1:
+                problems.append(f"analysis.{key}={getattr(s, key)} must be an integer >= 1 (or null: all)")
+        if s.min_effect < 0:
+            problems.append(f"analysis.min_effect={s.min_effect} must be a number >= 0")
+        if s.edge_sign not in EDGE_SIGNS:
+            problems.append(f"analysis.edge_sign={s.edge_sign!r} must be one of {list(EDGE_SIGNS)}")
+        if problems:
+            raise ConfigError("; ".join(problems))
+        return cls(s.fan_in, tuple(s.methods), s.candidates, s.topk_agreement, s.ig_steps, s.error_nodes,
+                   float(s.min_effect), s.width, s.batch_rows, s.edge_sign)
+
+    def forward_passes(self, n_contexts: int, candidates: int, nodes: int = 1) -> int:
+        """About how many forward (or backward) passes one step down costs with ``candidates`` live upstream features
+        and ``nodes`` nodes: ablation one per ``batch_rows // contexts`` candidates per batch of contexts,
+        attribution one per node and IG step per batch."""
+        batches = max(1, math.ceil(n_contexts / self.batch_rows))
+        per_batch = max(1, self.batch_rows // max(1, min(n_contexts, self.batch_rows)))
+        ablated = min(candidates, self.candidates * nodes if self.candidates is not None else candidates)
+        cost = batches * math.ceil(ablated / per_batch) if "ablation" in self.methods else 0
+        if "attribution" in self.methods or self.candidates is not None:
+            cost += batches * self.ig_steps * nodes
+        return cost
 
     @property
     def primary(self) -> str:
@@ -318,10 +337,13 @@ class _Clock:
 def _keep(
     scores: torch.Tensor, features: torch.Tensor, activation: float, settings: DiscoverySettings
 ) -> list[tuple[int, float]]:
-    """The top ``fan_in`` ``(feature, score)`` among ``features`` whose score is above ``min_effect · |activation|``."""
-    order = torch.argsort(scores, descending=True, stable=True)[: settings.fan_in]
+    """The top ``fan_in`` ``(feature, score)`` among ``features`` by the edge's strength, kept when it is above
+    ``min_effect · |activation|``: strength ``|score|`` with ``edge_sign=both`` (an inhibitory edge, negative, counts
+    as much as an excitatory one, as feature-circuits selects), ``score`` itself with ``positive``."""
+    strength = scores.abs() if settings.edge_sign == "both" else scores
+    order = torch.argsort(strength, descending=True, stable=True)[: settings.fan_in]
     floor = settings.min_effect * abs(activation)
-    return [(int(features[i]), float(scores[i])) for i in order if float(scores[i]) > floor and float(scores[i]) > 0]
+    return [(int(features[i]), float(scores[i])) for i in order if float(strength[i]) > max(floor, 0.0)]
 
 
 def _candidates(live: torch.Tensor, attribution: torch.Tensor, settings: DiscoverySettings) -> torch.Tensor:
@@ -329,7 +351,8 @@ def _candidates(live: torch.Tensor, attribution: torch.Tensor, settings: Discove
     features = live.nonzero().squeeze(-1)
     if settings.candidates is None or settings.candidates >= len(features):
         return features
-    top = attribution[:, features].topk(settings.candidates, dim=1).indices
+    strength = attribution[:, features].abs() if settings.edge_sign == "both" else attribution[:, features]
+    top = strength.topk(settings.candidates, dim=1).indices
     return features[torch.unique(top)]
 
 
@@ -400,7 +423,8 @@ def discover(problem: CircuitProblem, levels: Sequence[Level], target_index: int
         scores, errors, features, report = _step(problem, level, frontier, upstream, settings, log)
         reports.append(report)
         up_activation = problem.activation(upstream, features.tolist()) if len(features) else torch.zeros(0)
-        kept: dict[int, float] = {}
+        kept: dict[int, float] = {}  # the strength of each kept feature's strongest edge (the next frontier's order)
+        effect: dict[int, float] = {}
         if settings.error_nodes:
             graph.add_error(upstream.label, upstream.layer, upstream.name, activation=problem.error_norm(upstream))
         for q, node in enumerate(ids):
@@ -409,7 +433,9 @@ def discover(problem: CircuitProblem, levels: Sequence[Level], target_index: int
                 graph.add_feature(
                     upstream.label, upstream.layer, j, upstream.name, activation=float(up_activation[where])
                 )
-                kept[j] = max(kept.get(j, -math.inf), weight)
+                strength = abs(weight) if settings.edge_sign == "both" else weight
+                if strength > kept.get(j, -math.inf):
+                    kept[j], effect[j] = strength, weight
                 for method, values in scores.items():
                     graph.add_edge(
                         feature_id(upstream.label, j), node, float(values[q, where]), _edge_method(method, settings)
@@ -421,7 +447,7 @@ def discover(problem: CircuitProblem, levels: Sequence[Level], target_index: int
             values = errors[settings.primary]
             graph.nodes[error_id(upstream.label)].effect = float(values[values.abs().argmax()])
         for j, weight in kept.items():
-            graph.nodes[feature_id(upstream.label, j)].effect = weight
+            graph.nodes[feature_id(upstream.label, j)].effect = effect[j]  # its strongest edge's, signed
         order = sorted(kept, key=lambda j: -kept[j])
         frontier = order[: settings.width] if settings.width else order
         ids = [feature_id(upstream.label, j) for j in frontier]

@@ -5,7 +5,8 @@ Files, all under one folder (``circuits/<target>/``):
 
 - ``graph.json``: the graph itself (``GRAPH_SCHEMA`` is its JSON schema; ``read_json`` reads it back);
 - ``graph.dot`` and ``graph.svg``: Graphviz, inputs at the bottom and the target at the top, one rank per layer,
-  edge width by |weight|, blue for a positive edge and red for a negative one, solid for ablation and dashed for
+  edge width by |weight|, blue with an arrow for a positive edge and red with a bar (``tee``: inhibitory) for a
+  negative one (``analysis.edge_sign=both`` keeps them), solid for ablation and dashed for
   attribution (gradient or integrated gradients); error nodes dashed boxes, an output node an ellipse;
 - ``graph.html``: the picture inline plus a table of the nodes; every node links to its row, and every feature to
   its dashboard page (``<dashboard>/<method>/<index>.html``, as ``sae.dashboard`` writes them) and shows its
@@ -239,6 +240,7 @@ def to_dot(graph: CircuitGraph, dashboard: str | None = "../../dashboard", token
     for edge in graph.edges:
         dot.edge(names[edge.source], names[edge.target], color="#1f77b4" if edge.weight >= 0 else "#d62728",
                  style="solid" if edge.method == "ablation" else "dashed",
+                 arrowhead="normal" if edge.weight >= 0 else "tee",
                  penwidth=f"{0.5 + 3.5 * abs(edge.weight) / top:.2f}", tooltip=f"{edge.method}: {edge.weight:+.4g}")
     return dot
 

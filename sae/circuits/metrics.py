@@ -9,6 +9,11 @@ Logit difference: ``logit[counterfactual answer] − logit[base answer]``; the f
 ``(LD_patched − LD_base) / (LD_cf − LD_base)`` on the means over pairs (0: still the base run, 1: the
 counterfactual's preference), a ratio of means so that pairs where the model barely distinguishes the answers do not
 blow it up.
+
+Edit size: ``||x' − x||`` averaged over the positions the patch changes (ordinary positions where some patched
+feature's code differs between the two runs), not over every position: BOS and the prefix the two prompts share are
+never changed, and counting them would shrink the figure by the share of the prompt they take. The outputs call it
+``edit_per_changed_position`` and give ``changed_positions`` (per pair) beside it.
 """
 
 from __future__ import annotations
@@ -88,15 +93,19 @@ class PairTotals:
 
     def add(self, patched_logits: torch.Tensor, base_logits: torch.Tensor, counterfactual_logits: torch.Tensor,
             base_answer: torch.Tensor, counterfactual_answer: torch.Tensor,
-            patched_x: torch.Tensor | None = None, base_x: torch.Tensor | None = None) -> None:
+            delta: torch.Tensor | None = None, changed: torch.Tensor | None = None) -> None:
+        """``delta``: ``x' − x`` ``[b, T, d]`` at the hook; ``changed``: ``[b, T]``, the positions the patch changes
+        (the edit size is averaged over them only; every position when None)."""
         b = final_position(patched_logits).shape[0]
         self.n += b
         self.kl += float(kl_patched_to_counterfactual(patched_logits, counterfactual_logits).sum())
         self.ld_patched += float(logit_difference(patched_logits, base_answer, counterfactual_answer).sum())
         self.ld_base += float(logit_difference(base_logits, base_answer, counterfactual_answer).sum())
         self.ld_cf += float(logit_difference(counterfactual_logits, base_answer, counterfactual_answer).sum())
-        if patched_x is not None and base_x is not None:
-            norms = (wide(patched_x) - wide(base_x)).norm(dim=-1)
+        if delta is not None:
+            norms = wide(delta).norm(dim=-1)
+            if changed is not None:
+                norms = norms[changed]
             self.edit_sum, self.edit_count = self.edit_sum + float(norms.sum()), self.edit_count + norms.numel()
 
     def result(self) -> dict[str, float]:
@@ -105,4 +114,5 @@ class PairTotals:
         n = self.n
         return {"kl": self.kl / n, "logit_diff": self.ld_patched / n,
                 "logit_diff_restored": fraction_restored(self.ld_patched / n, self.ld_base / n, self.ld_cf / n),
-                "edit_size": self.edit_sum / self.edit_count if self.edit_count else math.nan}
+                "edit_per_changed_position": self.edit_sum / self.edit_count if self.edit_count else math.nan,
+                "changed_positions": self.edit_count / n}

@@ -34,6 +34,7 @@ from sae.circuits.pruning import (
 from sae.circuits.tasks import PairBatch, PromptPair, batches
 from sae.errors import ConfigError
 from sae.lm.hooks import HookPoint
+from sae.lm.reader import token_mask
 from sae.lm.splice import PatchCodes, spliced_forward
 
 
@@ -139,14 +140,20 @@ class PatchingProblem:
         totals = {order: PairTotals() for order in orders}
         for batch in self.batches:
             logits, delta = self.patched_logits(batch, patched)
-            zero = torch.zeros_like(delta)
+            changed = self.changed_positions(batch, patched)
             for order, total in totals.items():
                 if rows := batch.rows(order):
                     r = torch.tensor(rows, device=self.device)
                     p = batch.pairs
                     total.add(logits[r], batch.base_logits[r], batch.cf_logits[r], p.base_answer[r],
-                              p.counterfactual_answer[r], delta[r], zero[r])
+                              p.counterfactual_answer[r], delta[r], changed[r])
         return {order: total.result() for order, total in totals.items() if total.n}
+
+    def changed_positions(self, batch: CachedBatch, patched: torch.Tensor) -> torch.Tensor:
+        """``[b, T]``: the positions the patch of ``patched`` (a ``[n]`` mask) changes: ordinary-text positions where
+        some patched feature's code differs between the two runs (never BOS, nor the prefix both prompts share)."""
+        differs = ((batch.codes != batch.cf_codes) & patched.to(self.device).bool()).any(-1)
+        return differs & token_mask(batch.pairs.base_ids, self.special_ids)
 
     @torch.no_grad()
     def kl(self, patched: torch.Tensor, order: str = "all") -> float:
@@ -185,9 +192,12 @@ class PatchingProblem:
             differs |= (batch.codes != batch.cf_codes).flatten(0, -2).any(0)
         return differs.cpu()
 
-    def attribution(self, signed: bool = False) -> torch.Tensor:
-        """``|Σ (c̄ − c) · ∂KL/∂c|`` per feature: the gradient of the mean KL over all pairs with respect to the codes
-        the splice's ``PatchCodes`` sets, taken at the base run's own codes (nothing patched yet)."""
+    def attribution(self, ranking: str = "signed") -> torch.Tensor:
+        """The rank score of each feature from ``e_j = Σ (c̄ − c)_j · ∂KL/∂c_j``, the predicted change of the mean
+        KL over all pairs when feature ``j`` alone is patched (the gradient with respect to the codes the splice's
+        ``PatchCodes`` sets, taken at the base run's own codes): ``−e_j`` for ``signed`` (most KL-reducing first; a
+        feature predicted to raise the KL ranks last), ``|e_j|`` for ``magnitude``, ``e_j`` itself for
+        ``effect``."""
         sums = torch.zeros(self.n_features, dtype=torch.float64)
         for batch in self.batches:
             codes = batch.codes.detach().clone().requires_grad_(True)
@@ -199,21 +209,28 @@ class PatchingProblem:
                 loss = kl_patched_to_counterfactual(wide(logits), batch.cf_logits).sum() / self.n_pairs
                 (grad,) = torch.autograd.grad(loss, codes)
             sums += attribution_sums(batch.cf_codes - batch.codes, grad).cpu()
-        return sums.float() if signed else sums.abs().float()
+        return {"signed": -sums, "magnitude": sums.abs(), "effect": sums}[ranking].float()
 
 
 # -------------------------------------------------------------------------------------------- the study's curves
 
 
+ORDERINGS = ("greedy", "attribution", "random")
+RANKINGS = ("signed", "magnitude")
+
+
 @dataclass(frozen=True)
 class CurveSettings:
-    """How the patched sets are chosen (conf/analysis/patching.yaml's ``greedy``, ``attribution``, ``orders``...)."""
+    """How the patched sets are chosen (``sae.circuits.config.PatchingSettings``' ``orderings``, ``rankings``,
+    ``greedy``, ``attribution``, ``orders``...)."""
 
-    orderings: tuple[str, ...] = ("greedy", "attribution")
+    orderings: tuple[str, ...] = ("attribution", "random")
     orders: tuple[str, ...] = ("all", "ABBA", "BABA")
     select_on: str = "all"  # all | each
+    rankings: tuple[str, ...] = ("signed",)  # attribution's ranking(s): signed | magnitude, one curve each
     thresholds: tuple[float, ...] = tuple(log_thresholds())
     seed: int = 0
+    random_seed: int = 0
     live_only: bool = True
     max_candidates: int | None = None
     lookahead: int = 1  # greedy visits evaluated per batched forward (1: one at a time)
@@ -221,24 +238,38 @@ class CurveSettings:
     points: int = 24
 
     @classmethod
-    def from_config(cls, cfg) -> CurveSettings:
-        greedy, attribution = cfg.get("greedy", {}) or {}, cfg.get("attribution", {}) or {}
-        taus = greedy.get("thresholds", {}) or {}
-        orderings = tuple(cfg.get("orderings", cls.orderings))
-        unknown = sorted(set(orderings) - {"greedy", "attribution"})
+    def from_settings(cls, s) -> CurveSettings:
+        """From a ``PatchingSettings``; one ConfigError naming the first setting out of range."""
+        unknown = sorted(set(s.orderings) - set(ORDERINGS))
         if unknown:
-            raise ConfigError(f"patching.orderings: unknown {unknown}; use greedy and/or attribution")
-        if cfg.get("select_on", "all") not in ("all", "each"):
-            raise ConfigError(f"patching.select_on={cfg.get('select_on')!r}; use all or each")
-        sizes = attribution.get("sizes")
-        return cls(orderings=orderings, orders=tuple(cfg.get("orders", cls.orders)),
-                   select_on=str(cfg.get("select_on", "all")),
-                   thresholds=tuple(log_thresholds(int(taus.get("n", 50)), float(taus.get("low", 1e-5)),
-                                                   float(taus.get("high", 1.0)))),
-                   seed=int(greedy.get("seed", 0)), live_only=bool(greedy.get("live_only", True)),
-                   max_candidates=greedy.get("max_candidates"), lookahead=int(greedy.get("lookahead", 1)),
-                   sizes=None if sizes is None else tuple(int(s) for s in sizes),
-                   points=int(attribution.get("points", 24)))
+            raise ConfigError(f"analysis.orderings: unknown {unknown}; use any of {list(ORDERINGS)}")
+        bad = sorted(set(s.rankings) - set(RANKINGS))
+        if bad or not s.rankings:
+            raise ConfigError(f"analysis.rankings={list(s.rankings)}: use signed and/or magnitude")
+        if s.select_on not in ("all", "each"):
+            raise ConfigError(f"analysis.select_on={s.select_on!r}; use all or each")
+        g, taus = s.greedy, s.greedy.thresholds
+        for key, value in (("greedy.max_candidates", g.max_candidates), ("greedy.lookahead", g.lookahead),
+                           ("attribution.points", s.attribution.points - 1)):
+            if value is not None and value < 1:
+                raise ConfigError(f"analysis.{key} must be at least {2 if key.endswith('points') else 1}")
+        return cls(orderings=tuple(s.orderings), orders=tuple(s.orders), select_on=s.select_on,
+                   rankings=tuple(dict.fromkeys(s.rankings)),
+                   thresholds=tuple(log_thresholds(taus.n, taus.low, taus.high)), seed=g.seed,
+                   random_seed=s.random_seed, live_only=g.live_only, max_candidates=g.max_candidates,
+                   lookahead=g.lookahead, sizes=None if s.attribution.sizes is None else tuple(s.attribution.sizes),
+                   points=s.attribution.points)
+
+    def forward_passes(self, n_candidates: int, n_batches: int) -> int:
+        """About how many batched forward passes the curves of one (method, hook) cost with ``n_candidates`` live
+        features over ``n_batches`` batches of pairs (greedy: one per candidate per threshold; every other curve
+        point: one; attribution: one backward)."""
+        points = len(self.sizes) if self.sizes is not None else self.points
+        per_batch = 1 + points * (("attribution" in self.orderings) * len(self.rankings) + ("random" in self.orderings))
+        if "greedy" in self.orderings:
+            candidates = min(n_candidates, self.max_candidates or n_candidates)
+            per_batch += len(self.thresholds) * (candidates + 1) * (1 if self.select_on == "all" else 3)
+        return per_batch * n_batches
 
 
 def _live(problem: PatchingProblem, settings: CurveSettings) -> torch.Tensor:
@@ -251,7 +282,8 @@ def _greedy_start(problem: PatchingProblem, settings: CurveSettings, scores: tor
     costs about one forward per candidate per threshold; the attribution curve always ranks every live feature)."""
     if settings.max_candidates is None or int(live.sum()) <= settings.max_candidates:
         return live
-    top = ranked(problem.attribution() if scores is None else scores, live)[:int(settings.max_candidates)]
+    scores = problem.attribution(settings.rankings[0]) if scores is None else scores
+    top = ranked(scores, live)[:int(settings.max_candidates)]
     keep = torch.zeros_like(live)
     keep[top] = True
     return keep
@@ -282,14 +314,24 @@ def _rows(points: list[CurvePoint], orders: Sequence[str], unpatched: dict, **ke
     return rows
 
 
+def _random_order(live: torch.Tensor, seed: int) -> torch.Tensor:
+    """Scores that rank the live features in a seeded random order: the random ordering's curve patches the same
+    number of random live features as each point of the attribution curve (the control)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(live.numel(), generator=gen, dtype=torch.float64)
+
+
 def patching_curves(problem: PatchingProblem, settings: CurveSettings, *, method: str, hook: str, model: str = "",
                     progress: Callable[[str], None] | None = None) -> list[dict]:
-    """Every curve of one (method, hook) as ``curves.csv`` rows: greedy and attribution, measured on each order."""
+    """Every curve of one (method, hook) as ``curves.csv`` rows: attribution (per ranking), random and greedy,
+    measured on each order."""
     orders = [o for o in settings.orders if o in problem.orders()]
     unpatched = problem.unpatched(orders)
     key = dict(method=method, hook=hook, model=model)
     stats = lambda patched: problem.evaluate(patched, orders)  # noqa: E731
-    scores = problem.attribution() if "attribution" in settings.orderings else None
+    effect = problem.attribution("effect") if {"attribution", "greedy"} & set(settings.orderings) else None
+    by_ranking = {r: (-effect if r == "signed" else effect.abs()) for r in settings.rankings} if effect is not None \
+        else {}
     live = _live(problem, settings)
     rows: list[dict] = []
     if "greedy" in settings.orderings:
@@ -301,7 +343,7 @@ def patching_curves(problem: PatchingProblem, settings: CurveSettings, *, method
                 settings.thresholds,
                 settings.seed,
                 stats,
-                _greedy_start(problem, settings, scores, live),
+                _greedy_start(problem, settings, by_ranking[settings.rankings[0]], live),
                 None
                 if progress is None
                 else lambda i, tau, n: progress(f"{method} {hook} greedy ({chosen_on}): tau {tau:.2g}, {n} features"),
@@ -310,12 +352,15 @@ def patching_curves(problem: PatchingProblem, settings: CurveSettings, *, method
             )
             measured = orders if settings.select_on == "all" else [chosen_on]
             rows += _rows(points, measured, unpatched, ordering="greedy", **key)
-    if "attribution" in settings.orderings:
-        sizes = settings.sizes if settings.sizes is not None else size_grid(int(live.sum()), settings.points)
+    sizes = settings.sizes if settings.sizes is not None else size_grid(int(live.sum()), settings.points)
+    curves = [("attribution", r, by_ranking[r]) for r in settings.rankings if "attribution" in settings.orderings]
+    if "random" in settings.orderings:
+        curves.append(("random", "", _random_order(live, settings.random_seed)))
+    for ordering, ranking, scores in curves:
         measured = _LastStats(stats)
         metric = (lambda patched: measured(patched)["all"]["kl"]) if "all" in orders else problem.kl
         points = attribution_curve(metric, scores, sizes, measured, live)
-        rows += _rows(points, orders, unpatched, ordering="attribution", **key)
+        rows += _rows(points, orders, unpatched, ordering=ordering, ranking=ranking, **key)
     return rows
 
 

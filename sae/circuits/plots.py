@@ -44,14 +44,16 @@ def plot_patching(rows: Iterable[Mapping], path: Path, title: str, order: str = 
     methods = list(dict.fromkeys(r["method"] for r in rows))
     colors = _colors(methods)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for (method, ordering) in dict.fromkeys((r["method"], r["ordering"]) for r in rows):
-        curve = sorted((r for r in rows if r["method"] == method and r["ordering"] == ordering),
-                       key=lambda r: _num(r["n_features"]))
+    curves = dict.fromkeys((r["method"], r["ordering"], r.get("ranking") or "") for r in rows)
+    for (method, ordering, ranking) in curves:
+        curve = sorted((r for r in rows if r["method"] == method and r["ordering"] == ordering
+                        and (r.get("ranking") or "") == ranking), key=lambda r: _num(r["n_features"]))
         kl = [_num(r["kl"]) for r in curve]
         style = dict(color=colors[method], linestyle=LINESTYLES.get(ordering, ":"), marker=".", markersize=4,
-                     label=f"{method} ({ordering})")
+                     label=f"{method} ({ordering}{', ' + ranking if ranking else ''})")
         left.plot([_num(r["n_features"]) for r in curve], kl, **style)
-        edits = [(_num(r["edit_size"]), k) for r, k in zip(curve, kl) if not math.isnan(_num(r["edit_size"]))]
+        edit = [_num(r["edit_per_changed_position"]) for r in curve]
+        edits = [(e, k) for e, k in zip(edit, kl) if not math.isnan(e)]
         if edits:
             edits.sort()
             right.plot([e for e, _ in edits], [k for _, k in edits], **style)
@@ -63,7 +65,7 @@ def plot_patching(rows: Iterable[Mapping], path: Path, title: str, order: str = 
     left.set_xscale("symlog", linthresh=1.0)
     left.set_xlim(left=0)
     left.set_xlabel("features patched")
-    right.set_xlabel("edit size: mean ||x' - x|| over positions")
+    right.set_xlabel("edit size: mean ||x' - x|| over the positions the patch changes")
     left.set_ylabel("KL(patched || counterfactual) at the final position")
     left.set_title("features needed", fontsize=9)
     right.set_title(f"edit size (grey: unpatched KL, dotted: {target_fraction:g} x it)", fontsize=9)

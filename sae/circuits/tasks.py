@@ -351,15 +351,17 @@ def ioi_task(tokenizer, vocabulary: str | Path | None = None, split: str = "trai
     return Task("ioi", tuple(pairs), dropped, source, label)
 
 
-def build_task(cfg: Mapping, tokenizer) -> Task:
-    """The task a ``conf/task/*.yaml`` describes (``kind: ioi | pairs``)."""
-    kind = cfg.get("kind")
-    prepend_bos = bool(cfg.get("prepend_bos", True))
+def build_task(task, tokenizer) -> Task:
+    """The task a ``conf/task/*.yaml`` describes: its settings object (``sae.circuits.config.IoiTaskSettings`` or
+    ``PairsTaskSettings``), or a mapping of the same keys."""
+    get = task.get if isinstance(task, Mapping) else lambda key, default=None: getattr(task, key, default)
+    kind = get("kind")
+    prepend_bos = bool(get("prepend_bos", True))
     if kind == "ioi":
-        return ioi_task(tokenizer, cfg.get("vocabulary"), str(cfg.get("split", "train")), int(cfg.get("n_pairs", 200)),
-                        int(cfg.get("seed", 0)), prepend_bos, cfg.get("templates"))
+        return ioi_task(tokenizer, get("vocabulary"), str(get("split", "train")), int(get("n_pairs", 200)),
+                        int(get("seed", 0)), prepend_bos, get("templates"))
     if kind == "pairs":
-        if not cfg.get("path"):
+        if not get("path"):
             raise ConfigError("task=pairs needs task.path=<a JSONL file of prompt pairs>")
-        return load_pairs(cfg["path"], tokenizer, prepend_bos)
+        return load_pairs(get("path"), tokenizer, prepend_bos)
     raise ConfigError(f"unknown task.kind {kind!r}; use task=ioi or task=pairs")

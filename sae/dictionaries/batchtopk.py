@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from sae.dictionaries.base import register
-from sae.dictionaries.topk import TopKDictionary, densify, sparse_decode, sparse_topk
+from sae.dictionaries.topk import TopKDictionary, sparse_topk
 from sae.errors import ConfigError
 
 
@@ -72,10 +72,7 @@ class BatchTopKDictionary(TopKDictionary):
 
     def train_terms(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         pre, bias, atoms, values, indices = self.select(x)
-        x_hat = sparse_decode(indices, values, atoms) + self.b_dec
-        aux = self._aux_loss(pre, x, bias, atoms, x - x_hat.detach(), dead)
-        codes = densify(indices, values.detach(), self.n_features)
-        return {"x_hat": x_hat, "codes": codes, "sparsity": x.new_zeros(()), "aux": aux}
+        return self._sparse_terms(pre, x, bias, atoms, values, indices, dead)
 
     @torch.no_grad()
     def calibrate_threshold_(self, x: torch.Tensor, batch_size: int) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from sae.dictionaries.base import register
 from sae.dictionaries.batchtopk import BatchTopKDictionary
-from sae.dictionaries.topk import densify, sparse_decode
+from sae.dictionaries.topk import sparse_decode
 from sae.errors import ConfigError
 
 
@@ -59,11 +59,9 @@ class MatryoshkaDictionary(BatchTopKDictionary):
 
     def train_terms(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         pre, bias, atoms, values, indices = self.select(x)
-        x_hat = sparse_decode(indices, values, atoms) + self.b_dec
-        aux = self._aux_loss(pre, x, bias, atoms, x - x_hat.detach(), dead)
-        aux = aux + prefix_errors(indices, values, atoms, self.b_dec, x, self.widths)
-        codes = densify(indices, values.detach(), self.n_features)
-        return {"x_hat": x_hat, "codes": codes, "sparsity": x.new_zeros(()), "aux": aux}
+        terms = self._sparse_terms(pre, x, bias, atoms, values, indices, dead)
+        terms["aux"] = terms["aux"] + prefix_errors(indices, values, atoms, self.b_dec, x, self.widths)
+        return terms
 
     def hparams(self) -> dict:
         return {**super().hparams(), "prefixes": self.prefixes}

@@ -151,6 +151,13 @@ class TopKDictionary(Dictionary):
         with torch.no_grad():
             pre = x @ self.W_enc.T + bias
         values, indices = sparse_topk(pre, x, self.W_enc, bias, self.k)
+        return self._sparse_terms(pre, x, bias, atoms, values, indices, dead)
+
+    def _sparse_terms(self, pre: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, atoms: torch.Tensor,
+                      values: torch.Tensor, indices: torch.Tensor,
+                      dead: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """``train_terms`` of the TopK family from its selection (``values`` at ``indices`` per row): the sparse
+        reconstruction, AuxK on its residual, the dense detached codes, no sparsity penalty."""
         x_hat = sparse_decode(indices, values, atoms) + self.b_dec
         aux = self._aux_loss(pre, x, bias, atoms, x - x_hat.detach(), dead)
         codes = densify(indices, values.detach(), self.n_features)

@@ -1,16 +1,22 @@
-"""The typed schema of ``conf/evaluate.yaml``'s top level, registered with Hydra's ConfigStore.
+"""The typed schema of ``conf/evaluate.yaml``'s top level and of the studies of this package (``analysis=metrics``,
+``analysis=residue``), registered with Hydra's ConfigStore.
 
-The ``analysis`` group is open-ended (each study declares its own settings beside its ``_target_``); the
-overrides of a dictionary's recorded ``model``, ``data`` and ``stream`` are typed here.
+Each study's settings are a dataclass registered in the ``analysis`` group (``<study>_schema``) by the study's own
+package (``sae/circuits/config.py``, ``sae/features/config.py``, ...), which ``evaluate.py`` imports before Hydra
+composes; ``conf/analysis/<study>.yaml`` names it first in its ``defaults:`` and holds the values. The overrides of a
+dictionary's recorded ``model``, ``data`` and ``stream`` are typed here: ``data.*`` are the text settings
+(``sae.lm.text_settings.TextSettings``), each nullable.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, fields, make_dataclass
+from typing import Any, Optional, get_type_hints
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
+
+from sae.lm.text_settings import TextSettings
 
 
 @dataclass
@@ -23,22 +29,21 @@ class ModelOverrides:
     """The LM's weights: float32, bfloat16 or float16."""
 
 
-@dataclass
-class DataOverrides:
-    """Overrides of the text each dictionary's sae.json records (null: as recorded)."""
+def _nullable(settings: type, name: str, doc: str) -> type:
+    """A dataclass with every field of ``settings``, typed ``T | None`` and null by default (null: keep the recorded
+    value)."""
+    hints = get_type_hints(settings)
+    # Optional[...]: the type is built at run time from a hint, where ``X | None`` needs X to be a class
+    made = make_dataclass(name, [(f.name, Optional[hints[f.name]], field(default=None))  # noqa: UP045
+                                 for f in fields(settings)])
+    made.__doc__ = doc
+    made.__doc_source__ = settings  # where the configuration reference finds each field's docstring
+    return made
 
-    source: str | None = None
-    """files or hub."""
-    path: str | None = None
-    """A file or glob, or a hub dataset id."""
-    text_column: str | None = None
-    """The column holding the text."""
-    split: str | None = None
-    """The dataset split (hub datasets)."""
-    context_length: int | None = None
-    """Tokens per context, BOS included."""
-    heldout_fraction: float | None = None
-    """The fraction of documents held out; keep the training run's to evaluate on text it never saw."""
+
+DataOverrides = _nullable(TextSettings, "DataOverrides",
+                          "The text settings (sae.lm.text_settings.TextSettings): a non-null one replaces the "
+                          "dictionary's recorded value.")
 
 
 @dataclass
@@ -76,6 +81,34 @@ class EvaluateConfig:
     """analysis=autointerp's explainer: conf/explainer/<backend>.yaml (untyped: each backend has its own keys)."""
 
 
+@dataclass
+class MetricsSettings:
+    """``analysis=metrics`` (conf/analysis/metrics.yaml)."""
+
+    _target_: str = MISSING
+    """The study function."""
+    baselines: list[str] = MISSING
+    """Any of pca, ica, random, neurons, fitted at each hook; each also top-k sparsified to every dictionary's L0."""
+
+
+@dataclass
+class ResidueSettings:
+    """``analysis=residue`` (conf/analysis/residue.yaml)."""
+
+    _target_: str = MISSING
+    """The study function."""
+    top: int = MISSING
+    """Tokens kept per dictionary, highest KL first."""
+    window: int = MISSING
+    """Context tokens shown either side."""
+    predictions: int = MISSING
+    """Clean and spliced top predictions shown."""
+    share_frac: float = MISSING
+    """The concentration: the share of the total KL carried by this top fraction of tokens."""
+    batch_size: int = MISSING
+    """Held-out contexts per forward (two forwards each: clean and spliced)."""
+
+
 MOVED = {
     "baselines": "analysis.baselines",
     "features.baselines": "analysis.baselines",
@@ -98,3 +131,5 @@ MOVED = {
 }
 
 ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
+ConfigStore.instance().store(group="analysis", name="metrics_schema", node=MetricsSettings)
+ConfigStore.instance().store(group="analysis", name="residue_schema", node=ResidueSettings)

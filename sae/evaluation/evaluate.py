@@ -13,11 +13,13 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from sae.evaluation.comparison import compare, markdown
+from sae.evaluation.config import MetricsSettings
 from sae.evaluation.entries import Entry, baseline_problems, eval_tokens, fit_baselines, groups, session_for, sparsified
 from sae.evaluation.heldout import heldout_metrics_many
 from sae.evaluation.metrics import l0
 from sae.evaluation.perplexity import objective_of, plot_ce_vs_l0, ppl_table
 from sae.evaluation.plots import _model_label, plot_all
+from sae.evaluation.studies import settings_of
 from sae.io.atomic import write_csv, write_json
 from sae.io.saving import save_dictionary
 from sae.lm.hooks import HookPoint
@@ -31,7 +33,7 @@ OUTPUTS = ["eval.csv", "comparison.csv", "**/eval.json", "baselines", "plots/fro
            "plots/ce_vs_l0.png", "plots/density"]
 
 
-def settings_problems(settings: DictConfig) -> list[str]:
+def settings_problems(settings: MetricsSettings) -> list[str]:
     return baseline_problems(settings.baselines, "analysis.baselines")
 
 
@@ -41,7 +43,7 @@ def evaluate_hook(
     """Metrics of the dictionaries at one hook and of the baselines fitted (and sparsified) there."""
     meta = dictionaries[0].meta
     contexts = session.eval_contexts(eval_tokens(meta))
-    entries, heldout, kinds = list(dictionaries), None, list(cfg.analysis.baselines)
+    entries, heldout, kinds = list(dictionaries), None, list(settings_of(cfg).baselines)
     if kinds:
         x = session.sample([hook], cfg.baseline_tokens)[hook.name]
         dense = fit_baselines(x, kinds, hook, meta, cfg.seed)
@@ -85,7 +87,7 @@ def evaluate(cfg: DictConfig, entries: list[Entry]) -> list[dict]:
     plot_all(out / "plots", rows, results)
     plot_ce_vs_l0(rows, out / "plots" / "ce_vs_l0.png", _model_label(results))
     print(ppl_table(rows))
-    if cfg.analysis.baselines:
+    if settings_of(cfg).baselines:
         matched = compare(rows)
         write_csv(out / "comparison.csv", matched, list(matched[0]))
         print(markdown(matched))

@@ -12,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import NullFormatter, ScalarFormatter  # noqa: E402
 
+from sae.lm.model import model_label  # noqa: E402
+
 COLORS = {"dictionary": "black", "pca": "tab:blue", "ica": "tab:orange", "random": "tab:green", "neurons": "tab:red"}
 FVU_TOP = 1.2  # the frontier's y axis stops here (a top-k baseline can reconstruct worse than the mean alone)
 
@@ -28,7 +30,7 @@ def style(kind: str) -> dict:
 
 
 def _model_label(results: list) -> str:
-    names = sorted({Path(str(e.meta["model"]["name_or_path"])).name for e, _ in results})
+    names = sorted({model_label(e.meta["model"]["name_or_path"]) for e, _ in results})
     return f"model: {', '.join(names)}; held-out text"
 
 

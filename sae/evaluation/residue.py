@@ -23,8 +23,10 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from sae.evaluation.config import ResidueSettings
 from sae.evaluation.entries import Entry, eval_tokens, groups, session_for
 from sae.evaluation.metrics import NextTokenScorer
+from sae.evaluation.studies import settings_of
 from sae.io.atomic import write_json, write_text
 from sae.lm.hooks import HookPoint
 from sae.lm.model import resolve_device
@@ -32,13 +34,12 @@ from sae.lm.reader import model_device, token_mask
 from sae.lm.splice import Reconstruct, spliced_forward
 
 
-def settings_problems(settings: DictConfig) -> list[str]:
-    problems = []
-    for key in ("top", "predictions", "batch_size"):
-        if not isinstance(settings[key], int) or settings[key] < 1:
-            problems.append(f"analysis.{key}={settings[key]!r} must be a whole number >= 1")
-    if not isinstance(settings.window, int) or settings.window < 0:
-        problems.append(f"analysis.window={settings.window!r} must be a whole number >= 0")
+def settings_problems(settings: ResidueSettings) -> list[str]:
+    """The range checks of ``analysis=residue`` (Hydra has checked the types)."""
+    problems = [f"analysis.{key}={getattr(settings, key)} must be a whole number >= 1"
+                for key in ("top", "predictions", "batch_size") if getattr(settings, key) < 1]
+    if settings.window < 0:
+        problems.append(f"analysis.window={settings.window} must be a whole number >= 0")
     if not 0 < settings.share_frac <= 1:
         problems.append(f"analysis.share_frac={settings.share_frac} must be in (0, 1]")
     return problems
@@ -154,7 +155,8 @@ def page(name: str, model: str, summary: dict, records: list[dict]) -> str:
 
 def residue(cfg: DictConfig, entries: list[Entry]) -> dict:
     """Write every dictionary's highest-KL held-out tokens and the summary; return the summary."""
-    settings, out = cfg.analysis, Path(cfg.out) / "residue"
+    settings: ResidueSettings = settings_of(cfg)
+    out = Path(cfg.out) / "residue"
     device, summary = resolve_device(cfg.device), {}
     for group in groups(entries):
         session = session_for(group[0].meta, device, cfg.seed)

@@ -6,11 +6,14 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Iterator
+from dataclasses import asdict
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from sae.evaluation.entries import Entry, baseline_problems, eval_tokens, fit_baselines, groups, session_for
+from sae.evaluation.studies import settings_of
+from sae.features.config import FeaturesSettings
 from sae.features.dashboard import write_dashboard
 from sae.features.monosemanticity import SCORES, summarise
 from sae.features.plots import plot_feature
@@ -23,10 +26,10 @@ SETTING_MINIMA = {"top_k": 1, "window": 0, "quantiles": 1, "per_quantile": 0, "m
                   "logit_tokens": 1, "hist_tokens": 1, "bins": 1}  # the least each analysis.settings.* may be
 
 
-def settings_problems(settings: DictConfig) -> list[str]:
-    """What is wrong with ``analysis=features``'s settings."""
+def settings_problems(settings: FeaturesSettings) -> list[str]:
+    """What is wrong with ``analysis=features``'s settings (their types Hydra has checked)."""
     problems = baseline_problems(settings.baselines, "analysis.baselines")
-    return problems + [f"analysis.settings.{k}={v} must be >= {low}" for k, v in settings.settings.items()
+    return problems + [f"analysis.settings.{k}={v} must be >= {low}" for k, v in asdict(settings.settings).items()
                        if k in SETTING_MINIMA and v < (low := SETTING_MINIMA[k])]
 
 
@@ -40,16 +43,17 @@ def method_name(entry: Entry, n_dictionaries: int, n_hooks: int) -> str:
 
 def collectors(entries: list[Entry], cfg: DictConfig, n_dictionaries: int) -> Iterator[tuple[str, Entry, Collector]]:
     """A Collector per dictionary (all sharing one model and text) and per baseline fitted at its hook."""
-    settings = Settings(**cfg.analysis.settings, seed=cfg.seed)
+    analysis: FeaturesSettings = settings_of(cfg)
+    settings = Settings(**asdict(analysis.settings), seed=cfg.seed)
     meta = entries[0].meta
     hooks = list(dict.fromkeys(e.hook for e in entries))
     session = session_for(meta, resolve_device(cfg.device), cfg.seed)
     contexts = session.eval_contexts(eval_tokens(meta))
     for hook in hooks:
         at_hook = [e for e in entries if e.hook == hook]
-        if cfg.analysis.baselines:
+        if analysis.baselines:
             sample = session.sample([hook], cfg.baseline_tokens)[hook.name]
-            at_hook += fit_baselines(sample, list(cfg.analysis.baselines), hook, meta, cfg.seed)
+            at_hook += fit_baselines(sample, analysis.baselines, hook, meta, cfg.seed)
         for entry in at_hook:
             collector = Collector(session, entry.dictionary, hook, contexts, settings)
             yield method_name(entry, n_dictionaries, len(hooks)), entry, collector
@@ -76,7 +80,7 @@ def analyse_features(cfg: DictConfig, entries: list[Entry]) -> list[dict]:
     names = token_names(tokenizer, methods)
     published = Path(cfg.get("published") or out)  # where earlier studies' results are (out is this one's staging)
     write_dashboard(out / "dashboard", methods, names, rows, read_explanations(published, methods))
-    _figures(out / "figures", methods, names, cfg.analysis.figures)
+    _figures(out / "figures", methods, names, settings_of(cfg).figures)
     write_csv(out / "monosemanticity.csv", rows, ["method", *SCORES])
     print(f"wrote monosemanticity.csv ({len(rows)} rows) and dashboard/index.html")
     return rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
@@ -93,3 +94,10 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def model_label(name_or_path: str) -> str:
+    """The model's name as figures and tables show it (the directory's or hub id's last part); the project's
+    stand-in models (a directory under ``fixtures/``) say so: ``neox-ioi-14m (stand-in)``."""
+    path = Path(str(name_or_path))
+    return f"{path.name} (stand-in)" if "fixtures" in path.parts else path.name

@@ -14,7 +14,8 @@ Edits in model units (a dictionary's ``encode``/``decode`` apply its normalisati
 - ``Reconstruct(d)``: ``x -> decode(encode(x))``;
 - ``PatchCodes(d, features, codes)``: ``x -> x + Σ_{j∈F} (codes_j − c_j) · d_j`` with ``c = encode(x)`` and ``d_j``
   the atoms in model units: the error ``x − decode(c)`` is kept, so patching no feature leaves ``x`` exactly;
-- ``Ablate(d, features)``: ``x -> x − Σ_{j∈F} c_j · d_j`` (the error and the other features kept);
+- ``Ablate(d, features)``: ``x -> x − Σ_{j∈F} c_j · d_j`` (the error and the other features kept): ``PatchCodes``
+  with the codes of ``features`` set to zero;
 - ``AddDelta(delta)``, ``Replace(values)``: a given change, or given values (zeros, a mean) at ordinary positions.
 """
 
@@ -87,19 +88,11 @@ class PatchCodes:
 
 
 @dataclass
-class Ablate:
-    """Remove the contribution ``c_j · d_j`` of each of ``features``; the error and every other code stay.
-    ``base_codes`` holds the codes it found."""
+class Ablate(PatchCodes):
+    """Remove the contribution ``c_j · d_j`` of each of ``features``: their codes patched to zero (``PatchCodes``);
+    the error and every other code stay. ``base_codes`` holds the codes it found."""
 
-    dictionary: Dictionary
-    features: torch.Tensor | Sequence[int]
-    base_codes: torch.Tensor | None = field(default=None, repr=False)
-
-    def __call__(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        d, x_in = self.dictionary, _as_dictionary_input(self.dictionary, x)
-        self.base_codes = d.encode(x_in)
-        mask = feature_mask(self.features, d.n_features, x.device).to(x_in.dtype)
-        return _at_ordinary(keep, x_in - (self.base_codes * mask) @ atoms_in_model_units(d), x)
+    codes: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
 
 
 @dataclass

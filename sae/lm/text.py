@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 from dataclasses import dataclass
 
@@ -39,6 +40,35 @@ def _resolve_files(path: str) -> tuple[str, list[str]]:
     return builders.pop(), files
 
 
+def _json_type(value) -> str:
+    names = {bool: "a boolean", int: "a number", float: "a number", list: "an array", dict: "an object"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def check_jsonl(path: str, text_column: str) -> None:
+    """One ConfigError naming the file, the line number and the problem at the first broken line of a JSONL file:
+    a line that is not JSON, a record that is not an object or lacks ``text_column``, or a text that is not a
+    string. Read line by line (memory does not grow with the file); blank lines are skipped, as the loader does."""
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                problem = f"not JSON ({err.msg} at column {err.colno})"
+            else:
+                if not isinstance(record, dict):
+                    problem = f"{_json_type(record)}, not an object with a '{text_column}' field"
+                elif text_column not in record:
+                    problem = f"no '{text_column}' field (its fields: {', '.join(record) or 'none'})"
+                elif not isinstance(record[text_column], str):
+                    problem = f"'{text_column}' is {_json_type(record[text_column])}, not a string"
+                else:
+                    continue
+            raise ConfigError(f"{path}, line {number}: {problem}; fix or remove that line, or set data.text_column")
+
+
 def load_rows(source: str, path: str, split: str, text_column: str = "text", streaming: bool = False):
     """The dataset's rows (a memory-mapped ``datasets.Dataset``, or an ``IterableDataset`` when ``streaming``):
     nothing is read into Python lists, so a corpus larger than memory can be tokenized and split by index."""
@@ -46,7 +76,7 @@ def load_rows(source: str, path: str, split: str, text_column: str = "text", str
 
     datasets.disable_progress_bars()
     try:
-        dataset = _load(source, path, split, streaming)
+        dataset = _load(source, path, split, streaming, text_column)
     finally:
         datasets.enable_progress_bars()
     if dataset.column_names is not None and text_column not in dataset.column_names:
@@ -57,11 +87,14 @@ def load_rows(source: str, path: str, split: str, text_column: str = "text", str
     return dataset
 
 
-def _load(source: str, path: str, split: str, streaming: bool):
+def _load(source: str, path: str, split: str, streaming: bool, text_column: str):
     import datasets
 
     if source == "files":
         builder, files = _resolve_files(path)
+        for name in files:
+            if name.lower().endswith(".jsonl"):
+                check_jsonl(name, text_column)
         kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
         return datasets.load_dataset(builder, data_files=files, split="train", streaming=streaming, **kwargs)
     if source == "hub":

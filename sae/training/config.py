@@ -15,6 +15,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from sae.lm.text_settings import TextSettings
+
 
 @dataclass
 class ModelConfig:
@@ -33,24 +35,12 @@ class HookConfig:
 
 
 @dataclass
-class TextDataConfig:
-    source: str = MISSING
-    """files (local .txt/.jsonl/.parquet) or hub (a Hugging Face dataset)."""
-    path: str = MISSING
-    """A file or glob, or a hub dataset id."""
-    split: str = MISSING
-    """The dataset split (hub datasets)."""
-    text_column: str = MISSING
-    """The column holding the text."""
-    context_length: int = MISSING
-    """Tokens per packed context, BOS included (BOS/EOS/pad positions are never trained on)."""
-    heldout_fraction: float = MISSING
-    """The fraction of documents held out for the final metrics: the last ones, or one in every 1/fraction when
-    streaming (docs: Training, "Large corpora")."""
+class TextDataConfig(TextSettings):
+    """The text settings (``sae.lm.text_settings.TextSettings``: source, path, split, text_column, context_length,
+    heldout_fraction, streaming) and training's own keys."""
+
     eval_tokens: int = MISSING
     """Held-out tokens for metrics.json (at most; all held-out text if fewer), drawn across the held-out documents."""
-    streaming: bool = MISSING
-    """Train straight from a streamed dataset (hub or local files), in stream order, without a token store."""
     token_store_dir: str | None = MISSING
     """Where the tokenized training text is stored once and reused (null: <HF datasets cache>/sae-token-store)."""
     tokenize_procs: int | None = MISSING

@@ -19,12 +19,12 @@ from sae.circuits.circuits_study import _token_feature, settings_problems
 from sae.circuits.contexts import HeldOut
 from sae.circuits.discovery import CircuitProblem, Contexts, DiscoverySettings, Level, discover
 from sae.circuits.faithfulness import circuit_scores
-from sae.circuits.graph import GRAPH_SCHEMA, CircuitGraph
+from sae.circuits.graph import GRAPH_SCHEMA, CircuitGraph, to_dot
 from sae.circuits.targets import TokenTarget
 from sae.dictionaries import build
 from sae.io.saving import save_dictionary
 from sae.lm.hooks import HookPoint
-from sae.lm.splice import spliced_forward
+from sae.lm.splice import Replace, spliced_forward
 
 A, B = 2, 0  # A: dictionary 0's feature writing e_2; B: dictionary 1's feature reading e_2
 H0, H1 = HookPoint(0), HookPoint(1)
@@ -57,7 +57,7 @@ def handbuilt_dictionaries():
 
 def settings(**changes) -> DiscoverySettings:
     values = dict(fan_in=3, methods=("ablation", "attribution"), candidates=None, topk_agreement=3, ig_steps=1,
-                  error_nodes=True, min_effect=0.001, width=None, batch_rows=16)
+                  error_nodes=True, min_effect=0.001, width=None, batch_rows=16, edge_sign="both")
     return DiscoverySettings(**{**values, **changes})
 
 
@@ -109,6 +109,57 @@ def test_attribution_is_exact_on_a_linear_path(problem):
         scores, error = problem.attribution(top, [B], below, steps)
         assert torch.allclose(scores, exact, atol=1e-6) and torch.allclose(error, exact_error, atol=1e-6)
     assert exact[0, A] > 0 and (exact[0, torch.arange(8) != A] == 0).all()
+
+
+def _inhibited(problem):
+    """Dictionary 0 with a ninth feature C that reads e_2 (fires where A does) and writes (e_3 − e_2)/√2: ablating C
+    adds to e_2, so it raises B: an inhibitory edge C -> B of weight −B/√2, planted beside A's excitatory one."""
+    problem, top, _ = problem
+    d0 = basis_dictionary(list(range(8)) + [A])
+    with torch.no_grad():
+        d0.W_dec[8] = (torch.eye(32)[3] - torch.eye(32)[A]) / 2 ** 0.5
+    fresh = CircuitProblem(problem.model, [0], problem.contexts, batch_rows=16)  # codes are cached per hook
+    return fresh, top, Level(H0, d0, "dictionary_l0", 0)
+
+
+@pytest.mark.parametrize("edge_sign", ["both", "positive"])
+def test_a_planted_inhibitory_edge_is_kept_with_both_signs_only(problem, edge_sign):
+    problem, top, below = _inhibited(problem)
+    graph = _graph(problem, top)
+    discover(problem, [top, below], B, settings(methods=("ablation",), edge_sign=edge_sign), graph)
+    weights = {e.source: e.weight for e in graph.edges if not e.source.endswith("error")}
+    b_value = graph.nodes[f"layers.1.resid/{B}"].activation
+    assert weights[f"layers.0.resid/{A}"] > 0
+    if edge_sign == "both":
+        assert weights["layers.0.resid/8"] == pytest.approx(-b_value / 2 ** 0.5, rel=1e-4)  # inhibitory, kept
+        assert graph.nodes["layers.0.resid/8"].effect < 0
+        assert "arrowhead=tee" in to_dot(graph).source  # drawn apart from the excitatory edges (red, a bar)
+    else:
+        assert "layers.0.resid/8" not in weights and set(weights) == {f"layers.0.resid/{A}"}
+
+
+def test_integrated_gradients_are_complete_on_a_nonlinear_node():
+    """On the untouched tiny model (block 1's attention and MLP between the hooks: a nonlinear path), the integrated
+    gradients of a layer-1 feature over every layer-0 feature and the error sum to its value minus its value with
+    the layer-0 activation at the path's start (the decoder bias) -- within 1% at 128 steps; the plain gradient
+    (one step) misses by more, which shows the node is not linear."""
+    torch.manual_seed(0)
+    model = tiny_model(layers=2, seed=1)
+    d0, d1 = build("relu", 32, 48, l1_coeff=0.0), build("relu", 32, 48, l1_coeff=0.0)
+    ids = torch.randint(2, 23, (6, 10))
+    ids[:, 0] = 0
+    contexts = Contexts(ids, torch.full((6,), 9))
+    problem = CircuitProblem(model, [0], [contexts], batch_rows=16)
+    top, below = Level(H1, d1, "l1", 1), Level(H0, d0, "l0", 0)
+    node = int(problem.activation(top, range(48)).argmax())
+    start = d0.decode(torch.zeros(1, 48))[0].detach()
+    gap = float(problem.mean_value(top, [node])[0] - problem.mean_value(top, [node], lambda b: {H0: Replace(start)})[0])
+    assert abs(gap) > 1e-3
+    misses = {}
+    for steps in (1, 128):
+        scores, error = problem.attribution(top, [node], below, steps)
+        misses[steps] = abs(float(scores.sum() + error.sum()) - gap) / abs(gap)
+    assert misses[128] < 0.01 < misses[1]
 
 
 def test_candidates_prerank_by_attribution(problem):
@@ -243,6 +294,19 @@ def test_study_end_to_end(handbuilt_run):
     assert [r["folder"] for r in _summary(out)] == ["layers.1.resid_0", "task_logit_diff"]  # the earlier target kept
 
 
+@pytest.mark.skipif(
+    shutil.which("dot") is None, reason="Graphviz's dot is absent: apt-get install graphviz (.ci/run does)"
+)
+def test_defaults_finish(handbuilt_run, tmp_path):
+    """analysis=circuits as a new user runs it: only the target given, every analysis.* setting at its default (both
+    methods, candidates bounded, edge_sign=both, 10 random circuits as the control)."""
+    proc = run_in_process("evaluate.py", "analysis=circuits", f"run={handbuilt_run / 'run'}", f"out={tmp_path}",
+                          "target=layers.1.resid:0", "device=cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row, = _summary(tmp_path)
+    assert float(row["faithfulness"]) == pytest.approx(1.0) and int(row["n_random"]) == 10
+
+
 def _one_line(proc, message: str) -> None:
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode != 0 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
@@ -260,17 +324,20 @@ def test_bad_input_is_one_line(handbuilt_run, tmp_path):
         assert not (tmp_path / "out" / "circuits").exists()  # nothing written
 
 
-def test_settings_problems():
-    from omegaconf import OmegaConf
+def test_settings_problems(hydra_app):
+    from conftest import compose_config
 
-    good = OmegaConf.load(Path(__file__).parents[2] / "conf" / "analysis" / "circuits.yaml")
-    assert settings_problems(good) == []
-    bad = OmegaConf.merge(
-        good, {"methods": ["guess"], "n_contexts": 0, "depth": 0, "faithfulness": {"ablation": "max"}}
-    )
-    problems = settings_problems(bad)
-    assert len(problems) == 4 and problems[0].startswith("analysis.methods=") and "analysis.depth=0" in problems[2]
-    assert settings_problems(OmegaConf.merge(good, {"fan_in": 0}))[0] == "analysis.fan_in=0 must be an integer >= 1"
+    from sae.evaluation.studies import settings_of
+
+    def problems(*overrides):
+        return settings_problems(settings_of(compose_config(["analysis=circuits", *overrides], "evaluate")))
+
+    assert problems() == []
+    bad = problems("analysis.methods=[guess]", "analysis.n_contexts=0", "analysis.depth=0",
+                   "analysis.faithfulness.ablation=max", "analysis.edge_sign=negative")
+    assert len(bad) == 4 and bad[0].startswith("analysis.methods=") and "analysis.edge_sign='negative'" in bad[0]
+    assert "analysis.depth=0" in bad[2]
+    assert problems("analysis.fan_in=0") == ["analysis.fan_in=0 must be an integer >= 1"]
 
 
 def test_one_dictionary_per_hook():

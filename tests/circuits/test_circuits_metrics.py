@@ -66,6 +66,7 @@ def test_totals_over_batches_equal_one_report():
     logits = {k: torch.randn(6, 3, 11) for k in ("patched", "base", "cf")}
     answers = torch.randint(0, 11, (6,)), (torch.randint(1, 11, (6,)))
     x, x_patched = torch.randn(6, 3, 4), torch.randn(6, 3, 4)
+    changed = torch.rand(6, 3) > 0.5
     totals = PairTotals()
     for rows in (slice(0, 2), slice(2, 6)):
         totals.add(
@@ -74,14 +75,15 @@ def test_totals_over_batches_equal_one_report():
             logits["cf"][rows],
             answers[0][rows],
             answers[1][rows],
-            x_patched[rows],
-            x[rows],
+            (x_patched - x)[rows],
+            changed[rows],
         )
     whole = patch_report(logits["patched"], logits["base"], logits["cf"], *answers)
     result = totals.result()
     for key in ("kl", "logit_diff", "logit_diff_restored"):
         assert result[key] == pytest.approx(whole[key], rel=1e-5)
-    assert result["edit_size"] == pytest.approx(edit_size(x_patched, x), rel=1e-5)
+    assert result["edit_per_changed_position"] == pytest.approx(edit_size(x_patched, x, changed), rel=1e-5)
+    assert result["changed_positions"] == pytest.approx(float(changed.sum()) / 6)
     assert whole["unpatched_kl"] == pytest.approx(float(mean_kl(logits["base"], logits["cf"])))
     with pytest.raises(ValueError):
         PairTotals().result()
@@ -89,7 +91,8 @@ def test_totals_over_batches_equal_one_report():
 
 def _curve(method, sizes_kl, ordering="greedy", hook="layers.1.resid", order="all"):
     points = [CurvePoint(n, kl, None if i == 0 else 10.0 ** (i - 6), tuple(range(n)), i + 1,
-                         {"edit_size": 0.1 * n, "logit_diff_restored": 1 - kl}) for i, (n, kl) in enumerate(sizes_kl)]
+                         {"edit_per_changed_position": 0.1 * n, "logit_diff_restored": 1 - kl})
+              for i, (n, kl) in enumerate(sizes_kl)]
     return curve_rows(
         points, method=method, hook=hook, order=order, ordering=ordering, unpatched_kl=2.0, model="stand-in"
     )
@@ -109,7 +112,7 @@ def test_summary_and_csv_round_trip(tmp_path):
         and summary[("dictionary", "greedy")]["n_features_at_min_kl"] == 100
     )
     assert summary[("pca", "greedy")]["fewest_features"] == 64 and summary[("pca", "greedy")][
-        "edit_size_at_fewest"
+        "edit_per_changed_position_at_fewest"
     ] == pytest.approx(6.4)
     assert summary[("pca", "attribution")]["fewest_features"] == 50
     assert summarise(rows, 0.2)[1]["fewest_features"] is None  # pca never reaches 0.4

@@ -6,8 +6,7 @@ import random
 
 import pytest
 import torch
-from conftest import ROOT, WORDS, make_tokenizer, tiny_model
-from omegaconf import OmegaConf
+from conftest import WORDS, make_tokenizer, tiny_model
 
 from sae.baselines import fit
 from sae.circuits.curves import summarise
@@ -19,7 +18,7 @@ from sae.dictionaries import build
 from sae.errors import ConfigError
 from sae.lm.hooks import HookPoint
 from sae.lm.reader import token_mask
-from sae.lm.splice import Replace, spliced_forward
+from sae.lm.splice import Replace, atoms_in_model_units, spliced_forward
 
 HOOK = HookPoint(1, "resid")
 SPECIAL = [0]  # the word tokenizer's <|endoftext|>: BOS of every prompt
@@ -91,7 +90,8 @@ def test_identities_through_the_splice(setup):
     cf = torch.cat([model(input_ids=b.pairs.counterfactual_ids).logits[:, -1] for b in problem.batches])
     result = problem.unpatched(["all", "ABBA", "BABA"])
     assert result["all"]["kl"] == pytest.approx(float(mean_kl(base, cf).detach()), rel=1e-6)
-    assert result["all"]["logit_diff_restored"] == pytest.approx(0.0, abs=1e-9) and result["all"]["edit_size"] == 0.0
+    assert result["all"]["logit_diff_restored"] == pytest.approx(0.0, abs=1e-9)
+    assert result["all"]["changed_positions"] == 0.0
     assert problem.kl(none) == pytest.approx(result["all"]["kl"])
     assert (result["ABBA"]["kl"] + result["BABA"]["kl"]) / 2 == pytest.approx(result["all"]["kl"])  # 6 pairs each
 
@@ -104,7 +104,7 @@ def test_full_patch_with_the_neuron_basis_is_the_counterfactual(setup):
     problem = problem_of(model, neurons, pairs, 8)
     result = problem.evaluate(torch.ones(32, dtype=torch.bool))["all"]
     assert result["kl"] == pytest.approx(0.0, abs=1e-9) and result["logit_diff_restored"] == pytest.approx(1.0)
-    assert result["edit_size"] > 0
+    assert result["edit_per_changed_position"] > 0
 
 
 def test_attribution_is_the_gradient(setup):
@@ -115,8 +115,9 @@ def test_attribution_is_the_gradient(setup):
     with torch.no_grad():
         dictionary.b_enc[:4] = -1e3  # four features that never fire
     problem = problem_of(model, dictionary, pairs, 5)
-    signed = problem.attribution(signed=True)
-    assert torch.equal(problem.attribution(), signed.abs())
+    signed = problem.attribution("effect")
+    assert torch.equal(problem.attribution("magnitude"), signed.abs())
+    assert torch.equal(problem.attribution("signed"), -signed)  # most KL-reducing first
     t = 1e-4
     for j in signed.abs().topk(3).indices.tolist():
         e = torch.nn.functional.one_hot(torch.tensor(j), 64).double()
@@ -130,7 +131,7 @@ def test_curves_end_to_end(setup):
     model, pairs = setup
     torch.manual_seed(0)
     problem = problem_of(model, build("relu", 32, 64, l1_coeff=0.0).double(), pairs, 8)
-    settings = CurveSettings(thresholds=(1e-4, 1e-2, 1.0), sizes=None, points=5)
+    settings = CurveSettings(orderings=("greedy", "attribution"), thresholds=(1e-4, 1e-2, 1.0), sizes=None, points=5)
     messages = []
     rows = patching_curves(
         problem, settings, method="relu", hook=HOOK.name, model="tiny test model", progress=messages.append
@@ -177,20 +178,94 @@ def test_attribution_curve_runs_one_pass_per_point(setup, monkeypatch):
     rows = patching_curves(problem, CurveSettings(orderings=("attribution",), sizes=(0, 2, 5)), method="relu",
                            hook=HOOK.name)
     assert len(calls) == (1 + 3) * len(problem.batches)
-    scores, live = problem.attribution(), problem.live()
+    scores, live = problem.attribution("signed"), problem.live()
     top = torch.zeros(64, dtype=torch.bool)
     top[ranked(scores, live)[:5]] = True
     assert [r["kl"] for r in rows if r["order"] == "all"][-1] == pytest.approx(problem.kl(top), rel=1e-9)
 
-def test_settings_from_the_config():
-    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "analysis" / "patching.yaml"))
-    settings = CurveSettings.from_config(cfg)
+def test_settings_from_the_config(hydra_app):
+    """The YAML's defaults: attribution (signed) and its random control; greedy opt-in; ranges still checked."""
+    settings = CurveSettings.from_settings(patching_settings())
     assert len(settings.thresholds) == 50 and settings.thresholds[0] == pytest.approx(1e-5)
-    assert settings.orders == ("all", "ABBA", "BABA") and settings.orderings == ("greedy", "attribution")
-    with pytest.raises(ConfigError, match="unknown \\['random'\\]"):
-        CurveSettings.from_config({**cfg, "orderings": ["random"]})
+    assert settings.orders == ("all", "ABBA", "BABA") and settings.orderings == ("attribution", "random")
+    assert settings.rankings == ("signed",) and settings.max_candidates == 64
+    with pytest.raises(ConfigError, match="unknown \\['sideways'\\]"):
+        CurveSettings.from_settings(patching_settings("analysis.orderings=[sideways]"))
     with pytest.raises(ConfigError, match="select_on"):
-        CurveSettings.from_config({**cfg, "select_on": "some"})
+        CurveSettings.from_settings(patching_settings("analysis.select_on=some"))
+    with pytest.raises(ConfigError, match="rankings"):
+        CurveSettings.from_settings(patching_settings("analysis.rankings=[loud]"))
+
+
+def patching_settings(*overrides: str):
+    from conftest import compose_config
+
+    from sae.evaluation.studies import settings_of
+
+    return settings_of(compose_config(["analysis=patching", *overrides], "evaluate"))
+
+
+def _planted_problem(model, pairs):
+    """The neuron basis on the pairs, and the signed effect of patching each coordinate alone (the KL's first-order
+    change): coordinates whose patch raises the KL exist on these random pairs, the planted features."""
+    sample = torch.cat([activations(model, torch.tensor([p.base_ids]))[0, 1:] for p in pairs])
+    problem = problem_of(model, fit("neurons", sample.float()).double(), pairs, 8)
+    return problem, problem.attribution("effect")
+
+
+def test_signed_ranking_puts_a_kl_raising_feature_last(setup):
+    """Patched alone, the feature predicted to raise the KL most does raise it; signed ranking puts it after every
+    feature predicted to lower the KL, magnitude ranking does not."""
+    model, pairs = setup
+    problem, effect = _planted_problem(model, pairs)
+    live = problem.live()
+    raiser = int(torch.where(live, effect, torch.tensor(-torch.inf)).argmax())
+    assert effect[raiser] > 0  # a KL-raising feature exists here
+    alone = torch.zeros(problem.n_features, dtype=torch.bool)
+    alone[raiser] = True
+    assert problem.kl(alone) > problem.kl(torch.zeros_like(alone))  # and patching it does raise the KL
+    signed, magnitude = ranked(problem.attribution("signed"), live), ranked(problem.attribution("magnitude"), live)
+    assert signed[-1] == raiser
+    assert magnitude.index(raiser) < int((live & (effect < 0)).sum())  # by |effect| it ranks among the reducers
+    rows = patching_curves(problem, CurveSettings(orderings=("attribution",), rankings=("signed", "magnitude"),
+                                                  orders=("all",), sizes=(1,)), method="neurons", hook=HOOK.name)
+    first = {r["ranking"]: r["kl"] for r in rows if r["n_features"] == 1}
+    assert first["signed"] < first["magnitude"] or signed[0] == magnitude[0]
+
+
+def test_edit_size_over_the_changed_positions(setup):
+    """One coordinate of the neuron basis patched: the edit is (c̄_j − c_j) at every position where they differ; its
+    size per changed position is the hand value, the unchanged positions (BOS, the shared prefix) left out."""
+    model, pairs = setup
+    problem, _ = _planted_problem(model, pairs)
+    j = int(problem.live().nonzero()[0])
+    mask = torch.zeros(problem.n_features, dtype=torch.bool)
+    mask[j] = True
+    total, count = 0.0, 0
+    for batch in problem.batches:
+        differs = (batch.codes[..., j] != batch.cf_codes[..., j]) & token_mask(batch.pairs.base_ids, SPECIAL)
+        step = (batch.cf_codes[..., j] - batch.codes[..., j]).abs()
+        atom = float(atoms_in_model_units(problem.dictionary)[j].norm())  # ||x' - x|| = |c̄_j - c_j| ||d_j||
+        total, count = total + float(step[differs].sum()) * atom, count + int(differs.sum())
+        assert not differs[:, :3].any()  # BOS and the two words both prompts share
+    result = problem.evaluate(mask)["all"]
+    assert count > 0 and result["edit_per_changed_position"] == pytest.approx(total / count, rel=1e-9)
+    assert result["changed_positions"] == pytest.approx(count / problem.n_pairs)
+
+
+def test_random_ordering_is_the_control(setup):
+    """The random curve patches as many random live features as each attribution point, reproducibly by seed."""
+    model, pairs = setup
+    torch.manual_seed(0)
+    problem = problem_of(model, build("relu", 32, 64, l1_coeff=0.0).double(), pairs, 8)
+    settings = CurveSettings(orders=("all",), sizes=(0, 3, 10))
+    rows = patching_curves(problem, settings, method="relu", hook=HOOK.name)
+    by = {o: [r["n_features"] for r in rows if r["ordering"] == o] for o in ("attribution", "random")}
+    assert by["attribution"] == by["random"] == [0, 3, 10]
+    again = patching_curves(problem, settings, method="relu", hook=HOOK.name)
+    assert [r["kl"] for r in again] == [r["kl"] for r in rows]
+    other = patching_curves(problem, dataclasses.replace(settings, random_seed=1), method="relu", hook=HOOK.name)
+    assert [r["kl"] for r in other if r["ordering"] == "random"] != [r["kl"] for r in rows if r["ordering"] == "random"]
 
 
 def test_outputs(setup, tmp_path):
@@ -200,9 +275,10 @@ def test_outputs(setup, tmp_path):
     model, pairs = setup
     torch.manual_seed(0)
     problem = problem_of(model, build("relu", 32, 64, l1_coeff=0.0).double(), pairs, 8)
-    rows = patching_curves(problem, CurveSettings(thresholds=(1e-3, 1.0), points=4), method="relu", hook=HOOK.name)
+    rows = patching_curves(problem, CurveSettings(orderings=("greedy", "attribution", "random"), thresholds=(1e-3, 1.0),
+                                                  points=4), method="relu", hook=HOOK.name)
     written = write_outputs(rows, tmp_path, "tiny test model; word pairs")
-    assert len(read_rows(written["curves"])) == len(rows) and len(read_rows(written["summary"])) == 6
+    assert len(read_rows(written["curves"])) == len(rows) and len(read_rows(written["summary"])) == 9
     assert [p.name for p in written["plots"]] == ["patching_layers.1.resid.png"] and written["plots"][
         0
     ].stat().st_size > 0

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import WORDS, run_cli, run_in_process
+from conftest import WORDS, run_cli, run_in_process, tiny_meta
 
 from sae.dictionaries import build
 from sae.io.saving import save_dictionary
@@ -19,9 +19,7 @@ def patching_run(tiny_lm_dir, tiny_text, tmp_path_factory):
     """A random ReLU dictionary at layers.1.resid of the tiny LM, and an IOI vocabulary of its words."""
     root = tmp_path_factory.mktemp("patching")
     torch.manual_seed(0)
-    meta = {"model": {"name_or_path": str(tiny_lm_dir), "dtype": "float32"}, "hook": {"layer": 1, "site": "resid"},
-            "data": {"source": "files", "path": str(tiny_text), "context_length": 32, "eval_tokens": 512,
-                     "text_column": "text", "split": "train", "heldout_fraction": 0.1}, "stream": {"lm_batch_size": 8}}
+    meta = tiny_meta(tiny_lm_dir, tiny_text)
     save_dictionary(build("relu", 32, 64, l1_coeff=0.0), root / "run" / "d", meta)
     vocabulary = {
         "train_templates": ["the{A} and{B} sat on the {P} ,{B} ran to{A}", "then{A} and{B} ran ,{B} sat on{A}"],
@@ -62,11 +60,14 @@ def test_study_end_to_end(patching_run):
     (out / "plots").mkdir(parents=True)
     (out / "plots" / "patching_layers.0.resid.png").write_bytes(b"stale")  # an earlier run's hook
     (out / "plots" / "frontier.png").write_bytes(b"another study's")
-    proc = run_cli("evaluate.py", *_args(patching_run))
+    proc = run_cli("evaluate.py", *_args(patching_run, "analysis.orderings=[greedy,attribution]",
+                                         "analysis.rankings=[signed,magnitude]"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = _rows(out / "patching" / "summary.csv")
-    assert {(r["method"], r["ordering"], r["order"]) for r in summary} == {
-        (m, o, g) for m in ("d", "pca", "neurons") for o in ("greedy", "attribution") for g in ("all", "ABBA", "BABA")}
+    assert {(r["method"], r["ordering"], r["ranking"], r["order"]) for r in summary} == {
+        (m, o, k, g) for m in ("d", "pca", "neurons") for o, k in (("greedy", ""), ("attribution", "signed"),
+                                                                   ("attribution", "magnitude"))
+        for g in ("all", "ABBA", "BABA")}
     assert all(r["hook"] == "layers.1.resid" and r["model"] for r in summary)
     curves = _rows(out / "patching" / "curves.csv")
     assert {r["method"] for r in curves} == {"d", "pca", "neurons"}
@@ -78,6 +79,37 @@ def test_study_end_to_end(patching_run):
     assert not (out / "plots" / "patching_layers.0.resid.png").exists()  # stale result removed
     assert (out / "plots" / "frontier.png").read_bytes() == b"another study's"  # not this study's: kept
     assert "wrote" in proc.stdout
+
+
+def test_defaults_finish(patching_run, tmp_path):
+    """analysis=patching as a new user runs it: every analysis.* setting at its default (attribution ranked by signed
+    effect, its random control, the four baselines; no greedy), on the tiny stand-in."""
+    proc = run_in_process("evaluate.py", "analysis=patching", f"run={patching_run / 'run'}", f"out={tmp_path}",
+                          "task=ioi", f"task.vocabulary={patching_run / 'vocabulary.json'}", "baseline_tokens=512",
+                          "device=cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = _rows(tmp_path / "patching" / "summary.csv")
+    assert {(r["ordering"], r["ranking"]) for r in summary} == {("attribution", "signed"), ("random", "")}
+    assert {r["method"] for r in summary} == {"d", "pca", "ica", "neurons", "random"}
+    curves = _rows(tmp_path / "patching" / "curves.csv")
+    assert "edit_per_changed_position" in curves[0] and "changed_positions" in curves[0]
+
+
+def test_a_costly_run_says_so_at_the_start(patching_run, tmp_path, monkeypatch):
+    """A run whose estimated forward passes exceed the threshold says so in one line before the work, naming the
+    setting that bounds it (the threshold lowered here so that a tiny run crosses it)."""
+    import sae.circuits.patching_study as study
+
+    monkeypatch.setattr(study, "FORWARD_PASSES_NOTICE", 10)
+    proc = run_in_process("evaluate.py", *_args(patching_run, f"out={tmp_path}", "analysis.baselines=[]",
+                                                "analysis.orderings=[greedy]", "task.n_pairs=4"))
+    notice = [line for line in proc.stderr.splitlines() if "forward passes estimated" in line]
+    assert proc.returncode == 0 and len(notice) == 1 and "analysis.greedy.max_candidates" in notice[0], proc.stderr
+    assert proc.stderr.splitlines().index(notice[0]) < 2  # at the start: only the task's line before it
+    monkeypatch.setattr(study, "FORWARD_PASSES_NOTICE", 10 ** 9)
+    proc = run_in_process("evaluate.py", *_args(patching_run, f"out={tmp_path}", "analysis.baselines=[]",
+                                                "analysis.orderings=[greedy]", "task.n_pairs=4"))
+    assert "forward passes estimated" not in proc.stderr
 
 
 def test_held_out_split_and_hooks(patching_run, tmp_path):
@@ -104,7 +136,7 @@ def test_bad_input_is_one_line(patching_run, tmp_path):
         ({"task": ["task=pairs", f"task.path={multi}"]}, "is 2 tokens"),
         ([f"task.vocabulary={tmp_path / 'missing.json'}"], "is not a file"),
         ([f"run={tmp_path / 'empty'}"], "no dictionary under"),
-        (["analysis.target_fraction=2", "analysis.baselines=[pcaa]"], "target_fraction=2 must be in (0, 1]"),
+        (["analysis.target_fraction=2", "analysis.baselines=[pcaa]"], "target_fraction=2.0 must be in (0, 1]"),
         (["analysis.hooks=[layers.2.resid]"], "no dictionary at ['layers.2.resid']"),
     ]
     for extra, message in cases:
@@ -116,6 +148,30 @@ def test_bad_input_is_one_line(patching_run, tmp_path):
     _single_error(run_cli("evaluate.py", *no_task), "needs a task")  # the real entry point, in its own process
 
 
+def test_wrong_types_are_one_line(patching_run, tmp_path):
+    """A value of the wrong type in any study's settings or the task is one line naming the key, before anything
+    runs (Hydra checks it against the typed schema): one case through a real process, the rest in this one."""
+    root = patching_run
+    _single_error(run_cli("evaluate.py", *_args(root, "task.n_pairs=abc")), "task.n_pairs=abc")  # the task group
+    _single_error(run_cli("evaluate.py", "analysis=circuits", f"run={root / 'run'}", "analysis.depth=abc"),
+                  "analysis.depth=abc: Value 'abc' of type 'str' could not be converted to Integer")  # analysis
+    cases = [
+        ("analysis=patching", "analysis.batch_size=abc"),
+        ("analysis=patching", "analysis.greedy.max_candidates=many"),
+        ("analysis=circuits", "analysis.depth=abc"),
+        ("analysis=circuits", "analysis.faithfulness.random_circuits=1.5"),
+        ("analysis=features", "analysis.settings.top_k=abc"),
+        ("analysis=metrics", "analysis.baselines=pca"),
+        ("analysis=residue", "analysis.share_frac=most"),
+        ("analysis=patching", "analysis.nonsense=1"),
+    ]
+    for study, override in cases:
+        proc = run_in_process("evaluate.py", study, f"run={root / 'run'}", f"out={tmp_path}", override)
+        key = override.split("=")[0]
+        _single_error(proc, key)
+        assert not tmp_path.joinpath("patching").exists()
+
+
 def test_greedy_layers_not_studied_is_an_error():
     """A typo in analysis.greedy.layers used to run no greedy at all, silently (the same ConfigError path as
     analysis.hooks' check above, so one line and exit 2; tested here without a CLI run)."""
@@ -123,8 +179,8 @@ def test_greedy_layers_not_studied_is_an_error():
     from sae.circuits.patching_study import _check_greedy_layers
     from sae.errors import ConfigError
 
-    analysis = {"greedy": {"layers": ["layers.2.resid"]}}
+    greedy = CurveSettings(orderings=("greedy", "attribution"))
     with pytest.raises(ConfigError, match=r"analysis.greedy.layers: \['layers.2.resid'\] not among"):
-        _check_greedy_layers(analysis, CurveSettings(), {"layers.1.resid"})
-    _check_greedy_layers(analysis, CurveSettings(orderings=("attribution",)), {"layers.1.resid"})  # no greedy: fine
-    _check_greedy_layers({"greedy": {"layers": ["layers.1.resid"]}}, CurveSettings(), {"layers.1.resid"})
+        _check_greedy_layers(["layers.2.resid"], greedy, {"layers.1.resid"})
+    _check_greedy_layers(["layers.2.resid"], CurveSettings(orderings=("attribution",)), {"layers.1.resid"})  # fine
+    _check_greedy_layers(["layers.1.resid"], greedy, {"layers.1.resid"})

@@ -236,19 +236,26 @@ def test_batches_group_by_length(words):
 
 
 @needs_fixtures
-def test_task_configs(pythia, tmp_path):
-    from conftest import ROOT
-    from omegaconf import OmegaConf
+def test_task_configs(pythia, tmp_path, hydra_app):
+    """conf/task/*.yaml composed through their typed schemas (sae.circuits.config) into the settings build_task
+    takes."""
+    import dataclasses
 
-    ioi = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "task" / "ioi.yaml"))
-    assert set(ioi) == {"kind", "vocabulary", "split", "templates", "n_pairs", "seed", "prepend_bos"}
-    task = build_task({**ioi, "vocabulary": str(IOI_VOCABULARY)}, pythia)
-    assert len(task.pairs) == ioi["n_pairs"] and task.split == "train"
-    assert len(build_task({**ioi, "n_pairs": 10}, pythia).pairs) == 10  # the packaged default vocabulary
-    pairs = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "task" / "pairs.yaml"))
-    assert set(pairs) == {"kind", "path", "prepend_bos"} and pairs["path"] == "???"
-    write_pairs(tmp_path / "p.jsonl", task.pairs[:5], pythia)
-    assert build_task({**pairs, "path": str(tmp_path / "p.jsonl")}, pythia).pairs == task.pairs[:5]
+    from conftest import compose_config
+
+    from sae.circuits.config import IoiTaskSettings
+    from sae.evaluation.studies import settings_of
+
+    def task(*overrides):
+        return settings_of(compose_config(["run=x", *overrides], "evaluate"), "task")
+
+    ioi = task("task=ioi", f"task.vocabulary={IOI_VOCABULARY}")
+    assert isinstance(ioi, IoiTaskSettings) and ioi.n_pairs == 200 and ioi.templates is None
+    built = build_task(ioi, pythia)
+    assert len(built.pairs) == ioi.n_pairs and built.split == "train"
+    assert len(build_task(dataclasses.replace(ioi, vocabulary=None, n_pairs=10), pythia).pairs) == 10  # packaged
+    write_pairs(tmp_path / "p.jsonl", built.pairs[:5], pythia)
+    assert build_task(task("task=pairs", f"task.path={tmp_path / 'p.jsonl'}"), pythia).pairs == built.pairs[:5]
 
 
 
