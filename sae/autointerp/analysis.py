@@ -28,7 +28,9 @@ from sae.autointerp.records import (
     RecordConfig,
     collect_feature_activations,
     decoder_from_tokenizer,
+    fire_counts,
     sample_features,
+    skew_signs,
 )
 from sae.autointerp.study import RECORD_KEYS, SCORERS, StudyResult, output_paths, run_from_config
 from sae.errors import ConfigError
@@ -59,6 +61,10 @@ def settings_problems(settings: DictConfig) -> list[str]:
     scorers = list(settings.scorers)
     if not scorers or any(s not in SCORERS for s in scorers):
         problems.append(f"analysis.scorers={scorers}: expected a non-empty subset of [{','.join(SCORERS)}]")
+    if "embedding" in scorers:
+        from sae.autointerp.embedding import embedding_problems
+
+        problems += embedding_problems(settings.get("embedding_model"))
     if settings.cache_mode not in ("readwrite", "replay", "off"):
         problems.append(f"analysis.cache_mode={settings.cache_mode}: expected readwrite, replay or off")
     explainer = settings.get("explainer")
@@ -126,7 +132,8 @@ def endpoint_problem(base_url: str, timeout_s: float) -> str | None:
         with socket.create_connection((url.hostname, port), timeout=min(timeout_s, 5.0)):
             return None
     except OSError as err:
-        return f"explainer.base_url={base_url}: cannot connect to {url.hostname}:{port} ({err.strerror or type(err).__name__})"
+        why = err.strerror or type(err).__name__
+        return f"explainer.base_url={base_url}: cannot connect to {url.hostname}:{port} ({why})"
 
 
 def _importable(module: str) -> bool:
@@ -143,6 +150,7 @@ class Method:
     name: str
     entry: Entry
     info: dict = field(default_factory=dict)  # filled while its codes are read: width, live, sampled, L0
+    sign: torch.Tensor | None = None  # +-1 per feature: a baseline's codes oriented to positive skew (None: as is)
 
     def __post_init__(self) -> None:
         self.info["method"] = self.name
@@ -191,39 +199,56 @@ def read_contexts(session: LMSession, hooks: list[HookPoint], contexts: torch.Te
 
 
 @torch.no_grad()
-def code_batches(entry: Entry, acts: torch.Tensor, keep: torch.Tensor, device: torch.device) -> Iterator[torch.Tensor]:
-    """The entry's codes ``[b, seq, n_features]`` over batches of contexts, zero at special tokens (BOS, EOS)."""
+def code_batches(entry: Entry, acts: torch.Tensor, keep: torch.Tensor, device: torch.device,
+                 sign: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    """The entry's codes ``[b, seq, n_features]`` over batches of contexts, zero at special tokens (BOS, EOS), each
+    feature multiplied by ``sign`` when given (a baseline's orientation)."""
     dictionary = entry.dictionary.to(device)
     n_ctx, seq, width = acts.shape
     step = _contexts_per_batch(acts, entry)
     for start in range(0, n_ctx, step):
         x = acts[start: start + step].to(device)
         codes = dictionary.encode(x.reshape(-1, width)).reshape(len(x), seq, -1)
+        if sign is not None:
+            codes = codes * sign.to(device)
         yield (codes * keep[start: start + step, :, None].to(device)).cpu()
 
 
-def live_and_l0(
-    entry: Entry, acts: torch.Tensor, keep: torch.Tensor, device: torch.device
-) -> tuple[torch.Tensor, float]:
-    """Which features fire somewhere on the text, and the mean number of non-zero codes per ordinary token."""
-    live, nonzero = None, 0.0
-    for codes in code_batches(entry, acts, keep, device):
-        fired = codes != 0
-        live = fired.flatten(0, 1).any(0) if live is None else live | fired.flatten(0, 1).any(0)
-        nonzero += float(fired.sum())
-    return live, nonzero / max(1, int(keep.sum()))
+@torch.no_grad()
+def orientation(entry: Entry, sample: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """+-1 per feature making the entry's codes positively skewed on its fitting sample ``[n, d_in]``."""
+    dictionary = entry.dictionary.to(device)
+    rows = max(1, CODE_BATCH_BYTES // (4 * entry.dictionary.n_features))
+    return skew_signs(dictionary.encode(part.to(device)).cpu() for part in sample.split(rows))
+
+
+def counts_and_l0(method: Method, acts: torch.Tensor, keep: torch.Tensor, device: torch.device,
+                  fragment_len: int) -> tuple[torch.Tensor, float]:
+    """Fragments of the text where each feature fires (a positive code), and the mean number of non-zero codes per
+    ordinary token: counts, never a tokens x features tensor."""
+    counts, nonzero = None, 0.0
+    for codes in code_batches(method.entry, acts, keep, device, method.sign):
+        fired = fire_counts(codes, fragment_len)
+        counts = fired if counts is None else counts + fired
+        nonzero += float((codes != 0).sum())
+    return counts, nonzero / max(1, int(keep.sum()))
 
 
 def method_activations(method: Method, acts: torch.Tensor, contexts: torch.Tensor, keep: torch.Tensor,
                        settings: DictConfig, device: torch.device) -> Iterator[FeatureActivations]:
-    """The sampled live features of one method at its hook, as the study's feature source."""
+    """The method's features at its hook sampled uniformly among the live ones (firing in at least one fragment,
+    whatever their density), as the study's feature source."""
     entry = method.entry
-    live, mean_l0 = live_and_l0(entry, acts, keep, device)
+    counts, mean_l0 = counts_and_l0(method, acts, keep, device, settings.fragment_len)
+    live = counts > 0
     features = sample_features(live, settings.n_features, settings.seed, f"{method.name} at {entry.hook.name}")
+    required = RecordConfig(**{k: settings[k] for k in RECORD_KEYS if settings.get(k) is not None}).required
     method.info.update(entry=entry.name, hook=entry.hook.name, n_features=entry.dictionary.n_features,
-                       n_live=int(live.sum()), n_sampled=len(features), l0=round(mean_l0, 3))
+                       n_live=int(live.sum()), n_live_below_minimum=int(((counts > 0) & (counts < required)).sum()),
+                       n_sampled=len(features), l0=round(mean_l0, 3),
+                       oriented=None if method.sign is None else int((method.sign < 0).sum()))
     step = _contexts_per_batch(acts, entry)
-    batches = zip(code_batches(entry, acts, keep, device), contexts.split(step))
+    batches = zip(code_batches(entry, acts, keep, device, method.sign), contexts.split(step))
     yield from collect_feature_activations(method.name, entry.hook.name, entry.hook.layer, batches, features,
                                            settings.fragment_len)
 
@@ -271,8 +296,8 @@ def methods_at(group: Group, hook: HookPoint, sample: torch.Tensor | None, cfg: 
         return
     dense = fit_baselines(sample, list(cfg.analysis.baselines), hook, dictionaries[0].entry.meta, cfg.seed)
     sparse = sparsified(dense, [m.info["l0"] for m in dictionaries]) if cfg.analysis.topk_baselines else []
-    for entry in dense + sparse:
-        yield Method(_baseline_name(entry, group.prefix), entry)
+    for entry in dense + sparse:  # each direction oriented to positive skew on the sample it was fitted on
+        yield Method(_baseline_name(entry, group.prefix), entry, sign=orientation(entry, sample, group.session.device))
 
 
 def feature_source(groups_: list[Group], cfg: DictConfig, device: torch.device, methods: list[Method],
@@ -367,9 +392,11 @@ def _redraw_dashboard(published: Path, out: Path, tokenizer) -> None:
 def _print_summary(result: StudyResult, out: Path) -> None:
     shown = ("simulation", "detection", "fuzzing", "lookup_simulation", "shuffled_simulation")
     lines = [
-        f"{r['method']:>16} {r['hook']:>28} {r['score']:>20} {r['mean']:+.3f} [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] n={r['n']}"
+        f"{r['method']:>16} {r['hook']:>28} {r['score']:>20} {r['mean']:+.3f} "
+        f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] n={r['n']} undefined={r['n_undefined']} "
+        f"unscorable={r['n_unscorable']}"
         for r in result.summary
-        if r["score"] in shown and r.get("mean") is not None and math.isfinite(r["mean"])
+        if r["score"] in shown and r["tercile"] == "all" and r.get("mean") is not None and math.isfinite(r["mean"])
     ]
     print("\n".join(lines))
     print(f"wrote {result.paths['summary']} ({len(result.rows)} features) and {result.paths['plot']}")
