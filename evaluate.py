@@ -5,6 +5,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+import sae.autointerp.config  # noqa: F401  (registers the autointerp and explainer schemas)
 from sae.cli import check_command_line
 from sae.errors import exit_on_config_error
 from sae.evaluation.config import MOVED  # importing registers the config schema

@@ -14,7 +14,7 @@ import math
 import os
 import socket
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sae.autointerp.backends import BACKENDS
+from sae.autointerp.config import AutointerpSettings
 from sae.autointerp.records import (
     FeatureActivations,
     RecordConfig,
@@ -43,20 +44,31 @@ from sae.lm.reader import read_batches, token_mask
 from sae.lm.session import LMSession
 
 CODE_BATCH_BYTES = 64 * 2**20  # codes encoded at once, per method
-POSITIVE_INTS = ("n_features", "n_bootstrap", "chunk", "memory_mb")
+POSITIVE_INTS = ("n_features", "n_bootstrap", "chunk", "memory_mb", "intruder_trials")
 
 
 # -- settings ------------------------------------------------------------------------------------------------------
-def settings_problems(settings: DictConfig) -> list[str]:
+def settings_of(analysis: DictConfig | AutointerpSettings) -> AutointerpSettings:
+    """The typed settings object of ``cfg.analysis`` (Hydra has checked the types as it composed them)."""
+    return analysis if isinstance(analysis, AutointerpSettings) else OmegaConf.to_object(analysis)
+
+
+def record_config(settings: AutointerpSettings) -> RecordConfig:
+    """The fragment sizes of the settings (a ConfigError for sizes that cannot work)."""
+    return RecordConfig(**{k: getattr(settings, k) for k in RECORD_KEYS if getattr(settings, k) is not None})
+
+
+def settings_problems(analysis: DictConfig | AutointerpSettings) -> list[str]:
     """What is wrong with ``analysis=autointerp``'s settings and its explainer, found before any model loads."""
+    settings = settings_of(analysis)
     problems = baseline_problems(settings.baselines, "analysis.baselines")
-    problems += [f"analysis.{k}={settings[k]} must be an integer >= 1" for k in POSITIVE_INTS
-                 if not isinstance(settings[k], int) or settings[k] < 1]
-    if settings.tokens is not None and (not isinstance(settings.tokens, int) or settings.tokens < 1):
+    problems += [f"analysis.{k}={getattr(settings, k)} must be an integer >= 1" for k in POSITIVE_INTS
+                 if getattr(settings, k) < 1]
+    if settings.tokens is not None and settings.tokens < 1:
         problems.append(f"analysis.tokens={settings.tokens} must be an integer >= 1")
     try:
-        RecordConfig(**{k: settings[k] for k in RECORD_KEYS if settings.get(k) is not None})
-    except (ConfigError, TypeError) as err:
+        record_config(settings)
+    except ConfigError as err:
         problems.append(str(err))
     scorers = list(settings.scorers)
     if not scorers or any(s not in SCORERS for s in scorers):
@@ -64,13 +76,19 @@ def settings_problems(settings: DictConfig) -> list[str]:
     if "embedding" in scorers:
         from sae.autointerp.embedding import embedding_problems
 
-        problems += embedding_problems(settings.get("embedding_model"))
+        problems += embedding_problems(settings.embedding_model)
+    if settings.intruder_k < 2:
+        problems.append(f"analysis.intruder_k={settings.intruder_k} must be an integer >= 2")
     if settings.cache_mode not in ("readwrite", "replay", "off"):
         problems.append(f"analysis.cache_mode={settings.cache_mode}: expected readwrite, replay or off")
-    explainer = settings.get("explainer")
-    if explainer is None:
+    if settings.explainer is None:
         return problems + ["no explainer: choose one with explainer=token_lookup|hf_local|openai"]
-    return problems + explainer_problems(OmegaConf.to_container(explainer, resolve=True), scorers)
+    return problems + explainer_problems(_plain(settings.explainer), scorers)
+
+
+def _plain(node: Any) -> dict:
+    """A settings dataclass (or mapping) as a plain dict."""
+    return asdict(node) if is_dataclass(node) else dict(node)
 
 
 def explainer_problems(explainer: Mapping[str, Any], scorers: list[str]) -> list[str]:
@@ -235,14 +253,14 @@ def counts_and_l0(method: Method, acts: torch.Tensor, keep: torch.Tensor, device
 
 
 def method_activations(method: Method, acts: torch.Tensor, contexts: torch.Tensor, keep: torch.Tensor,
-                       settings: DictConfig, device: torch.device) -> Iterator[FeatureActivations]:
+                       settings: AutointerpSettings, device: torch.device) -> Iterator[FeatureActivations]:
     """The method's features at its hook sampled uniformly among the live ones (firing in at least one fragment,
     whatever their density), as the study's feature source."""
     entry = method.entry
     counts, mean_l0 = counts_and_l0(method, acts, keep, device, settings.fragment_len)
     live = counts > 0
     features = sample_features(live, settings.n_features, settings.seed, f"{method.name} at {entry.hook.name}")
-    required = RecordConfig(**{k: settings[k] for k in RECORD_KEYS if settings.get(k) is not None}).required
+    required = record_config(settings).required
     method.info.update(entry=entry.name, hook=entry.hook.name, n_features=entry.dictionary.n_features,
                        n_live=int(live.sum()), n_live_below_minimum=int(((counts > 0) & (counts < required)).sum()),
                        n_sampled=len(features), l0=round(mean_l0, 3),
@@ -271,7 +289,7 @@ class Group:
 
 def _groups(cfg: DictConfig, entries: list[Entry], device: torch.device) -> list[Group]:
     parts = groups(entries)
-    tokens = cfg.eval_tokens if cfg.eval_tokens is not None else cfg.analysis.tokens
+    tokens = cfg.eval_tokens if cfg.eval_tokens is not None else settings_of(cfg.analysis).tokens
     out = []
     for part in parts:
         session = session_for(part[0].meta, device, cfg.seed)
@@ -286,7 +304,8 @@ def _groups(cfg: DictConfig, entries: list[Entry], device: torch.device) -> list
     return out
 
 
-def methods_at(group: Group, hook: HookPoint, sample: torch.Tensor | None, cfg: DictConfig) -> Iterator[Method]:
+def methods_at(group: Group, hook: HookPoint, sample: torch.Tensor | None, settings: AutointerpSettings,
+               seed: int) -> Iterator[Method]:
     """The dictionaries at ``hook``, then the baselines fitted on ``sample`` (and their top-k versions, matched to
     the dictionaries' L0 measured on the way)."""
     names = dictionary_names(group.entries, group.prefix)
@@ -294,29 +313,30 @@ def methods_at(group: Group, hook: HookPoint, sample: torch.Tensor | None, cfg: 
     yield from dictionaries
     if sample is None:
         return
-    dense = fit_baselines(sample, list(cfg.analysis.baselines), hook, dictionaries[0].entry.meta, cfg.seed)
-    sparse = sparsified(dense, [m.info["l0"] for m in dictionaries]) if cfg.analysis.topk_baselines else []
+    dense = fit_baselines(sample, list(settings.baselines), hook, dictionaries[0].entry.meta, seed)
+    sparse = sparsified(dense, [m.info["l0"] for m in dictionaries]) if settings.topk_baselines else []
     for entry in dense + sparse:  # each direction oriented to positive skew on the sample it was fitted on
-        yield Method(_baseline_name(entry, group.prefix), entry, sign=orientation(entry, sample, group.session.device))
+        yield Method(_baseline_name(entry, group.prefix), entry, sign=orientation(entry, sample, sample.device))
 
 
 def feature_source(groups_: list[Group], cfg: DictConfig, device: torch.device, methods: list[Method],
                    meta_methods: list[dict]) -> Iterator[FeatureActivations]:
     """Every method's sampled features, hook by hook; ``methods`` collects what was studied and ``meta_methods``
     their info (meta.json's list, filled while the study consumes the source)."""
+    settings = settings_of(cfg.analysis)
     for group in groups_:
         session, contexts = group.session, group.contexts
         keep = token_mask(contexts, session.special_ids)
         hooks = list(dict.fromkeys(e.hook for e in group.entries))
         widths = {h: next(e.dictionary.d_in for e in group.entries if e.hook == h) for h in hooks}
-        for chunk in hook_chunks(hooks, widths, contexts.numel(), cfg.analysis.memory_mb):
+        for chunk in hook_chunks(hooks, widths, contexts.numel(), settings.memory_mb):
             acts = read_contexts(session, chunk, contexts)
-            samples = session.sample(chunk, cfg.baseline_tokens) if cfg.analysis.baselines else {}
+            samples = session.sample(chunk, cfg.baseline_tokens) if settings.baselines else {}
             for hook in chunk:
-                for method in methods_at(group, hook, samples.get(hook.name), cfg):
+                for method in methods_at(group, hook, samples.get(hook.name), settings, cfg.seed):
                     methods.append(method)
                     meta_methods.append(method.info)
-                    yield from method_activations(method, acts[hook], contexts, keep, cfg.analysis, device)
+                    yield from method_activations(method, acts[hook], contexts, keep, settings, device)
             del acts, samples
 
 
@@ -337,8 +357,9 @@ def study(cfg: DictConfig, entries: list[Entry]) -> StudyResult:
     """Explain and score the features of every dictionary and baseline; write the outputs under ``out``."""
     out = Path(cfg.out)  # under evaluate.py a staging directory, published over ``published`` at the end
     published = Path(cfg.get("published") or out)
-    analysis = OmegaConf.to_container(cfg.analysis, resolve=True)
-    explainer = analysis.pop("explainer")
+    settings = settings_of(cfg.analysis)
+    analysis = _plain(settings)
+    explainer = _plain(analysis.pop("explainer"))
     existing = [str(p) for p in output_paths(published).values() if p.exists()]
     if existing and not analysis["overwrite"]:
         raise ConfigError(f"{existing[0]} exists: pass analysis.overwrite=true or another out=...")

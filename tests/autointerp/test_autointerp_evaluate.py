@@ -13,7 +13,7 @@ from conftest import run_cli, run_in_process, tiny_overrides
 from safetensors.torch import load_file, save_file
 
 # records small enough for the tiny run's held-out text (a few hundred tokens)
-SMALL = ["analysis.fragment_len=8", "analysis.n_top=3", "analysis.n_random=2", "analysis.n_explain=1",
+SMALL = ["analysis.fragment_len=8", "analysis.n_explain=1",
          "analysis.n_score_top=1", "analysis.n_score_random=1", "analysis.n_quantiles=1", "analysis.per_quantile=1",
          "analysis.n_bootstrap=50", "baseline_tokens=512"]
 
@@ -82,7 +82,7 @@ def test_hf_local_on_two_features(tiny_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = json.loads((out / "autointerp" / "meta.json").read_text())
     assert meta["explainer"]["backend"] == "hf_local" and meta["explainer"]["params"]
-    assert meta["n_features_scored"] + meta["n_features_skipped"] == 2
+    assert meta["n_features_scored"] + meta["n_features_unscorable"] == 2
     assert meta["cache"]["misses"] > 0 and meta["cache"]["path"] == str(out / "autointerp" / "cache.sqlite")
     assert {r["method"] for r in _summary(out)} == {"dictionary"}
     args = proc.args[2:]  # the same command again: refused without overwrite, then answered from the default cache
