@@ -94,6 +94,35 @@ def test_hf_local_on_two_features(tiny_run, tmp_path):
     assert meta["cache"]["misses"] == 0 and meta["cache"]["hits"] > 0
 
 
+def test_a_flipped_baseline_scores_the_same(tiny_run, tmp_path, monkeypatch):
+    """A baseline direction's sign is arbitrary (eigh, FastICA, QR): orientation to positive skew on the fitting
+    sample makes -d score exactly as d."""
+    import sae.autointerp.analysis as analysis
+
+    real = analysis.fit_baselines
+
+    def flipped(*args, **kwargs):
+        entries = real(*args, **kwargs)
+        for e in entries:
+            e.dictionary.set_atoms(-e.dictionary.W_dec)
+        return entries
+
+    args = ["analysis=autointerp", "explainer=token_lookup", "analysis.n_features=6", "analysis.baselines=[pca]",
+            *SMALL]
+    first = run_in_process("evaluate.py", f"run={tiny_run}", f"out={tmp_path / 'a'}", *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    monkeypatch.setattr(analysis, "fit_baselines", flipped)
+    second = run_in_process("evaluate.py", f"run={tiny_run}", f"out={tmp_path / 'b'}", *args)
+    assert second.returncode == 0, second.stderr[-3000:]
+
+    def pca_rows(out):
+        with open(out / "autointerp.csv", newline="") as fh:
+            return [{k: v for k, v in r.items()} for r in csv.DictReader(fh) if r["method"] == "pca"]
+
+    a, b = pca_rows(tmp_path / "a"), pca_rows(tmp_path / "b")
+    assert a and a == b
+
+
 def _dead_copy(run, tmp_path):
     """The run with every code forced to zero (encoder bias far below any pre-activation)."""
     dead = tmp_path / "dead"
@@ -102,6 +131,18 @@ def _dead_copy(run, tmp_path):
     weights["b_enc"] = torch.full_like(weights["b_enc"], -1e9)
     save_file(weights, dead / "sae.safetensors")
     return dead
+
+
+@pytest.mark.parametrize("case", ["unknown_scorer", "embedding_model"])
+def test_bad_scorers_are_one_line_and_write_nothing(case, tiny_run, tmp_path):
+    extra = (["analysis.scorers=[simulation,bogus]"] if case == "unknown_scorer" else
+             ["analysis.scorers=[embedding]", "analysis.embedding_model=no-such-embedding-model"])
+    out = tmp_path / "eval"
+    proc = run_in_process("evaluate.py", f"run={tiny_run}", "analysis=autointerp", f"out={out}", *SMALL, *extra)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and ("bogus" in line if case == "unknown_scorer" else "embedding" in line)
+    assert not out.exists() or not any(out.iterdir())
 
 
 @pytest.mark.parametrize("case", ["unknown_method", "no_live_features", "chat_only_simulate", "missing_key",
