@@ -226,13 +226,15 @@ def main(argv: list[str] | None = None) -> None:
         for name, interp in found.items():
             if name == "hf_local":
                 secs, tokens = counted_stages(interp.backend, records)
-                sim_len = tokens["simulation"][0] // max(1, tokens["simulation"][2])
-                rates = judge_throughput(interp.backend, args.batch_size, prompt_len=max(64, sim_len))
-                bounds = {s: tokens[s][0] / rates["prefill_tok_s"] + tokens[s][1] / rates["decode_tok_s"]
+                # the judge's rates at each stage's own batch and mean prompt length, so the bound is an upper bound
+                rates = {s: judge_throughput(interp.backend, max(1, min(args.batch_size, tokens[s][2])),
+                                             prompt_len=max(16, tokens[s][0] // max(1, tokens[s][2])))
+                         for s in STAGES}
+                bounds = {s: tokens[s][0] / rates[s]["prefill_tok_s"] + tokens[s][1] / rates[s]["decode_tok_s"]
                           for s in STAGES}
-                print(f"hf_local judge: prefill {rates['prefill_tok_s']:.0f} tok/s, decode {rates['decode_tok_s']:.1f} "
-                      f"tok/s (batch {args.batch_size}); tokens per stage (prefill, decode, prompts): {tokens}",
-                      file=sys.stderr)
+                print(f"hf_local judge (batch {args.batch_size}): " + "; ".join(
+                    f"{s}: prefill {rates[s]['prefill_tok_s']:.0f} tok/s, decode {rates[s]['decode_tok_s']:.1f} tok/s, "
+                    f"tokens (prefill, decode, prompts) {tokens[s]}" for s in STAGES), file=sys.stderr)
             else:
                 secs = time_stages(interp, records)
             rows.append((name, secs))
