@@ -122,7 +122,7 @@ class LLMInterpreter(Interpreter):
         wanted = {i: tuple(p for p in built[i].positions if digit_share(resp.at(p), "1") >= TEN_MIN_SHARE)
                   for i, resp in resps.items()}
         jobs = [i for i in resps if wanted[i]]
-        reqs = [BranchRequest(built[i].text, wanted[i], "1", ("0",)) for i in jobs]
+        reqs = [BranchRequest(built[i].text, wanted[i], "1", ("0",), self.top_logprobs) for i in jobs]
         found: dict[tuple[int, int], float] = {}
         for i, resp in zip(jobs, self.backend.branch_logprobs(reqs) if reqs else []):
             for p, table in zip(wanted[i], resp.tables):

@@ -45,7 +45,8 @@ def test_token_lookup_end_to_end_puts_explanations_on_the_dashboard(tiny_run, tm
     methods = {r["method"] for r in rows}
     assert {"dictionary", "pca", "neurons", "random"} <= methods
     assert any(m.startswith("pca_topk") for m in methods)  # the sparsified baselines, matched to the L0
-    simulation = [r for r in rows if r["score"] == "simulation" and r["method"] == "dictionary"]
+    simulation = [r for r in rows if r["score"] == "simulation" and r["method"] == "dictionary"
+                  and r["tercile"] == "all"]
     assert len(simulation) == 1 and 0 < int(simulation[0]["n_features"]) <= 4
     meta = json.loads((out / "autointerp" / "meta.json").read_text())
     assert meta["explainer"]["backend"] == "token_lookup"

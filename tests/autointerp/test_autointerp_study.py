@@ -32,7 +32,7 @@ def test_token_lookup_study_writes_every_output_and_reports_both_controls(tmp_pa
     assert all(float(r["simulation"]) > 0.9 and r["explanation"] == "tokens ' cat'" for r in planted)
     assert all(float(r["shuffled_simulation"]) < 0.5 for r in planted)  # another feature's tokens predict nothing
     summary = list(csv.DictReader(open(paths["summary"])))
-    sim = [r for r in summary if r["score"] == "simulation"]
+    sim = [r for r in summary if r["score"] == "simulation" and r["tercile"] == "all"]
     assert {(r["method"], r["layer"]) for r in sim} == {
         ("dictionary", "1"),
         ("dictionary", "2"),
