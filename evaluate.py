@@ -5,6 +5,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+import sae.autointerp.config  # noqa: F401  (registers the autointerp and explainer schemas)
 import sae.circuits.config  # noqa: F401  (importing registers the patching, circuits and task schemas)
 import sae.features.config  # noqa: F401  (the features schema)
 from sae.cli import check_command_line

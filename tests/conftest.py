@@ -28,6 +28,7 @@ atexit.register(shutil.rmtree, _DATASETS_CACHE, ignore_errors=True)
 
 import torch  # noqa: E402  (after the thread setting, which torch reads when it loads)
 
+import sae.autointerp.config  # noqa: E402, F401  (the autointerp and explainer schemas)
 import sae.circuits.config  # noqa: E402, F401  (importing registers the patching, circuits and task schemas)
 import sae.evaluation.config  # noqa: E402, F401  (importing registers evaluate.yaml's, metrics' and residue's schemas)
 import sae.features.config  # noqa: E402, F401  (the features schema)

@@ -14,7 +14,7 @@ import math
 import os
 import socket
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -23,16 +23,20 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sae.autointerp.backends import BACKENDS
+from sae.autointerp.config import AutointerpSettings
 from sae.autointerp.records import (
     FeatureActivations,
     RecordConfig,
     collect_feature_activations,
     decoder_from_tokenizer,
+    fire_counts,
     sample_features,
+    skew_signs,
 )
 from sae.autointerp.study import RECORD_KEYS, SCORERS, StudyResult, output_paths, run_from_config
 from sae.errors import ConfigError
 from sae.evaluation.entries import Entry, baseline_problems, fit_baselines, groups, session_for, sparsified
+from sae.evaluation.studies import settings_of
 from sae.features.analysis import EXPLANATIONS  # where the features dashboard reads explanations
 from sae.io.atomic import write_json
 from sae.lm.hooks import HookPoint
@@ -41,30 +45,46 @@ from sae.lm.reader import read_batches, token_mask
 from sae.lm.session import LMSession
 
 CODE_BATCH_BYTES = 64 * 2**20  # codes encoded at once, per method
-POSITIVE_INTS = ("n_features", "n_bootstrap", "chunk", "memory_mb")
+POSITIVE_INTS = ("n_features", "n_bootstrap", "chunk", "memory_mb", "intruder_trials")
 
 
 # -- settings ------------------------------------------------------------------------------------------------------
-def settings_problems(settings: DictConfig) -> list[str]:
+def record_config(settings: AutointerpSettings) -> RecordConfig:
+    """The fragment sizes of the settings (a ConfigError for sizes that cannot work)."""
+    return RecordConfig(**{k: getattr(settings, k) for k in RECORD_KEYS if getattr(settings, k) is not None})
+
+
+def settings_problems(analysis: DictConfig | AutointerpSettings) -> list[str]:
     """What is wrong with ``analysis=autointerp``'s settings and its explainer, found before any model loads."""
+    settings = analysis if isinstance(analysis, AutointerpSettings) else OmegaConf.to_object(analysis)
     problems = baseline_problems(settings.baselines, "analysis.baselines")
-    problems += [f"analysis.{k}={settings[k]} must be an integer >= 1" for k in POSITIVE_INTS
-                 if not isinstance(settings[k], int) or settings[k] < 1]
-    if settings.tokens is not None and (not isinstance(settings.tokens, int) or settings.tokens < 1):
+    problems += [f"analysis.{k}={getattr(settings, k)} must be an integer >= 1" for k in POSITIVE_INTS
+                 if getattr(settings, k) < 1]
+    if settings.tokens is not None and settings.tokens < 1:
         problems.append(f"analysis.tokens={settings.tokens} must be an integer >= 1")
     try:
-        RecordConfig(**{k: settings[k] for k in RECORD_KEYS if settings.get(k) is not None})
-    except (ConfigError, TypeError) as err:
+        record_config(settings)
+    except ConfigError as err:
         problems.append(str(err))
     scorers = list(settings.scorers)
     if not scorers or any(s not in SCORERS for s in scorers):
         problems.append(f"analysis.scorers={scorers}: expected a non-empty subset of [{','.join(SCORERS)}]")
+    if "embedding" in scorers:
+        from sae.autointerp.embedding import embedding_problems
+
+        problems += embedding_problems(settings.embedding_model)
+    if settings.intruder_k < 2:
+        problems.append(f"analysis.intruder_k={settings.intruder_k} must be an integer >= 2")
     if settings.cache_mode not in ("readwrite", "replay", "off"):
         problems.append(f"analysis.cache_mode={settings.cache_mode}: expected readwrite, replay or off")
-    explainer = settings.get("explainer")
-    if explainer is None:
+    if settings.explainer is None:
         return problems + ["no explainer: choose one with explainer=token_lookup|hf_local|openai"]
-    return problems + explainer_problems(OmegaConf.to_container(explainer, resolve=True), scorers)
+    return problems + explainer_problems(_plain(settings.explainer), scorers)
+
+
+def _plain(node: Any) -> dict:
+    """A settings dataclass (or mapping) as a plain dict."""
+    return asdict(node) if is_dataclass(node) else dict(node)
 
 
 def explainer_problems(explainer: Mapping[str, Any], scorers: list[str]) -> list[str]:
@@ -126,8 +146,8 @@ def endpoint_problem(base_url: str, timeout_s: float) -> str | None:
         with socket.create_connection((url.hostname, port), timeout=min(timeout_s, 5.0)):
             return None
     except OSError as err:
-        reason = err.strerror or type(err).__name__
-        return f"explainer.base_url={base_url}: cannot connect to {url.hostname}:{port} ({reason})"
+        why = err.strerror or type(err).__name__
+        return f"explainer.base_url={base_url}: cannot connect to {url.hostname}:{port} ({why})"
 
 
 def _importable(module: str) -> bool:
@@ -144,6 +164,7 @@ class Method:
     name: str
     entry: Entry
     info: dict = field(default_factory=dict)  # filled while its codes are read: width, live, sampled, L0
+    sign: torch.Tensor | None = None  # +-1 per feature: a baseline's codes oriented to positive skew (None: as is)
 
     def __post_init__(self) -> None:
         self.info["method"] = self.name
@@ -192,39 +213,56 @@ def read_contexts(session: LMSession, hooks: list[HookPoint], contexts: torch.Te
 
 
 @torch.no_grad()
-def code_batches(entry: Entry, acts: torch.Tensor, keep: torch.Tensor, device: torch.device) -> Iterator[torch.Tensor]:
-    """The entry's codes ``[b, seq, n_features]`` over batches of contexts, zero at special tokens (BOS, EOS)."""
+def code_batches(entry: Entry, acts: torch.Tensor, keep: torch.Tensor, device: torch.device,
+                 sign: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    """The entry's codes ``[b, seq, n_features]`` over batches of contexts, zero at special tokens (BOS, EOS), each
+    feature multiplied by ``sign`` when given (a baseline's orientation)."""
     dictionary = entry.dictionary.to(device)
     n_ctx, seq, width = acts.shape
     step = _contexts_per_batch(acts, entry)
     for start in range(0, n_ctx, step):
         x = acts[start: start + step].to(device)
         codes = dictionary.encode(x.reshape(-1, width)).reshape(len(x), seq, -1)
+        if sign is not None:
+            codes = codes * sign.to(device)
         yield (codes * keep[start: start + step, :, None].to(device)).cpu()
 
 
-def live_and_l0(
-    entry: Entry, acts: torch.Tensor, keep: torch.Tensor, device: torch.device
-) -> tuple[torch.Tensor, float]:
-    """Which features fire somewhere on the text, and the mean number of non-zero codes per ordinary token."""
-    live, nonzero = None, 0.0
-    for codes in code_batches(entry, acts, keep, device):
-        fired = codes != 0
-        live = fired.flatten(0, 1).any(0) if live is None else live | fired.flatten(0, 1).any(0)
-        nonzero += float(fired.sum())
-    return live, nonzero / max(1, int(keep.sum()))
+@torch.no_grad()
+def orientation(entry: Entry, sample: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """+-1 per feature making the entry's codes positively skewed on its fitting sample ``[n, d_in]``."""
+    dictionary = entry.dictionary.to(device)
+    rows = max(1, CODE_BATCH_BYTES // (4 * entry.dictionary.n_features))
+    return skew_signs(dictionary.encode(part.to(device)).cpu() for part in sample.split(rows))
+
+
+def counts_and_l0(method: Method, acts: torch.Tensor, keep: torch.Tensor, device: torch.device,
+                  fragment_len: int) -> tuple[torch.Tensor, float]:
+    """Fragments of the text where each feature fires (a positive code), and the mean number of non-zero codes per
+    ordinary token: counts, never a tokens x features tensor."""
+    counts, nonzero = None, 0.0
+    for codes in code_batches(method.entry, acts, keep, device, method.sign):
+        fired = fire_counts(codes, fragment_len)
+        counts = fired if counts is None else counts + fired
+        nonzero += float((codes != 0).sum())
+    return counts, nonzero / max(1, int(keep.sum()))
 
 
 def method_activations(method: Method, acts: torch.Tensor, contexts: torch.Tensor, keep: torch.Tensor,
-                       settings: DictConfig, device: torch.device) -> Iterator[FeatureActivations]:
-    """The sampled live features of one method at its hook, as the study's feature source."""
+                       settings: AutointerpSettings, device: torch.device) -> Iterator[FeatureActivations]:
+    """The method's features at its hook sampled uniformly among the live ones (firing in at least one fragment,
+    whatever their density), as the study's feature source."""
     entry = method.entry
-    live, mean_l0 = live_and_l0(entry, acts, keep, device)
+    counts, mean_l0 = counts_and_l0(method, acts, keep, device, settings.fragment_len)
+    live = counts > 0
     features = sample_features(live, settings.n_features, settings.seed, f"{method.name} at {entry.hook.name}")
+    required = record_config(settings).required
     method.info.update(entry=entry.name, hook=entry.hook.name, n_features=entry.dictionary.n_features,
-                       n_live=int(live.sum()), n_sampled=len(features), l0=round(mean_l0, 3))
+                       n_live=int(live.sum()), n_live_below_minimum=int(((counts > 0) & (counts < required)).sum()),
+                       n_sampled=len(features), l0=round(mean_l0, 3),
+                       oriented=None if method.sign is None else int((method.sign < 0).sum()))
     step = _contexts_per_batch(acts, entry)
-    batches = zip(code_batches(entry, acts, keep, device), contexts.split(step))
+    batches = zip(code_batches(entry, acts, keep, device, method.sign), contexts.split(step))
     yield from collect_feature_activations(method.name, entry.hook.name, entry.hook.layer, batches, features,
                                            settings.fragment_len)
 
@@ -247,7 +285,7 @@ class Group:
 
 def _groups(cfg: DictConfig, entries: list[Entry], device: torch.device) -> list[Group]:
     parts = groups(entries)
-    tokens = cfg.eval_tokens if cfg.eval_tokens is not None else cfg.analysis.tokens
+    tokens = cfg.eval_tokens if cfg.eval_tokens is not None else settings_of(cfg).tokens
     out = []
     for part in parts:
         session = session_for(part[0].meta, device, cfg.seed)
@@ -262,7 +300,8 @@ def _groups(cfg: DictConfig, entries: list[Entry], device: torch.device) -> list
     return out
 
 
-def methods_at(group: Group, hook: HookPoint, sample: torch.Tensor | None, cfg: DictConfig) -> Iterator[Method]:
+def methods_at(group: Group, hook: HookPoint, sample: torch.Tensor | None, settings: AutointerpSettings,
+               seed: int) -> Iterator[Method]:
     """The dictionaries at ``hook``, then the baselines fitted on ``sample`` (and their top-k versions, matched to
     the dictionaries' L0 measured on the way)."""
     names = dictionary_names(group.entries, group.prefix)
@@ -270,29 +309,30 @@ def methods_at(group: Group, hook: HookPoint, sample: torch.Tensor | None, cfg: 
     yield from dictionaries
     if sample is None:
         return
-    dense = fit_baselines(sample, list(cfg.analysis.baselines), hook, dictionaries[0].entry.meta, cfg.seed)
-    sparse = sparsified(dense, [m.info["l0"] for m in dictionaries]) if cfg.analysis.topk_baselines else []
-    for entry in dense + sparse:
-        yield Method(_baseline_name(entry, group.prefix), entry)
+    dense = fit_baselines(sample, list(settings.baselines), hook, dictionaries[0].entry.meta, seed)
+    sparse = sparsified(dense, [m.info["l0"] for m in dictionaries]) if settings.topk_baselines else []
+    for entry in dense + sparse:  # each direction oriented to positive skew on the sample it was fitted on
+        yield Method(_baseline_name(entry, group.prefix), entry, sign=orientation(entry, sample, sample.device))
 
 
 def feature_source(groups_: list[Group], cfg: DictConfig, device: torch.device, methods: list[Method],
                    meta_methods: list[dict]) -> Iterator[FeatureActivations]:
     """Every method's sampled features, hook by hook; ``methods`` collects what was studied and ``meta_methods``
     their info (meta.json's list, filled while the study consumes the source)."""
+    settings = settings_of(cfg)
     for group in groups_:
         session, contexts = group.session, group.contexts
         keep = token_mask(contexts, session.special_ids)
         hooks = list(dict.fromkeys(e.hook for e in group.entries))
         widths = {h: next(e.dictionary.d_in for e in group.entries if e.hook == h) for h in hooks}
-        for chunk in hook_chunks(hooks, widths, contexts.numel(), cfg.analysis.memory_mb):
+        for chunk in hook_chunks(hooks, widths, contexts.numel(), settings.memory_mb):
             acts = read_contexts(session, chunk, contexts)
-            samples = session.sample(chunk, cfg.baseline_tokens) if cfg.analysis.baselines else {}
+            samples = session.sample(chunk, cfg.baseline_tokens) if settings.baselines else {}
             for hook in chunk:
-                for method in methods_at(group, hook, samples.get(hook.name), cfg):
+                for method in methods_at(group, hook, samples.get(hook.name), settings, cfg.seed):
                     methods.append(method)
                     meta_methods.append(method.info)
-                    yield from method_activations(method, acts[hook], contexts, keep, cfg.analysis, device)
+                    yield from method_activations(method, acts[hook], contexts, keep, settings, device)
             del acts, samples
 
 
@@ -313,8 +353,9 @@ def study(cfg: DictConfig, entries: list[Entry]) -> StudyResult:
     """Explain and score the features of every dictionary and baseline; write the outputs under ``out``."""
     out = Path(cfg.out)  # under evaluate.py a staging directory, published over ``published`` at the end
     published = Path(cfg.get("published") or out)
-    analysis = OmegaConf.to_container(cfg.analysis, resolve=True)
-    explainer = analysis.pop("explainer")
+    settings = settings_of(cfg)
+    analysis = _plain(settings)
+    explainer = _plain(analysis.pop("explainer"))
     existing = [str(p) for p in output_paths(published).values() if p.exists()]
     if existing and not analysis["overwrite"]:
         raise ConfigError(f"{existing[0]} exists: pass analysis.overwrite=true or another out=...")
@@ -369,9 +410,10 @@ def _print_summary(result: StudyResult, out: Path) -> None:
     shown = ("simulation", "detection", "fuzzing", "lookup_simulation", "shuffled_simulation")
     lines = [
         f"{r['method']:>16} {r['hook']:>28} {r['score']:>20} {r['mean']:+.3f} "
-        f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] n={r['n']}"
+        f"[{r['ci_low']:+.3f}, {r['ci_high']:+.3f}] n={r['n']} undefined={r['n_undefined']} "
+        f"unscorable={r['n_unscorable']}"
         for r in result.summary
-        if r["score"] in shown and r.get("mean") is not None and math.isfinite(r["mean"])
+        if r["score"] in shown and r["tercile"] == "all" and r.get("mean") is not None and math.isfinite(r["mean"])
     ]
     print("\n".join(lines))
     print(f"wrote {result.paths['summary']} ({len(result.rows)} features) and {result.paths['plot']}")

@@ -11,11 +11,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from sae.autointerp import prompts
-from sae.autointerp.backends.base import ChatRequest, LLMBackend, LogprobRequest
+from sae.autointerp.backends.base import BranchRequest, ChatRequest, LLMBackend, LogprobRequest, PromptLogprobs
 from sae.autointerp.records import FeatureRecords, Fragment
-from sae.autointerp.scoring import DIGITS, expected_value
+from sae.autointerp.scoring import DIGITS, digit_share, expected_value
 
 YES_NO = ("yes", "no")
+TEN_MIN_SHARE = 1e-3  # second step only where P("1") is at least this share of the digit mass (error <= 0.009)
+TEN_ONE_TOKEN = "0-10 scale; '10' is one token of the judge's tokenizer, read in one step"
+TEN_TWO_TOKENS = ("0-10 scale; the judge's tokenizer writes '10' as '1','0': P(10) = P('1')·P('0'|'1'), the second "
+                  f"factor from a second batched step (where P('1') >= {TEN_MIN_SHARE} of the digit mass)")
 
 
 @dataclass
@@ -51,6 +55,10 @@ class Interpreter:
     def fuzz(self, jobs: Sequence[tuple[Explanation, Fragment, Sequence[bool]]]) -> list[Judgement]:
         raise NotImplementedError
 
+    def intruder(self, jobs: Sequence[tuple[Explanation, Sequence[Fragment]]]) -> list[int | None]:
+        """For each (explanation, passages): the index of the passage the explanation does not fit (None: no answer)."""
+        raise NotImplementedError
+
     def check_simulation(self) -> None:
         """Raise SimulationUnsupported when simulation is impossible here."""
 
@@ -79,6 +87,7 @@ class LLMInterpreter(Interpreter):
         self.backend, self.name = backend, backend.name
         self.explain_max_tokens, self.top_logprobs = explain_max_tokens, top_logprobs
         self.repeat_below, self.judge_max_tokens = repeat_below, judge_max_tokens
+        self.ten_rule: str | None = None  # how "10" is read, known after the first simulation (meta.json)
 
     def explain(self, records: Sequence[FeatureRecords]) -> list[Explanation]:
         reqs = [ChatRequest(prompts.explanation_messages(r.explain, self.repeat_below), self.explain_max_tokens,
@@ -90,13 +99,36 @@ class LLMInterpreter(Interpreter):
         return out
 
     def simulate(self, jobs: Sequence[tuple[Explanation, Fragment]]) -> list[list[float] | None]:
+        """Expected 0-10 value at every token, all tokens of a fragment read from one prompt (all at once); where the
+        judge writes "10" as two tokens, P("0" | "1") at each position comes from a second batched step."""
         todo = [i for i, (e, _) in enumerate(jobs) if e.text is not None]
         built = {i: prompts.simulation_prompt(jobs[i][0].text, jobs[i][1].tokens) for i in todo}
         reqs = [LogprobRequest(built[i].text, built[i].positions, self.top_logprobs, DIGITS) for i in todo]
+        resps = dict(zip(todo, self.backend.prompt_logprobs(reqs) if reqs else []))
         out: list[list[float] | None] = [None] * len(jobs)
-        for i, resp in zip(todo, self.backend.prompt_logprobs(reqs) if reqs else []):
-            out[i] = [expected_value(resp.at(p)) for p in built[i].positions]
+        if not resps:
+            return out
+        first = next(iter(resps))
+        split = not _one_token_ten(resps[first], built[first].ten_offset)
+        self.ten_rule = TEN_TWO_TOKENS if split else TEN_ONE_TOKEN
+        zero_after_one = self._zero_after_one(built, resps) if split else {}
+        for i, resp in resps.items():
+            out[i] = [expected_value(resp.at(p), zero_after_one.get((i, p))) for p in built[i].positions]
         return out
+
+    def _zero_after_one(self, built: dict, resps: dict[int, PromptLogprobs]) -> dict[tuple[int, int], float]:
+        """P("0" | the prompt up to the placeholder, "1") at every position where "1" has some mass: one batched
+        call of branch requests (one per fragment, every such position in it)."""
+        wanted = {i: tuple(p for p in built[i].positions if digit_share(resp.at(p), "1") >= TEN_MIN_SHARE)
+                  for i, resp in resps.items()}
+        jobs = [i for i in resps if wanted[i]]
+        reqs = [BranchRequest(built[i].text, wanted[i], "1", ("0",), self.top_logprobs) for i in jobs]
+        found: dict[tuple[int, int], float] = {}
+        for i, resp in zip(jobs, self.backend.branch_logprobs(reqs) if reqs else []):
+            for p, table in zip(wanted[i], resp.tables):
+                logprob = (table or {}).get("0")
+                found[(i, p)] = math.exp(logprob) if logprob is not None and math.isfinite(logprob) else 0.0
+        return found
 
     def _judge(self, messages: list[prompts.Messages | None]) -> list[Judgement]:
         todo = [i for i, m in enumerate(messages) if m is not None]
@@ -117,8 +149,35 @@ class LLMInterpreter(Interpreter):
         return self._judge([None if e.text is None else prompts.fuzzing_messages(e.text, f.tokens, m)
                             for e, f, m in jobs])
 
+    def intruder(self, jobs: Sequence[tuple[Explanation, Sequence[Fragment]]]) -> list[int | None]:
+        """The passage number the judge picks: the most likely of "1".."k" as the first answer token, else the
+        first number in its answer."""
+        todo = [i for i, (e, _) in enumerate(jobs) if e.text is not None]
+        reqs = []
+        for i in todo:
+            expl, frags = jobs[i]
+            numbers = tuple(str(k + 1) for k in range(len(frags)))
+            reqs.append(ChatRequest(prompts.intruder_messages(expl.text, [f.tokens for f in frags]),
+                                    self.judge_max_tokens, top_logprobs=self.top_logprobs, candidates=numbers))
+        out: list[int | None] = [None] * len(jobs)
+        for i, resp in zip(todo, self.backend.chat(reqs) if reqs else []):
+            n = len(jobs[i][1])
+            mass = [0.0] * n
+            for token, logprob in (resp.first_logprobs or {}).items():
+                key = token.strip()
+                if key.isdigit() and 1 <= int(key) <= n and math.isfinite(logprob):
+                    mass[int(key) - 1] += math.exp(logprob)
+            out[i] = max(range(n), key=lambda k: mass[k]) if max(mass) > 0 else prompts.parse_choice(resp.text, n)
+        return out
+
     def check_simulation(self) -> None:
         self.backend.check_prompt_logprobs()
 
     def describe(self) -> dict:
-        return self.backend.describe()
+        return {**self.backend.describe(), **({"scale": self.ten_rule} if self.ten_rule else {})}
+
+
+def _one_token_ten(resp: PromptLogprobs, ten_offset: int) -> bool:
+    """Whether the judge's tokenizer wrote the worked example's "10" as one token (read from the prompt's tokens)."""
+    token = resp.token_at(ten_offset) if ten_offset >= 0 else None
+    return token is not None and token.strip().startswith("10")

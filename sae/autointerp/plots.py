@@ -20,7 +20,8 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 COLUMNS = (("", "explainer"), ("shuffled_", "control: shuffled explanations"), ("lookup_", "control: token lookup"))
 ROWS = (("simulation", "simulation (Pearson r)"), ("detection", "detection (balanced acc.)"),
-        ("fuzzing", "fuzzing (balanced acc.)"))
+        ("fuzzing", "fuzzing (balanced acc.)"), ("embedding", "embedding (AUROC)"),
+        ("intruder", "intruder (accuracy)"))
 COLORS = {"dictionary": "black", "pca": "tab:blue", "ica": "tab:orange", "random": "tab:green", "neurons": "tab:red"}
 
 
@@ -29,7 +30,9 @@ def _finite(x) -> bool:
 
 
 def plot_by_layer(summary: Sequence[dict], path: Path, title: str) -> None:
-    """One panel per scorer x variant that has any finite value; x = layer, y = mean with 95% interval."""
+    """One panel per scorer x variant that has any finite value; x = layer, y = mean with 95% interval (over all
+    scored features: the summary's density terciles are in the CSV)."""
+    summary = [r for r in summary if r.get("tercile", "all") == "all"]
     have = {(r["score"]) for r in summary if _finite(r["mean"])}
     rows = [(name, label) for name, label in ROWS if any(p + name in have for p, _ in COLUMNS)] or [ROWS[0]]
     sites = {re.sub(r"[0-9]+", "*", r["hook"]) for r in summary}

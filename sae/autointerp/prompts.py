@@ -77,10 +77,22 @@ class ParsedExplanation:
         return self.text is not None
 
 
+REASONING = re.compile(r"<(think|thinking|reasoning)>.*?(</\1>|$)", flags=re.IGNORECASE | re.DOTALL)
+
+
+def strip_reasoning(raw: str) -> str:
+    """The answer without reasoning blocks (``<think>...</think>`` from Qwen3, DeepSeek-R1 and the like); a block
+    left open (the model ran out of tokens while reasoning) removes everything after it."""
+    text = REASONING.sub("", raw)
+    return text.split("</think>")[-1] if "</think>" in text else text  # a template that opened <think> itself
+
+
 def parse_explanation(raw: str) -> ParsedExplanation:
-    """The phrase after 'Explanation:' (else the first non-empty line), tidied; None when empty or rambling."""
-    match = re.search(r"explanation[\s*_`]*[:\-]\s*(.*)", raw, flags=re.IGNORECASE)
-    text = match.group(1) if match else raw
+    """The phrase after 'Explanation:' (else the first non-empty line), tidied, reasoning blocks removed first;
+    None when empty or rambling."""
+    answer = strip_reasoning(raw)
+    match = re.search(r"explanation[\s*_`]*[:\-]\s*(.*)", answer, flags=re.IGNORECASE)
+    text = match.group(1) if match else answer
     lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     phrase = lines[0] if lines else ""
     phrase = phrase.strip(" \t*_`").rstrip(".").strip(" \t*_`")
@@ -103,18 +115,20 @@ def parse_explanation(raw: str) -> ParsedExplanation:
 class SimulationPrompt:
     text: str
     positions: tuple[int, ...]  # character offset of each token's placeholder
+    ten_offset: int = -1  # character offset of the worked example's "10": shows how the judge's tokenizer writes it
 
 
 def simulation_prompt(explanation: str, tokens: Sequence[str]) -> SimulationPrompt:
     """A worked example, then the explanation and every token of the fragment with an unknown activation."""
     example = _listing([t for t, _ in SIM_EXAMPLE], [a for _, a in SIM_EXAMPLE])
     text = f"{SIM_HEADER}Feature: {SIM_EXAMPLE_EXPLANATION}\nPassage:\n{example}\n\nFeature: {explanation}\nPassage:\n"
+    ten_offset = text.index("\t10\n") + 1
     positions = []
     for token in tokens:
         text += f"{show_token(token)}\t"
         positions.append(len(text))
         text += f"{PLACEHOLDER}\n"
-    return SimulationPrompt(text, tuple(positions))
+    return SimulationPrompt(text, tuple(positions), ten_offset)
 
 
 def passage_text(tokens: Sequence[str], marked: Sequence[bool] | None = None) -> str:
@@ -142,8 +156,8 @@ def fuzzing_messages(explanation: str, tokens: Sequence[str], marked: Sequence[b
 
 
 def parse_yes_no(raw: str) -> bool | None:
-    """True/False from an answer's first word; None when it is neither yes nor no."""
-    match = re.match(r"\W*(\w+)", raw)
+    """True/False from an answer's first word (after any reasoning block); None when it is neither yes nor no."""
+    match = re.match(r"\W*(\w+)", strip_reasoning(raw))
     word = match.group(1).lower() if match else ""
     return True if word == "yes" else False if word == "no" else None
 
@@ -151,3 +165,19 @@ def parse_yes_no(raw: str) -> bool | None:
 def render_plain(messages: Messages) -> str:
     """A chat as plain text, for models without a chat template."""
     return "".join(f"{role.capitalize()}: {content}\n\n" for role, content in messages) + "Assistant:"
+
+
+def intruder_messages(explanation: str, passages: Sequence[Sequence[str]]) -> Messages:
+    """Several passages, all but one where the described feature responds: which one is the intruder?"""
+    listed = "\n\n".join(f"Passage {i + 1}:\n{passage_text(t)}" for i, t in enumerate(passages))
+    user = (f"A feature of a language model is described as: {explanation}\n\nThe feature responds to every passage "
+            f"below except one.\n\n{listed}\n\nWhich passage does the feature not respond to? Answer with its number "
+            f"only.")
+    return (("system", JUDGE_SYSTEM.replace("You answer yes or no.", "You answer briefly.")), ("user", user))
+
+
+def parse_choice(raw: str, n: int) -> int | None:
+    """The 0-based passage index from an answer's first number (1..n), after any reasoning block; None otherwise."""
+    match = re.search(r"\d+", strip_reasoning(raw))
+    value = int(match.group()) if match else 0
+    return value - 1 if 1 <= value <= n else None

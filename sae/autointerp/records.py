@@ -21,37 +21,44 @@ Decode = Callable[[Sequence[int]], list[str]]
 
 @dataclass(frozen=True)
 class RecordConfig:
-    """How many fragments of each kind; the explain and score sets are drawn without overlap."""
+    """How many fragments of each kind; the explain and score sets never share a fragment.
+
+    The split is OpenAI's (Bills et al. 2023): the top ``n_explain + n_score_top`` fragments by max activation are
+    dealt alternately (a stride split) to the explanation and to scoring, so the scored top fragments are as strong as
+    the explained ones; scoring adds ``n_score_random`` fragments drawn uniformly from the whole text (active or not).
+    ``n_score_random_active`` fragments drawn from the other active ones give the separately named
+    ``simulation_random_active`` score.
+    """
 
     fragment_len: int = 64
-    n_top: int = 20  # fragments with the largest max activation
-    n_random: int = 20  # random fragments where the feature is non-zero somewhere (not among the top)
-    n_explain: int = 5  # the explainer sees the first n_explain top fragments ...
-    n_score_top: int = 5  # ... the simulator is scored on the next n_score_top top fragments ...
-    n_score_random: int = 5  # ... and on n_score_random of the random ones
-    n_quantiles: int = 3  # detection/fuzzing positives: activating fragments from each activation quantile ...
-    per_quantile: int = 2  # ... this many from each, and as many non-activating fragments
-    min_fragments: int | None = None  # features non-zero in fewer fragments are skipped; None: n_top + n_random
+    n_explain: int = 5  # top fragments the explainer sees (ranks 0, 2, 4, ... of the stride split)
+    n_score_top: int = 5  # top fragments the simulator is scored on (ranks 1, 3, 5, ...)
+    n_score_random: int = 5  # fragments drawn uniformly from the text (the paper's "random")
+    n_score_random_active: int = 5  # fragments drawn from the other active ones (simulation_random_active); 0: none
+    n_quantiles: int = 3  # detection/fuzzing: activating fragments from each activation quantile ...
+    per_quantile: int = 2  # ... this many from each, and as many fragments where the feature does not fire
+    min_fragments: int | None = None  # active fragments a feature needs; None: n_explain + n_score_top
 
     def __post_init__(self) -> None:
         if self.fragment_len < 1:
             raise ConfigError(f"autointerp.fragment_len={self.fragment_len}: must be at least 1")
-        if self.n_explain + self.n_score_top > self.n_top:
-            raise ConfigError(f"autointerp: n_explain ({self.n_explain}) + n_score_top ({self.n_score_top}) exceeds "
-                              f"n_top ({self.n_top}): the explain and score fragments must not overlap")
-        if self.n_score_random > self.n_random:
-            raise ConfigError(f"autointerp: n_score_random ({self.n_score_random}) exceeds n_random ({self.n_random})")
-        if min(self.n_explain, self.n_score_top + self.n_score_random) < 1:
-            raise ConfigError("autointerp: need at least one explanation fragment and one scored fragment")
+        if min(self.n_explain, self.n_score_top) < 1:
+            raise ConfigError("autointerp: n_explain and n_score_top must be >= 1 (one fragment to explain, one "
+                              "top fragment to score)")
+        if min(self.n_score_random, self.n_score_random_active, self.n_quantiles, self.per_quantile) < 0:
+            raise ConfigError("autointerp: fragment counts must be >= 0")
+        if self.min_fragments is not None and self.min_fragments < 1:
+            raise ConfigError(f"autointerp.min_fragments={self.min_fragments}: must be >= 1 (or null)")
+
+    @property
+    def n_top(self) -> int:
+        """Top fragments dealt to the explanation and to scoring."""
+        return self.n_explain + self.n_score_top
 
     @property
     def required(self) -> int:
-        """Non-zero fragments a feature needs to be studied (the paper: 20 top + 20 random)."""
-        return (
-            self.n_top + self.n_random
-            if self.min_fragments is None
-            else max(self.min_fragments, self.n_top + self.n_random)
-        )
+        """Active fragments a feature needs to be scored: at least one, and by default a full stride split."""
+        return self.n_top if self.min_fragments is None else self.min_fragments
 
 
 @dataclass
@@ -97,9 +104,16 @@ class FeatureRecords:
     n_active_fragments: int
     explain: list[Fragment]
     score_top: list[Fragment]
-    score_random: list[Fragment]
-    positives: list[Fragment]  # fragments with a visible activation (>= 1 of 10), across quantiles (detection, fuzzing)
-    negatives: list[Fragment]  # fragments that show only zeros (every activation < max / 10)
+    score_random: list[Fragment]  # drawn uniformly from the text's fragments (active or not), not explain/top
+    positives: list[Fragment]  # fragments where the feature fires, across activation quantiles (detection, fuzzing)
+    negatives: list[Fragment]  # fragments where it does not fire at all (every activation <= 0)
+    score_random_active: list[Fragment] = field(default_factory=list)  # drawn from the other active fragments
+    n_fragments: int = 0  # fragments of text the feature was read on
+
+    @property
+    def density(self) -> float:
+        """Fraction of the text's fragments where the feature fires somewhere."""
+        return self.n_active_fragments / max(1, self.n_fragments)
 
     @property
     def key(self) -> tuple[str, str, int]:
@@ -108,8 +122,9 @@ class FeatureRecords:
     def to_json(self) -> dict:
         frag = lambda fs: [f.to_json() for f in fs]  # noqa: E731
         return {"max_act": self.max_act, "n_active_fragments": self.n_active_fragments,
-                "normalisation": NORMALISATION_RULE, "explain": frag(self.explain), "score_top": frag(self.score_top),
-                "score_random": frag(self.score_random), "positives": frag(self.positives),
+                "n_fragments": self.n_fragments, "normalisation": NORMALISATION_RULE, "explain": frag(self.explain),
+                "score_top": frag(self.score_top), "score_random": frag(self.score_random),
+                "score_random_active": frag(self.score_random_active), "positives": frag(self.positives),
                 "negatives": frag(self.negatives)}
 
 
@@ -143,6 +158,32 @@ def cut_fragments(codes: torch.Tensor, token_ids: torch.Tensor, features: Sequen
     acts = kept.reshape(n_ctx * per, fragment_len, len(features))
     ids = token_ids[:, : per * fragment_len].reshape(n_ctx * per, fragment_len).long().cpu()
     return acts, ids
+
+
+def skew_signs(batches: Iterable[torch.Tensor]) -> torch.Tensor:
+    """+1 or -1 per feature: the sign that makes its codes positively skewed (third central moment >= 0) over the
+    rows of batches [n, n_features]. A baseline direction's sign is whatever the fit returned; multiplying its codes
+    by this sign puts the direction's heavy tail on the positive side, the side the study scores."""
+    n, s1, s2, s3 = 0, None, None, None
+    for codes in batches:
+        c = codes.reshape(-1, codes.shape[-1]).double()
+        n += c.shape[0]
+        parts = (c.sum(0), (c * c).sum(0), (c * c * c).sum(0))
+        s1, s2, s3 = parts if s1 is None else (s1 + parts[0], s2 + parts[1], s3 + parts[2])
+    if not n:
+        raise ConfigError("autointerp: no sample to orient the baselines on")
+    mean = s1 / n
+    third = s3 / n - 3 * mean * s2 / n + 2 * mean**3
+    return torch.where(third < 0, -1.0, 1.0).float()
+
+
+def fire_counts(codes: torch.Tensor, fragment_len: int) -> torch.Tensor:
+    """long [n_features]: fragments of codes [n_contexts, seq, n_features] where each feature fires (a positive code
+    somewhere); sum it over batches of contexts for the feature's density."""
+    n_ctx, seq, width = codes.shape
+    per = seq // fragment_len
+    frags = codes[:, : per * fragment_len].reshape(n_ctx * per, fragment_len, width)
+    return (frags > 0).any(1).sum(0).cpu()
 
 
 def live_mask(codes: torch.Tensor) -> torch.Tensor:
@@ -207,39 +248,62 @@ def _quantile_draw(order: list[int], n_quantiles: int, per_quantile: int, gen: t
     return picked
 
 
+def stride_split(ranked: Sequence[int], n_explain: int, n_score: int) -> tuple[list[int], list[int]]:
+    """Deal fragments ranked by max activation alternately to explanation and scoring (OpenAI's stride split).
+
+    With equal counts the explanation gets ranks 0, 2, 4, ... and scoring 1, 3, 5, ...; with unequal counts the
+    deal is spread evenly over the first n_explain + n_score ranks. Fewer ranked fragments: each side gets its share.
+    """
+    total = n_explain + n_score
+    explain, score = [], []
+    for r, i in enumerate(ranked[:total]):
+        # rank r goes to the explanation when ceil(r * n_explain / total) steps up (rank 0 always does)
+        step = -(-(r + 1) * n_explain // total) > -(-r * n_explain // total)
+        (explain if step else score).append(i)
+    return explain, score
+
+
+def _draw(pool: Sequence[int], n: int, gen: torch.Generator) -> list[int]:
+    """`n` members of `pool` uniformly without replacement (all when fewer), in draw order."""
+    return [pool[k] for k in torch.randperm(len(pool), generator=gen)[:n].tolist()]
+
+
 def build_records(fa: FeatureActivations, config: RecordConfig, decode: Decode, seed: int) -> FeatureRecords | None:
-    """Top and random fragments of one feature, split disjointly into explain / score sets; None when too few."""
+    """One feature's explain / score / detection sets; None when it fires in fewer than `config.required` fragments.
+
+    Fires means a positive activation (codes are shown as relu(a); baselines are oriented before they get here).
+    """
     acts, ids = fa.acts.float(), fa.token_ids
     maxes = acts.clamp(min=0).amax(1)
     active = torch.nonzero(maxes > 0).flatten()
-    if active.numel() < config.required:
+    if active.numel() < max(1, config.required):
         return None
     gen = torch.Generator().manual_seed(seed * 1_000_003 + fa.feature)
     by_max = active[torch.argsort(maxes[active], descending=True, stable=True)].tolist()
-    top, rest = by_max[: config.n_top], by_max[config.n_top:]
-    rand = [rest[k] for k in torch.randperm(len(rest), generator=gen)[: config.n_random].tolist()]
-    explain = top[: config.n_explain]
-    score_top = top[config.n_explain: config.n_explain + config.n_score_top]
-    score_random = rand[: config.n_score_random]
-    # detection/fuzzing: "activating" and "silent" as the explainer sees them, on the 0-10 scale (a dense
-    # baseline such as PCA is non-zero almost everywhere, yet most fragments show only zeros)
-    shown = maxes >= float(maxes.max()) / 10
+    explain, score_top = stride_split(by_max, config.n_explain, config.n_score_top)
+    taken = set(explain) | set(score_top)
+    others = [i for i in range(len(maxes)) if i not in taken]
+    score_random = _draw(others, config.n_score_random, gen)
+    rest_active = [i for i in by_max if i not in taken]
+    score_random_active = _draw(rest_active, config.n_score_random_active, gen)
+    # detection/fuzzing: activating fragments (not shown to the explainer) across quantiles of their max, against
+    # fragments where the feature does not fire at all
     explained = set(explain)
-    visible = [i for i in by_max if bool(shown[i]) and i not in explained]
-    positives = _quantile_draw(visible, config.n_quantiles, config.per_quantile, gen)
-    silent = torch.nonzero(~shown).flatten()
-    negatives = silent[torch.randperm(silent.numel(), generator=gen)[: len(positives)]].tolist()
-    max_act = float(maxes[top[0]])
+    positives = _quantile_draw([i for i in by_max if i not in explained], config.n_quantiles, config.per_quantile, gen)
+    silent = torch.nonzero(maxes <= 0).flatten().tolist()
+    negatives = _draw(silent, len(positives), gen)
+    max_act = float(maxes[by_max[0]])
     make = lambda idx: [_fragment(i, acts, ids, decode) for i in idx]  # noqa: E731
     rec = FeatureRecords(fa.method, fa.hook, fa.layer, fa.feature, max_act, int(active.numel()), make(explain),
-                         make(score_top), make(score_random), make(positives), make(negatives))
+                         make(score_top), make(score_random), make(positives), make(negatives),
+                         make(score_random_active), n_fragments=len(maxes))
     for frag in all_fragments(rec):
         frag.norm = normalise(frag.acts, max_act)
     return rec
 
 
 def all_fragments(rec: FeatureRecords) -> list[Fragment]:
-    return [*rec.explain, *rec.score_top, *rec.score_random, *rec.positives, *rec.negatives]
+    return [*rec.explain, *rec.score_top, *rec.score_random, *rec.score_random_active, *rec.positives, *rec.negatives]
 
 
 def decoder_from_tokenizer(tokenizer) -> Decode:

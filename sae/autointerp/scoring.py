@@ -11,11 +11,12 @@ import numpy as np
 DIGITS = tuple(str(i) for i in range(11))
 
 
-def expected_value(table: Mapping[str, float] | None) -> float:
+def expected_value(table: Mapping[str, float] | None, p_zero_after_one: float | None = None) -> float:
     """E[activation] under the next-token distribution restricted to "0".."10" (renormalised); NaN if none there.
 
-    Keys are token texts (whitespace stripped before matching, so " 7" counts as "7"). Where "10" is two tokens
-    (most BPE vocabularies split digits), its mass sits under "1": a limitation of reading one position.
+    Keys are token texts (whitespace stripped before matching, so " 7" counts as "7"). Where the tokenizer writes
+    "10" as "1" then "0" (SmolLM2, Llama, Mistral, Qwen), pass ``p_zero_after_one`` = P("0" | the prompt, "1"), read
+    from a second step: the mass on "1" is then split into P("1")·P("0"|"1") for 10 and the rest for 1.
     """
     if not table:
         return math.nan
@@ -24,8 +25,25 @@ def expected_value(table: Mapping[str, float] | None) -> float:
         key = token.strip()
         if key in DIGITS and logprob is not None and math.isfinite(logprob):
             mass[int(key)] += math.exp(logprob)
+    if p_zero_after_one is not None and math.isfinite(p_zero_after_one):
+        ten = mass[1] * min(1.0, max(0.0, p_zero_after_one))
+        mass[10] += ten
+        mass[1] -= ten
     total = mass.sum()
     return float((mass * np.arange(len(DIGITS))).sum() / total) if total > 0 else math.nan
+
+
+def digit_share(table: Mapping[str, float] | None, digit: str) -> float:
+    """P(digit) / P(any of "0".."10") in a first-token table; 0 when there is no digit mass."""
+    if not table:
+        return 0.0
+    mass = {d: 0.0 for d in DIGITS}
+    for token, logprob in table.items():
+        key = token.strip()
+        if key in mass and logprob is not None and math.isfinite(logprob):
+            mass[key] += math.exp(logprob)
+    total = sum(mass.values())
+    return mass[digit] / total if total > 0 else 0.0
 
 
 def pearson(x: Sequence[float], y: Sequence[float]) -> float:

@@ -108,4 +108,14 @@ class HashLLM:
                     out.append(PromptLogprobs(tokens=["?"] * len(offsets), offsets=offsets, top=tables))
                 return out
 
+            def branch_logprobs(self, requests):
+                """One computation per branch request, as an in-process backend makes it."""
+                import math
+
+                from sae.autointerp.backends.base import BranchLogprobs
+
+                self.calls += len(requests)
+                return [BranchLogprobs([{"0": math.log(((self._h(f"{r.prompt}{p}b") % 50) + 1) / 51)}
+                                        for p in r.positions]) for r in requests]
+
         return _Hash()

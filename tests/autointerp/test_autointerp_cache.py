@@ -19,7 +19,7 @@ from sae.autointerp.interpret import LLMInterpreter
 from sae.errors import ConfigError
 
 HERE = Path(__file__).resolve().parent
-CFG = StudyConfig(records=RecordConfig(fragment_len=16, n_top=6, n_random=4, n_explain=2, n_score_top=2,
+CFG = StudyConfig(records=RecordConfig(fragment_len=16, n_explain=2, n_score_top=2,
                                        n_score_random=2, n_quantiles=2, per_quantile=1), n_bootstrap=50, chunk=4)
 
 
@@ -59,8 +59,8 @@ from sae.autointerp.backends.base import CachedBackend
 from sae.autointerp.cache import ResponseCache
 from sae.autointerp.interpret import LLMInterpreter
 cache = ResponseCache(sys.argv[1])
-interpreter = LLMInterpreter(CachedBackend(HashLLM(delay_s=0.15), cache))
-run_study(_source(), interpreter, word_decode, sys.argv[2], CFG, cache=cache)
+interp = LLMInterpreter(CachedBackend(HashLLM(delay_s=0.15), cache))
+run_study(_source(), interp, word_decode, sys.argv[2], CFG, cache=cache)
 """
 
 

@@ -13,7 +13,7 @@ from conftest import run_cli, run_in_process, tiny_overrides
 from safetensors.torch import load_file, save_file
 
 # records small enough for the tiny run's held-out text (a few hundred tokens)
-SMALL = ["analysis.fragment_len=8", "analysis.n_top=3", "analysis.n_random=2", "analysis.n_explain=1",
+SMALL = ["analysis.fragment_len=8", "analysis.n_explain=1",
          "analysis.n_score_top=1", "analysis.n_score_random=1", "analysis.n_quantiles=1", "analysis.per_quantile=1",
          "analysis.n_bootstrap=50", "baseline_tokens=512"]
 
@@ -45,7 +45,8 @@ def test_token_lookup_end_to_end_puts_explanations_on_the_dashboard(tiny_run, tm
     methods = {r["method"] for r in rows}
     assert {"dictionary", "pca", "neurons", "random"} <= methods
     assert any(m.startswith("pca_topk") for m in methods)  # the sparsified baselines, matched to the L0
-    simulation = [r for r in rows if r["score"] == "simulation" and r["method"] == "dictionary"]
+    simulation = [r for r in rows if r["score"] == "simulation" and r["method"] == "dictionary"
+                  and r["tercile"] == "all"]
     assert len(simulation) == 1 and 0 < int(simulation[0]["n_features"]) <= 4
     meta = json.loads((out / "autointerp" / "meta.json").read_text())
     assert meta["explainer"]["backend"] == "token_lookup"
@@ -82,7 +83,7 @@ def test_hf_local_on_two_features(tiny_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = json.loads((out / "autointerp" / "meta.json").read_text())
     assert meta["explainer"]["backend"] == "hf_local" and meta["explainer"]["params"]
-    assert meta["n_features_scored"] + meta["n_features_skipped"] == 2
+    assert meta["n_features_scored"] + meta["n_features_unscorable"] == 2
     assert meta["cache"]["misses"] > 0 and meta["cache"]["path"] == str(out / "autointerp" / "cache.sqlite")
     assert {r["method"] for r in _summary(out)} == {"dictionary"}
     args = proc.args[2:]  # the same command again: refused without overwrite, then answered from the default cache
@@ -94,6 +95,35 @@ def test_hf_local_on_two_features(tiny_run, tmp_path):
     assert meta["cache"]["misses"] == 0 and meta["cache"]["hits"] > 0
 
 
+def test_a_flipped_baseline_scores_the_same(tiny_run, tmp_path, monkeypatch):
+    """A baseline direction's sign is arbitrary (eigh, FastICA, QR): orientation to positive skew on the fitting
+    sample makes -d score exactly as d."""
+    import sae.autointerp.analysis as analysis
+
+    real = analysis.fit_baselines
+
+    def flipped(*args, **kwargs):
+        entries = real(*args, **kwargs)
+        for e in entries:
+            e.dictionary.set_atoms(-e.dictionary.W_dec)
+        return entries
+
+    args = ["analysis=autointerp", "explainer=token_lookup", "analysis.n_features=6", "analysis.baselines=[pca]",
+            *SMALL]
+    first = run_in_process("evaluate.py", f"run={tiny_run}", f"out={tmp_path / 'a'}", *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    monkeypatch.setattr(analysis, "fit_baselines", flipped)
+    second = run_in_process("evaluate.py", f"run={tiny_run}", f"out={tmp_path / 'b'}", *args)
+    assert second.returncode == 0, second.stderr[-3000:]
+
+    def pca_rows(out):
+        with open(out / "autointerp.csv", newline="") as fh:
+            return [{k: v for k, v in r.items()} for r in csv.DictReader(fh) if r["method"] == "pca"]
+
+    a, b = pca_rows(tmp_path / "a"), pca_rows(tmp_path / "b")
+    assert a and a == b
+
+
 def _dead_copy(run, tmp_path):
     """The run with every code forced to zero (encoder bias far below any pre-activation)."""
     dead = tmp_path / "dead"
@@ -102,6 +132,18 @@ def _dead_copy(run, tmp_path):
     weights["b_enc"] = torch.full_like(weights["b_enc"], -1e9)
     save_file(weights, dead / "sae.safetensors")
     return dead
+
+
+@pytest.mark.parametrize("case", ["unknown_scorer", "embedding_model"])
+def test_bad_scorers_are_one_line_and_write_nothing(case, tiny_run, tmp_path):
+    extra = (["analysis.scorers=[simulation,bogus]"] if case == "unknown_scorer" else
+             ["analysis.scorers=[embedding]", "analysis.embedding_model=no-such-embedding-model"])
+    out = tmp_path / "eval"
+    proc = run_in_process("evaluate.py", f"run={tiny_run}", "analysis=autointerp", f"out={out}", *SMALL, *extra)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: ") and ("bogus" in line if case == "unknown_scorer" else "embedding" in line)
+    assert not out.exists() or not any(out.iterdir())
 
 
 @pytest.mark.parametrize("case", ["unknown_method", "no_live_features", "chat_only_simulate", "missing_key",

@@ -24,7 +24,7 @@ from sae.autointerp.serve import create_app, running  # noqa: E402
 from sae.errors import ConfigError  # noqa: E402
 
 KEY = "SAE_AUTOINTERP_TEST_KEY"
-RECORDS = RecordConfig(fragment_len=8, n_top=4, n_random=2, n_explain=2, n_score_top=2, n_score_random=1,
+RECORDS = RecordConfig(fragment_len=8, n_explain=2, n_score_top=2, n_score_random=1,
                        n_quantiles=1, per_quantile=1)
 
 

@@ -48,23 +48,25 @@ def _hand_feature(n_frag=60, length=8):
 
 
 def test_split_is_disjoint_with_the_configured_sizes():
-    cfg = RecordConfig(fragment_len=8, n_top=12, n_random=10, n_explain=4, n_score_top=6, n_score_random=7,
+    cfg = RecordConfig(fragment_len=8, n_explain=4, n_score_top=6, n_score_random=7, n_score_random_active=3,
                        n_quantiles=3, per_quantile=2)
     rec = build_records(_hand_feature(), cfg, word_decode, seed=0)
     explain = {f.index for f in rec.explain}
-    scored = {f.index for f in rec.score_top} | {f.index for f in rec.score_random}
+    scored = {f.index for f in rec.score_top + rec.score_random + rec.score_random_active}
     assert (len(rec.explain), len(rec.score_top), len(rec.score_random)) == (4, 6, 7)
     assert explain.isdisjoint(scored), "explanation and scoring fragments must never overlap"
-    assert len(scored) == 13  # no fragment scored twice either
-    assert [f.index for f in rec.explain] == [59, 58, 57, 55]  # the largest max activations, 56 being silent
-    assert [f.index for f in rec.score_top] == [54, 53, 51, 50, 49, 47]
-    top12 = {59, 58, 57, 55, 54, 53, 51, 50, 49, 47, 46, 45}
-    assert all(f.index not in top12 and f.index % 4 for f in rec.score_random)  # random: active, not among the top
+    assert len({f.index for f in rec.score_top + rec.score_random}) == 13  # no fragment scored twice either
+    # the stride split: ranks 0, 2, 5, 7 of the top 10 (59 58 57 55 54 53 51 50 49 47) explained, the rest scored
+    assert [f.index for f in rec.explain] == [59, 57, 53, 50]
+    assert [f.index for f in rec.score_top] == [58, 55, 54, 51, 49, 47]
+    top = explain | {f.index for f in rec.score_top}
+    assert all(f.index % 4 and f.index not in top for f in rec.score_random_active)
     assert explain.isdisjoint(f.index for f in rec.positives)
     assert len(rec.positives) == 6 and len(rec.negatives) == 6
-    assert all(max(f.norm) == 0 for f in rec.negatives) and all(max(f.norm) >= 1 for f in rec.positives)
-    assert {f.index for f in rec.negatives} <= {i for i in range(60) if i % 4 == 0 or i < 6}  # silent or < max/10
+    assert all(max(f.acts) <= 0 for f in rec.negatives), "detection negatives: fragments where it does not fire"
+    assert all(max(f.acts) > 0 for f in rec.positives)
     assert rec.max_act == 59.0 and rec.explain[0].norm[59 % 8] == 10
+    assert rec.n_fragments == 60 and rec.density == pytest.approx(45 / 60)
     for frag in all_fragments(rec):  # one scale for all the feature's fragments
         assert frag.norm == normalise(frag.acts, 59.0)
     again = build_records(_hand_feature(), cfg, word_decode, seed=0)
@@ -73,24 +75,43 @@ def test_split_is_disjoint_with_the_configured_sizes():
     assert [f.index for f in other.score_random] != [f.index for f in rec.score_random]
 
 
+def test_the_random_scoring_fragments_are_uniform_over_the_text():
+    """Bills et al. score on top fragments plus fragments drawn uniformly from the text, active or not."""
+    cfg = RecordConfig(fragment_len=8, n_explain=2, n_score_top=2, n_score_random=5, n_score_random_active=0)
+    fa = _hand_feature()  # 60 fragments, 15 silent; the top 4 go to explain/score_top, 56 remain eligible
+    counts = torch.zeros(60)
+    n_draws = 400
+    for seed in range(n_draws):
+        rec = build_records(fa, cfg, word_decode, seed=seed)
+        for f in rec.score_random:
+            counts[f.index] += 1
+    top4 = [59, 58, 57, 55]
+    assert counts[top4].sum() == 0
+    eligible = [i for i in range(60) if i not in top4]
+    expected = n_draws * 5 / len(eligible)  # about 35.7 draws each
+    silent_share = counts[[i for i in eligible if i % 4 == 0]].sum() / counts.sum()
+    assert silent_share == pytest.approx(15 / 56, abs=0.04), "silent fragments must be drawn as often as any other"
+    assert counts[eligible].min() > expected * 0.5 and counts[eligible].max() < expected * 1.6
+
+
 def test_paper_defaults_split_5_top_to_explain_and_5_top_plus_5_random_to_score():
     acts = torch.rand(100, 64) * (torch.rand(100, 64) < 0.2)
     rec = build_records(FeatureActivations("pca", "h", 1, 0, acts, torch.zeros(100, 64, dtype=torch.long)),
                         RecordConfig(), word_decode, seed=0)
-    sizes = (len(rec.explain), len(rec.score_top), len(rec.score_random))
-    assert sizes == (5, 5, 5) and {f.index for f in rec.explain}.isdisjoint(
-        {f.index for f in rec.score_top + rec.score_random})
+    sizes = (len(rec.explain), len(rec.score_top), len(rec.score_random), len(rec.score_random_active))
+    assert sizes == (5, 5, 5, 5) and {f.index for f in rec.explain}.isdisjoint(
+        {f.index for f in rec.score_top + rec.score_random + rec.score_random_active})
 
 
 def test_features_active_in_too_few_fragments_are_skipped():
-    cfg = RecordConfig(fragment_len=8, n_top=12, n_random=10, n_explain=4, n_score_top=6, n_score_random=7)
-    fa = _hand_feature(n_frag=28)  # 21 active fragments < 22 needed
-    assert build_records(fa, cfg, word_decode, seed=0) is None
+    cfg = RecordConfig(fragment_len=8, n_explain=4, n_score_top=6, n_score_random=7)
+    assert build_records(_hand_feature(n_frag=12), cfg, word_decode, seed=0) is None  # 9 active < 10 needed
+    assert build_records(_hand_feature(n_frag=12), RecordConfig(fragment_len=8, min_fragments=2), word_decode, 0)
 
 
-def test_overlapping_sizes_are_refused():
-    with pytest.raises(ConfigError, match="must not overlap"):
-        RecordConfig(n_top=8, n_explain=5, n_score_top=5)
+def test_bad_sizes_are_refused():
+    with pytest.raises(ConfigError, match="n_explain and n_score_top"):
+        RecordConfig(n_explain=0)
 
 
 def test_live_feature_sampling_and_the_source():

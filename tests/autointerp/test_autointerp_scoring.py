@@ -11,7 +11,7 @@ from autointerp_helpers import word_decode
 from sae.autointerp import FeatureActivations, RecordConfig, build_records, prompts
 from sae.autointerp.interpret import Interpreter, Judgement, p_yes
 from sae.autointerp.scoring import auroc, balanced_accuracy, bootstrap_ci, expected_value, pearson, simulation_scores
-from sae.autointerp.study import fuzz_cases, score_variant
+from sae.autointerp.study import StudyConfig, fuzz_cases, score_variant
 
 
 def test_expected_value_over_digit_tokens():
@@ -54,9 +54,9 @@ def _record():
 def test_oracle_simulator_scores_one_and_a_constant_one_is_undefined():
     torch.manual_seed(0)
     rec = _record()
-    (oracle,) = score_variant(Oracle(), [rec], [None], ["simulation"], seed=0)
+    (oracle,) = score_variant(Oracle(), [rec], [None], ["simulation"], cfg=StudyConfig())
     assert oracle["simulation"] == pytest.approx(1.0) and oracle["simulation_top"] == pytest.approx(1.0)
-    (flat,) = score_variant(Oracle(constant=3.0), [rec], [None], ["simulation"], seed=0)
+    (flat,) = score_variant(Oracle(constant=3.0), [rec], [None], ["simulation"], cfg=StudyConfig())
     assert math.isnan(flat["simulation"]) and math.isnan(flat["simulation_random"])
     missing = simulation_scores([[1, 2]], [None], [[0, 1]], [None])
     assert all(math.isnan(v) for v in missing.values())
@@ -80,7 +80,7 @@ class Perfect(Interpreter):
         return [Judgement(f.max_act > 0, 1.0 if f.max_act > 0 else 0.0) for _, f in jobs]
 
     def fuzz(self, jobs):
-        good = [all((n >= 1) == m for n, m in zip(f.norm, marks)) for _, f, marks in jobs]
+        good = [all(a > 0 for a, m in zip(f.acts, marks) if m) for _, f, marks in jobs]
         return [Judgement(g, float(g)) for g in good]
 
 
@@ -90,8 +90,8 @@ def test_detection_and_fuzzing_cases_are_balanced_and_a_perfect_judge_scores_one
     cases = fuzz_cases(rec, seed=0)
     assert sum(lab for *_, lab in cases) == sum(not lab for *_, lab in cases) > 0
     for frag, marks, label in cases:
-        assert sum(marks) > 0 and (not label or all((n >= 1) == m for n, m in zip(frag.norm, marks)))
-    (res,) = score_variant(Perfect(), [rec], [None], ["detection", "fuzzing"], seed=0)
+        assert sum(marks) > 0 and all((a > 0) == label for a, m in zip(frag.acts, marks) if m)
+    (res,) = score_variant(Perfect(), [rec], [None], ["detection", "fuzzing"], cfg=StudyConfig())
     assert res["detection"] == res["detection_auroc"] == res["fuzzing"] == res["fuzzing_auroc"] == 1.0
 
 

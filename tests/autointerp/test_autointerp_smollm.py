@@ -32,7 +32,7 @@ def test_smollm2_explains_and_simulates_two_planted_features(smol, tmp_path):
     codes = torch.zeros(48, 16, 2)
     codes[..., 0] = (ids == tok(" the").input_ids[0]).float() * 2  # fires on " the"
     codes[..., 1] = (ids == tok(",").input_ids[0]).float()  # fires on commas
-    cfg = StudyConfig(records=RecordConfig(fragment_len=16, n_top=3, n_random=1, n_explain=2, n_score_top=1,
+    cfg = StudyConfig(records=RecordConfig(fragment_len=16, n_explain=2, n_score_top=1,
                                            n_score_random=1, n_quantiles=1, per_quantile=1),
                       scorers=("simulation", "detection"), controls=False, n_bootstrap=20)
     res = run_study(iter_feature_activations("dictionary", "blocks.3.hook_resid_post", 3, codes, ids, [0, 1], 16),

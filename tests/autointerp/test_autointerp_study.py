@@ -12,7 +12,7 @@ from sae.autointerp.backends.token_lookup import TokenLookup
 from sae.autointerp.interpret import LLMInterpreter
 from sae.errors import ConfigError
 
-RECORDS = RecordConfig(fragment_len=16, n_top=8, n_random=6, n_explain=3, n_score_top=3, n_score_random=3)
+RECORDS = RecordConfig(fragment_len=16, n_explain=3, n_score_top=3, n_score_random=3)
 
 
 def _source(methods=("dictionary", "pca"), layers=(1, 2), feats=(0, 1, 2, 3)):
@@ -32,14 +32,14 @@ def test_token_lookup_study_writes_every_output_and_reports_both_controls(tmp_pa
     assert all(float(r["simulation"]) > 0.9 and r["explanation"] == "tokens ' cat'" for r in planted)
     assert all(float(r["shuffled_simulation"]) < 0.5 for r in planted)  # another feature's tokens predict nothing
     summary = list(csv.DictReader(open(paths["summary"])))
-    sim = [r for r in summary if r["score"] == "simulation"]
+    sim = [r for r in summary if r["score"] == "simulation" and r["tercile"] == "all"]
     assert {(r["method"], r["layer"]) for r in sim} == {
         ("dictionary", "1"),
         ("dictionary", "2"),
         ("pca", "1"),
         ("pca", "2"),
     }
-    assert all(r["n_features"] == "3" and r["n_skipped"] == "1" for r in sim)
+    assert all(r["n_features"] == "3" and r["n_unscorable"] == "1" for r in sim)
     assert all(float(r["ci_low"]) <= float(r["mean"]) <= float(r["ci_high"]) for r in sim)
     assert {r["score"] for r in summary} >= {"shuffled_simulation", "lookup_detection", "fuzzing_auroc"}
     lines = [json.loads(x) for x in open(paths["records"])]
@@ -48,7 +48,7 @@ def test_token_lookup_study_writes_every_output_and_reports_both_controls(tmp_pa
     assert len(first["details"]["explainer"]["simulated"]["top"]) == 3
     assert first["details"]["shuffled"]["explanation"]["text"] != first["explanation"]
     meta = json.loads(paths["meta"].read_text())
-    assert meta["explainer"]["backend"] == "token_lookup" and meta["n_features_skipped"] == 4
+    assert meta["explainer"]["backend"] == "token_lookup" and meta["n_features_unscorable"] == 4
     assert res.summary and not list(tmp_path.glob(".autointerp-staging*"))
 
 
@@ -84,7 +84,7 @@ def test_an_llm_study_batches_across_features_and_counts_unparsed(tmp_path):
 
 
 def test_run_from_config_builds_the_token_lookup_explainer_and_its_cache(tmp_path):
-    analysis = {"fragment_len": 16, "n_top": 8, "n_random": 6, "n_explain": 3, "n_score_top": 3, "n_score_random": 3,
+    analysis = {"fragment_len": 16, "n_explain": 3, "n_score_top": 3, "n_score_random": 3,
                 "n_bootstrap": 20, "seed": 0}
     res = run_from_config(_source(layers=(1,)), word_decode, tmp_path, analysis, {"backend": "token_lookup"},
                           meta={"lm": "test words"})

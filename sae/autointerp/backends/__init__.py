@@ -30,14 +30,16 @@ def make_backend(cfg: Mapping[str, Any], device: str = "cpu") -> LLMBackend:
             raise ConfigError("explainer=openai needs explainer.base_url and explainer.model")
         return OpenAIBackend(cfg["base_url"], cfg["model"], cfg.get("api_key_env"), cfg.get("concurrency", 4),
                              cfg.get("max_retries", 4), cfg.get("backoff_s", 1.0), cfg.get("timeout_s", 120.0),
-                             cfg.get("completions", "auto"), cfg.get("top_logprobs", 20), cfg.get("prefill", False))
+                             cfg.get("completions", "auto"), cfg.get("top_logprobs", 20), cfg.get("prefill", False),
+                             dict(cfg.get("chat_template_kwargs") or {}))
     if kind == "hf_local":
         from sae.autointerp.backends.hf_local import HFLocalBackend
 
         if not cfg.get("model"):
             raise ConfigError("explainer=hf_local needs explainer.model (a hub id, a directory or a .gguf file)")
         return HFLocalBackend.load(str(cfg["model"]), cfg.get("gguf_file"), cfg.get("batch_size", 8),
-                                   cfg.get("device") or device, cfg.get("dtype", "auto"))
+                                   cfg.get("device") or device, cfg.get("dtype", "auto"),
+                                   dict(cfg.get("chat_template_kwargs") or {}))
     raise ConfigError(f"explainer.backend={kind!r}: expected one of {', '.join(BACKENDS)}")
 
 

@@ -51,6 +51,28 @@ class LogprobRequest:
         return {**asdict(self), "positions": list(self.positions), "candidates": list(self.candidates)}
 
 
+@dataclass(frozen=True)
+class BranchRequest:
+    """For each character offset p: the next-token distribution after ``prompt[:p] + text`` (the prompt cut at p
+    and ``text`` written there), e.g. P("0" | ..., "1") to read a two-token "10"."""
+
+    prompt: str
+    positions: tuple[int, ...]
+    text: str
+    candidates: tuple[str, ...] = ()
+    top_logprobs: int = 0
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "positions": list(self.positions), "candidates": list(self.candidates)}
+
+
+@dataclass
+class BranchLogprobs:
+    """One table per requested position (None where it could not be computed)."""
+
+    tables: list[dict[str, float] | None]
+
+
 @dataclass
 class PromptLogprobs:
     """Per prompt token: its text, its character offset, and the distribution it was drawn from (or None)."""
@@ -64,6 +86,11 @@ class PromptLogprobs:
         """The distribution of the token covering character `position`."""
         i = bisect.bisect_right(self.offsets, position) - 1
         return self.top[i] if 0 <= i < len(self.top) else None
+
+    def token_at(self, position: int) -> str | None:
+        """The text of the prompt token covering character `position`."""
+        i = bisect.bisect_right(self.offsets, position) - 1
+        return self.tokens[i] if 0 <= i < len(self.tokens) else None
 
 
 def add_logprob(table: dict[str, float], key: str, value: float) -> None:
@@ -85,6 +112,19 @@ class LLMBackend:
 
     def prompt_logprobs(self, requests: Sequence[LogprobRequest]) -> list[PromptLogprobs]:
         raise NotImplementedError
+
+    def branch_logprobs(self, requests: Sequence[BranchRequest]) -> list[BranchLogprobs]:
+        """Generic: one prompt-log-prob request per position (``prompt[:p] + text + "\\n"``, read at the newline),
+        all sent as one batch. In-process backends override it with one forward per request."""
+        flat = [(r, p) for r in requests for p in r.positions]
+        reqs = [LogprobRequest(r.prompt[:p] + r.text + "\n", (p + len(r.text),), r.top_logprobs, r.candidates)
+                for r, p in flat]
+        tables = [resp.at(p + len(r.text)) for (r, p), resp in zip(flat, self.prompt_logprobs(reqs) if reqs else [])]
+        out, k = [], 0
+        for r in requests:
+            out.append(BranchLogprobs(tables[k: k + len(r.positions)]))
+            k += len(r.positions)
+        return out
 
     def check_prompt_logprobs(self) -> None:
         """Raise SimulationUnsupported (one line) when this backend has no prompt log-probs."""
@@ -121,6 +161,9 @@ class CachedBackend(LLMBackend):
 
     def prompt_logprobs(self, requests: Sequence[LogprobRequest]) -> list[PromptLogprobs]:
         return self._through("prompt_logprobs", requests, self.inner.prompt_logprobs, lambda o: PromptLogprobs(**o))
+
+    def branch_logprobs(self, requests: Sequence[BranchRequest]) -> list[BranchLogprobs]:
+        return self._through("branch_logprobs", requests, self.inner.branch_logprobs, lambda o: BranchLogprobs(**o))
 
     def check_prompt_logprobs(self) -> None:
         """The inner check, its outcome cached too, so a replay needs no endpoint at all."""

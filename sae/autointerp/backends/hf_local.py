@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 
 from sae.autointerp.backends.base import (
+    BranchLogprobs,
+    BranchRequest,
     ChatRequest,
     ChatResponse,
     LLMBackend,
@@ -61,18 +63,21 @@ class HFLocalBackend(LLMBackend):
 
     name = "hf_local"
 
-    def __init__(self, model, tokenizer, model_name: str, batch_size: int = 8, device: str | torch.device = "cpu"):
+    def __init__(self, model, tokenizer, model_name: str, batch_size: int = 8, device: str | torch.device = "cpu",
+                 chat_template_kwargs: dict | None = None):
         self.lm, self.tok = model.eval(), tokenizer
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.model, self.batch_size, self.device = model_name, max(1, batch_size), torch.device(device)
         self.lm.to(self.device)
         if self.tok.pad_token_id is None:
             self.tok.pad_token = self.tok.eos_token
         self._vocab: list[str] | None = None
+        self._candidates: dict[tuple[str, ...], list[int]] = {}  # candidate strings -> token ids, found once
         self._fast_head = self._check_fast_head()
 
     @classmethod
     def load(cls, model: str, gguf_file: str | None = None, batch_size: int = 8, device: str = "cpu",
-             dtype: str = "auto") -> HFLocalBackend:
+             dtype: str = "auto", chat_template_kwargs: dict | None = None) -> HFLocalBackend:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         name_or_path, gguf = resolve_model(model, gguf_file)
@@ -87,7 +92,7 @@ class HFLocalBackend(LLMBackend):
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ConfigError(f"explainer.model={model}: cannot load it ({first})") from err
         label = f"{Path(name_or_path).name}/{gguf}" if gguf else Path(name_or_path).name or name_or_path
-        return cls(lm, tok, label, batch_size=batch_size, device=device)
+        return cls(lm, tok, label, batch_size=batch_size, device=device, chat_template_kwargs=chat_template_kwargs)
 
     def _check_fast_head(self) -> bool:
         """Whether output_embeddings(base_model(x)) reproduces the logits, so only wanted positions hit the head."""
@@ -100,6 +105,10 @@ class HFLocalBackend(LLMBackend):
         except (AttributeError, TypeError, RuntimeError):
             return False
 
+    @property
+    def cache_tag(self) -> str:
+        return self.name + (f"+{sorted(self.chat_template_kwargs.items())}" if self.chat_template_kwargs else "")
+
     def describe(self) -> dict:
         n_params = sum(p.numel() for p in self.lm.parameters())
         return {"backend": self.name, "model": self.model, "endpoint": None, "n_params": n_params,
@@ -110,7 +119,8 @@ class HFLocalBackend(LLMBackend):
     def _render(self, messages: Sequence[tuple[str, str]]) -> str:
         if getattr(self.tok, "chat_template", None):
             return self.tok.apply_chat_template([{"role": r, "content": c} for r, c in messages],
-                                                add_generation_prompt=True, tokenize=False)
+                                                add_generation_prompt=True, tokenize=False,
+                                                **self.chat_template_kwargs)
         return render_plain(tuple(messages))
 
     def chat(self, requests: Sequence[ChatRequest]) -> list[ChatResponse]:
@@ -164,9 +174,13 @@ class HFLocalBackend(LLMBackend):
         return self._vocab
 
     def _candidate_ids(self, candidates: Sequence[str]) -> list[int]:
-        """Every token id whose text, stripped and lower-cased, is one of the candidates."""
-        wanted = {c.strip().lower() for c in candidates}
-        return [i for i, s in enumerate(self._vocab_strings()) if s.strip().lower() in wanted]
+        """Every token id whose text, stripped and lower-cased, is one of the candidates (one vocabulary scan per
+        candidate set, then remembered: a set of prompts shares it)."""
+        key = tuple(candidates)
+        if key not in self._candidates:
+            wanted = {c.strip().lower() for c in candidates}
+            self._candidates[key] = [i for i, s in enumerate(self._vocab_strings()) if s.strip().lower() in wanted]
+        return self._candidates[key]
 
     def _table(self, logprobs: torch.Tensor, top: int, candidates: Sequence[str]) -> dict[str, float]:
         """The top-`top` entries plus every candidate token, keyed by token text (duplicates merged)."""
@@ -227,6 +241,61 @@ class HFLocalBackend(LLMBackend):
                     result.top[i] = self._table(lp[row], req.top_logprobs, req.candidates)
                     result.token_logprobs[i] = float(lp[row, tok_ids[i]])
             results.append(result)
+        return results
+
+    def branch_logprobs(self, requests: Sequence[BranchRequest]) -> list[BranchLogprobs]:
+        """Every branch of a request in one forward: the prompt, then each position's branch tokens, each branch
+        attending to the prompt's tokens before its position and to itself only (a 4-D attention mask), so the
+        result equals a forward of ``prompt[:p] + text`` per position at the cost of one prompt."""
+        if not self._fast_head:
+            return super().branch_logprobs(requests)
+        out: list[BranchLogprobs] = []
+        for start in range(0, len(requests), self.batch_size):
+            part = list(requests[start: start + self.batch_size])
+            out += self._branches(part)
+        return out
+
+    def _branch_layout(self, req: BranchRequest) -> tuple[list[int], list[tuple[int, list[int]]]]:
+        """(prompt ids, per position (prefix length in tokens, the branch's token ids))."""
+        ids, offsets = self._encode_with_offsets(req.prompt)
+        branches = []
+        for p in req.positions:
+            i = max(0, self._index(offsets, p))
+            extra = req.prompt[offsets[i]: p] + req.text if i < len(offsets) else req.text
+            branches.append((i, self.tok(extra, add_special_tokens=False).input_ids))
+        return ids, branches
+
+    def _branches(self, requests: list[BranchRequest]) -> list[BranchLogprobs]:
+        layouts = [self._branch_layout(r) for r in requests]
+        lengths = [len(ids) + sum(len(b) for _, b in br) for ids, br in layouts]
+        width, dtype = max(lengths), next(self.lm.parameters()).dtype
+        pad = self.tok.pad_token_id
+        seqs = torch.full((len(requests), width), pad, dtype=torch.long)
+        pos = torch.zeros(len(requests), width, dtype=torch.long)
+        allow = torch.eye(width, dtype=torch.bool).repeat(len(requests), 1, 1)  # padding sees itself only
+        reads: list[list[int]] = []
+        for b, (ids, branches) in enumerate(layouts):
+            n = len(ids)
+            seqs[b, :n], pos[b, :n] = torch.tensor(ids), torch.arange(n)
+            allow[b, :n, :n] = torch.tril(torch.ones(n, n, dtype=torch.bool))
+            at, last = n, []
+            for prefix, toks in branches:
+                k = len(toks)
+                seqs[b, at: at + k] = torch.tensor(toks)
+                pos[b, at: at + k] = torch.arange(prefix, prefix + k)
+                allow[b, at: at + k, :prefix] = True
+                allow[b, at: at + k, at: at + k] = torch.tril(torch.ones(k, k, dtype=torch.bool))
+                at += k
+                last.append(at - 1)
+            reads.append(last)
+        mask = torch.zeros(allow.shape, dtype=dtype).masked_fill(~allow, torch.finfo(dtype).min)[:, None]
+        with torch.no_grad():
+            hidden = self.lm.base_model(input_ids=seqs.to(self.device), attention_mask=mask.to(self.device),
+                                        position_ids=pos.to(self.device)).last_hidden_state
+            results = []
+            for b, (req, last) in enumerate(zip(requests, reads)):
+                lp = torch.log_softmax(self.lm.get_output_embeddings()(hidden[b, last]).float(), -1)
+                results.append(BranchLogprobs([self._table(row, req.top_logprobs, req.candidates) for row in lp]))
         return results
 
     @staticmethod

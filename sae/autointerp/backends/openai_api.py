@@ -64,6 +64,7 @@ class OpenAIBackend(LLMBackend):
         completions: str | bool = "auto",
         top_logprobs: int = 20,
         prefill: bool = False,
+        chat_template_kwargs: dict | None = None,
     ):
         try:
             import openai
@@ -74,11 +75,13 @@ class OpenAIBackend(LLMBackend):
         self.batch_size = self.concurrency = max(1, int(concurrency))
         self.max_retries, self.backoff_s, self.top_logprobs = max(0, int(max_retries)), float(backoff_s), top_logprobs
         self.completions, self.prefill = completions, bool(prefill)
+        self.chat_template_kwargs = dict(chat_template_kwargs or {})
         self.client = openai.OpenAI(base_url=base_url, api_key=read_key(api_key_env), max_retries=0, timeout=timeout_s)
 
     @property
     def cache_tag(self) -> str:
-        return "openai+prefill" if self.prefill else "openai"
+        tag = "openai+prefill" if self.prefill else "openai"
+        return tag + (f"+{sorted(self.chat_template_kwargs.items())}" if self.chat_template_kwargs else "")
 
     # -- plumbing -------------------------------------------------------------------------------------------------
     def _retry(self, call: Callable[[], T]) -> T:
@@ -125,9 +128,14 @@ class OpenAIBackend(LLMBackend):
         )
         messages = [{"role": r, "content": c} for r, c in req.messages]
         prefill = self.prefill and bool(req.prefix)
+        body: dict[str, Any] = {}
         if prefill:  # vLLM's way to start the reply: a partial assistant message, continued
             messages.append({"role": "assistant", "content": req.prefix})
-            extra["extra_body"] = {"continue_final_message": True, "add_generation_prompt": False}
+            body.update(continue_final_message=True, add_generation_prompt=False)
+        if self.chat_template_kwargs:  # e.g. {"enable_thinking": false} for Qwen3 behind vLLM
+            body["chat_template_kwargs"] = self.chat_template_kwargs
+        if body:
+            extra["extra_body"] = body
         resp = self._retry(lambda: self.client.chat.completions.create(
             model=self.model, messages=messages, max_tokens=req.max_tokens, temperature=req.temperature, **extra))
         choice = resp.choices[0]

@@ -68,5 +68,13 @@ class TokenLookup(Interpreter):
                 out.append(self._judgement([sum(picked) / len(picked)] if picked else [0.0]))
         return out
 
+    def intruder(self, jobs: Sequence[tuple[Explanation, Sequence[Fragment]]]) -> list[int | None]:
+        """The passage with the lowest predicted maximum (the first of equals: the intruder's place is random)."""
+        out: list[int | None] = []
+        for expl, frags in jobs:
+            peaks = [max(v, default=0.0) for v in (self._predict(expl, f.tokens) for f in frags) if v is not None]
+            out.append(None if len(peaks) < len(frags) else min(range(len(frags)), key=lambda k: peaks[k]))
+        return out
+
     def describe(self) -> dict:
         return {"backend": self.name, "model": None, "endpoint": None}
