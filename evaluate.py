@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 from sae.cli import check_command_line
 from sae.errors import exit_on_config_error
 from sae.evaluation.config import MOVED  # importing registers the config schema
+from sae.probing import config as _probing_config  # noqa: F401  (registers analysis=probing's schema)
 
 CONF = Path(__file__).resolve().parent / "conf"
 
