@@ -40,14 +40,18 @@ def heldout_metrics_many(
         activations = read_rows(model, [hook], contexts, special, batch_size)[hook.name]
     mean = activations.double().mean(0).float()
     tallies = {name: Tally(d, device) for name, d in dictionaries.items()}
-    ce, n_pred = {"clean": 0.0, "zero": 0.0, "mean": 0.0}, 0
+    ce, n_pred = {"clean": 0.0, "zero": 0.0, "mean": 0.0, "kl_zero": 0.0}, 0
     for start in tqdm(range(0, len(contexts), batch_size), desc=f"held-out eval {hook.name}", disable=not progress):
         ids = contexts[start : start + batch_size].to(device)
         keep = token_mask(ids, special)
         clean = spliced_forward(model, ids, {}, special, read=[hook])
         scorer = NextTokenScorer(clean.logits, ids)
         ce["clean"] += scorer.ce(clean.logits)
-        ce["zero"] += scorer.ce(spliced_forward(model, ids, {hook: Replace(torch.zeros(()))}, special).logits)
+        zeroed = spliced_forward(model, ids, {hook: Replace(torch.zeros(()))}, special).logits
+        ce_zero, kl_zero = scorer.ce_and_kl(zeroed)
+        del zeroed
+        ce["zero"] += ce_zero
+        ce["kl_zero"] += kl_zero  # SAEBench's kl_div_with_ablation
         ce["mean"] += scorer.ce(spliced_forward(model, ids, {hook: Replace(mean)}, special).logits)
         x = clean.activations[hook][keep].float()
         for tally in tallies.values():

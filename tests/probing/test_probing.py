@@ -14,7 +14,7 @@ from sae.probing.pooling import pool
 from sae.probing.probe import DENSE, interval, ks_for, probe_accuracy, problems, top_k_by_mean_difference
 from sae.probing.tasks import Task, subsample
 
-SCHEMAS = Path(__file__).parent / "schemas"  # SAEBench's eval-output schemas' structure, written here
+SCHEMAS = Path(__file__).parents[1] / "schemas"  # SAEBench's eval-output schemas' structure, written here
 SPARSE_PROBING_SCHEMA = SCHEMAS / "saebench_sparse_probing.schema.json"
 
 
