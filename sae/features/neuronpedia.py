@@ -60,9 +60,9 @@ def source_id(method: str, hook: str) -> tuple[int, str, str]:
 def feature_line(record: dict, model_id: str, source: str, hook_name: str, decode) -> dict:
     """One Neuronpedia feature row (the fields of SAEDashboard's ``Feature``) from one feature record."""
     direct = record.get("direct") or {"up": [], "down": []}
-    histogram = record.get("histogram") or {"edges": [], "stacks": {}}
-    edges = histogram["edges"]
-    heights = [sum(bins) for bins in zip(*histogram["stacks"].values())] if histogram["stacks"] else []
+    histogram = record.get("histogram") or {"edges": [], "stacks": []}
+    edges = histogram["edges"]  # the stacks (one per top token, then the rest) summed: the whole histogram
+    heights = [sum(counts) for counts in zip(*(stack["counts"] for stack in histogram["stacks"]))]
     return {
         "modelId": model_id, "layer": source, "index": str(record["index"]), "creatorId": CREATOR,
         "createdAt": datetime.now(timezone.utc).isoformat(), "maxActApprox": float(record.get("max", 0.0)),

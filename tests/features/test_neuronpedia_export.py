@@ -53,6 +53,10 @@ def test_export_has_the_bulk_layout_and_valid_rows(features_out, tiny_lm_dir, tm
         record = next(r for r in saved if r.get("top"))
         feature = next(f for f in features if f["index"] == str(record["index"]))
         assert feature["maxActApprox"] == pytest.approx(record["max"]) and feature["frac_nonzero"] == record["density"]
+        heights = feature["freq_hist_data_bar_heights"]
+        assert len(heights) == len(record["histogram"]["edges"]) - 1
+        if "dictionary" in source:  # non-negative codes: the histogram holds every token the feature fires on
+            assert sum(heights) == record["count"]
         first = next(a for a in activations if a["index"] == str(record["index"]))
         top = record["top"][0]
         assert first["values"] == pytest.approx(top["acts"]) and first["maxValue"] == pytest.approx(max(top["acts"]))
