@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 import sae.autointerp.config  # noqa: F401  (registers the autointerp and explainer schemas)
 import sae.circuits.config  # noqa: F401  (importing registers the patching, circuits and task schemas)
 import sae.features.config  # noqa: F401  (the features schema)
+import sae.probing.config  # noqa: F401  (registers analysis=probing's schema)
 from sae.cli import check_command_line
 from sae.errors import exit_on_config_error
 from sae.evaluation.config import MOVED  # importing registers the top level's, metrics' and residue's schemas

@@ -32,6 +32,7 @@ import sae.autointerp.config  # noqa: E402, F401  (the autointerp and explainer 
 import sae.circuits.config  # noqa: E402, F401  (importing registers the patching, circuits and task schemas)
 import sae.evaluation.config  # noqa: E402, F401  (importing registers evaluate.yaml's, metrics' and residue's schemas)
 import sae.features.config  # noqa: E402, F401  (the features schema)
+import sae.probing.config  # noqa: E402, F401  (the probing schema)
 import sae.training.config  # noqa: E402, F401  (importing registers the training config's schemas)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ LAYERS = {
     "data": 5,
     "evaluation": 6,
     "training": 7, "features": 7,
-    "autointerp": 8, "circuits": 8,
+    "autointerp": 8, "circuits": 8, "probing": 8,
     "bench": 9, "cli": 9,
 }
 ROOT_PACKAGE = "sae"  # sae/__init__.py re-exports the user-facing API of layers 1 and 3

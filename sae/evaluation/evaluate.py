@@ -19,6 +19,7 @@ from sae.evaluation.heldout import heldout_metrics_many
 from sae.evaluation.metrics import l0
 from sae.evaluation.perplexity import objective_of, plot_ce_vs_l0, ppl_table
 from sae.evaluation.plots import _model_label, plot_all
+from sae.evaluation.saebench import core_output, write_result
 from sae.evaluation.studies import settings_of
 from sae.io.atomic import write_csv, write_json
 from sae.io.saving import save_dictionary
@@ -30,7 +31,7 @@ COLUMNS = ["name", "kind", "layer", "site", "l0", "fvu", "ce_loss_recovered", "k
 # what this study writes under ``out`` (sae.evaluation.studies removes the old ones when a new evaluation is published,
 # so a dictionary or baseline the new one no longer has leaves no eval.json, comparison.csv or plot behind)
 OUTPUTS = ["eval.csv", "comparison.csv", "**/eval.json", "baselines", "plots/frontier.png", "plots/by_layer.png",
-           "plots/ce_vs_l0.png", "plots/density"]
+           "plots/ce_vs_l0.png", "plots/density", "saebench/core"]
 
 
 def settings_problems(settings: MetricsSettings) -> list[str]:
@@ -83,6 +84,9 @@ def evaluate(cfg: DictConfig, entries: list[Entry]) -> list[dict]:
             results += evaluate_hook(session, hook, [e for e in group if e.hook == hook], cfg)
     for entry, metrics in results:
         write_entry(out, entry, metrics)
+        if entry.kind == "dictionary" and "saebench" in metrics:  # SAEBench's core eval output, its definitions
+            write_result(out / "saebench" / "core", entry.name, core_output(entry.name, entry.meta, entry.dictionary,
+                                                                            metrics))
     rows = [_row(e, m) for e, m in results]
     plot_all(out / "plots", rows, results)
     plot_ce_vs_l0(rows, out / "plots" / "ce_vs_l0.png", _model_label(results))

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from sae.dictionaries import Dictionary
+from sae.evaluation.saebench import CoreSums, preservation
 from sae.io.checkpoints import dictionary_from_checkpoint
 from sae.io.saving import load
 
@@ -288,6 +289,7 @@ class Tally:
         self.nonzero = 0  # inputs with a direction: cosine and l2_ratio are averaged over these
         self.l0s: list[torch.Tensor] = []
         self.fired = torch.zeros(dictionary.n_features, device=device)
+        self.saebench = CoreSums(dictionary.n_features)  # SAEBench's core metrics, by its definitions
 
     def add_reconstruction(self, x: torch.Tensor) -> torch.Tensor:
         """Add ``x`` ``[n, d_in]`` (model units) and its reconstruction to the sums; return the reconstruction."""
@@ -303,6 +305,7 @@ class Tally:
         active = codes != 0
         self.l0s.append(active.sum(-1).cpu())
         self.fired += active.sum(0)
+        self.saebench.add(x, x_hat, codes)
         return x_hat
 
     def reconstruction_summary(self) -> dict:
@@ -336,6 +339,8 @@ class Tally:
             "kl_mean_ablation": hook_metrics["kl_mean_ablation"],
             "ppl_clean": math.exp(clean),
             "ppl_spliced": math.exp(spliced),
+            "n_predictions": n_pred,
+            "saebench": {**preservation(hook_metrics, spliced, self.kl / n_pred), **self.saebench.metrics()},
         }
 
 
