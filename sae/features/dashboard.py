@@ -86,8 +86,9 @@ def feature_page(method: str, hook: str, rec: dict, names: dict[int, str],
     quant = "".join(f"<h4>activations {q['range'][0]:.3g} to {q['range'][1]:.3g}</h4>"
                     + "".join(context_html(e, names, high) for e in q["examples"]) for q in rec["quantiles"])
     tokens = ", ".join(f"{_tok(names, t)} ({s:.0%})" for t, s in rec["top_tokens"][:5])
-    causal = rec["causal"]
-    causal_title = f"Causal: next-token logit change when ablated ({causal['contexts']} top contexts)"
+    causal = rec.get("causal")  # measured on a sample of the features (analysis.settings.causal_features)
+    causal_table = "" if causal is None else logit_table(
+        f"Causal: next-token logit change when ablated ({causal['contexts']} top contexts)", causal, names)
     body = (
         f"<p><a href='../index.html'>index</a></p><h1>{html.escape(method)} feature {rec['index']}</h1>"
         f"<p>{html.escape(hook)}; density {rec['density']:.3g} ({rec['count']} tokens); top-token share "
@@ -95,7 +96,7 @@ def feature_page(method: str, hook: str, rec: dict, names: dict[int, str],
         f"{explanation_html(explanation)}"
         f"<h2>Activations by token</h2>{histogram_svg(rec['histogram'], names)}"
         f"<div class='tables'>{logit_table('Direct path (atom through the final norm weight and unembedding)', rec['direct'], names)}"
-        f"{logit_table(causal_title, causal, names)}</div>"
+        f"{causal_table}</div>"
         f"<h2>Top activating contexts</h2>{top}<h2>Samples across activation quantiles</h2>{quant}"
     )
     return _page(f"{method} feature {rec['index']}", body)
