@@ -29,7 +29,7 @@ FIXTURES = ROOT.parent / "shared" / "fixtures"
 TEXT = FIXTURES / "text" / "openwebtext-1k.jsonl"
 IOI_VOCABULARY = FIXTURES / "neox-ioi-14m" / "ioi_vocabulary.json"
 SET = "[{name:layer0,hook:{layer:0}},{name:layer1,hook:{layer:1}},{name:layer3,hook:{layer:3}}]"
-STUDIES = ("metrics", "features", "residue", "patching", "circuits", "autointerp")
+STUDIES = ("features", "metrics", "residue", "patching", "circuits", "autointerp")
 BOUND_GB = 6.0
 PEAK = re.compile(r"Maximum resident set size \(kbytes\): (\d+)")
 WALL = re.compile(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)")
@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--features", type=int, nargs="+", default=[4096, 16384, 32768])
     parser.add_argument("--studies", nargs="+", default=list(STUDIES), choices=STUDIES)
     parser.add_argument("--train-tokens", type=int, default=20_000, help="train.tokens of each set (shapes only)")
-    parser.add_argument("--eval-tokens", type=int, default=65_536, help="held-out tokens (data.eval_tokens' default)")
+    parser.add_argument("--eval-tokens", type=int, default=8192,
+                        help="held-out tokens of every study (eval_tokens=); the memory bound does not depend on it")
     parser.add_argument("--circuit-target", default="layers.1.resid:0")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds before a study is stopped")
     parser.add_argument("--plot", type=Path, help="the curve's PNG")
