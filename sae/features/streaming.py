@@ -65,7 +65,7 @@ class TokenMass:
     until they are as many as the stored pairs (at least ``min_flush``), then are summed in: at most twice the
     pairs' memory, and each entry sorted a bounded number of times on average."""
 
-    def __init__(self, n_features: int, min_flush: int = 1 << 18):
+    def __init__(self, n_features: int, min_flush: int = 1 << 16):
         self.n_features, self.min_flush = n_features, min_flush
         self.keys, self.mass = torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.float64)
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
