@@ -13,6 +13,7 @@ import torch
 from sae.circuits.discovery import Contexts
 from sae.dictionaries import Dictionary
 from sae.errors import ConfigError
+from sae.features.streaming import TokenMass
 from sae.lm.hooks import HookPoint
 from sae.lm.reader import read_batches, token_mask
 
@@ -25,13 +26,15 @@ class HeldOut:
 
     mean: torch.Tensor  # [n_features] mean code over ordinary positions
     vocab: torch.Tensor  # [u] the distinct token ids
-    mass: torch.Tensor  # [u, n_features] summed code on each token
+    mass: torch.Tensor  # [u, n_features] summed code on each token (sparse: only the pairs that fired)
     context_max: torch.Tensor  # [n_contexts, n_features]
     context_argmax: torch.Tensor  # [n_contexts, n_features] the position of that maximum
 
     def top_tokens(self, index: int, n: int = 3) -> list[int]:
         """The ``n`` token ids carrying most of the feature's summed activation (those with any)."""
-        values, order = self.mass[:, index].topk(min(n, len(self.vocab)))
+        column = self.mass.index_select(1, torch.tensor([index])).to_dense()[:, 0] if self.mass.is_sparse \
+            else self.mass[:, index]
+        values, order = column.topk(min(n, len(self.vocab)))
         return [int(self.vocab[i]) for v, i in zip(values, order) if v > 0]
 
 
@@ -42,20 +45,29 @@ def heldout_statistics(model, special_ids: list[int], dictionaries: dict[HookPoi
     mask = token_mask(contexts, special_ids)
     vocab = torch.unique(contexts[mask])
     sums = {h: torch.zeros(d.n_features) for h, d in dictionaries.items()}
-    mass = {h: torch.zeros(len(vocab), d.n_features) for h, d in dictionaries.items()}
+    mass = {h: TokenMass(d.n_features) for h, d in dictionaries.items()}  # not [tokens x features]: sparse
     maxima = {h: [] for h in dictionaries}
     hooks = list(dictionaries)
     for ids, acts in read_batches(model, hooks, contexts, batch_size, desc="circuits: held-out codes"):
         keep = token_mask(ids, special_ids).cpu()
-        where = torch.searchsorted(vocab, ids.cpu()[keep])
+        tokens = ids.cpu()[keep]
         for hook, d in dictionaries.items():
             codes = d.encode(acts[hook].to(d.b_dec.dtype)).float().cpu() * keep.unsqueeze(-1)
             sums[hook] += codes[keep].sum(0)
-            mass[hook].index_add_(0, where, codes[keep].clamp_min(0))
+            fired = codes[keep].clamp_min(0)
+            row, feature = fired.nonzero(as_tuple=True)
+            mass[hook].add(feature, tokens[row], fired[row, feature])
             maxima[hook].append(codes.max(dim=1))
     count = max(1, int(mask.sum()))
-    return {h: HeldOut(sums[h] / count, vocab, mass[h], torch.cat([m.values for m in maxima[h]]),
+    return {h: HeldOut(sums[h] / count, vocab, _sparse(mass[h], vocab), torch.cat([m.values for m in maxima[h]]),
                        torch.cat([m.indices for m in maxima[h]])) for h in dictionaries}
+
+
+def _sparse(mass: TokenMass, vocab: torch.Tensor) -> torch.Tensor:
+    """The summed codes as a sparse ``[len(vocab), n_features]`` tensor."""
+    feature, token, amount = mass.pairs()
+    index = torch.stack([torch.searchsorted(vocab, token), feature])
+    return torch.sparse_coo_tensor(index, amount.float(), (len(vocab), mass.n_features)).coalesce()
 
 
 def feature_contexts(stats: HeldOut, contexts: torch.Tensor, index: int, n_contexts: int, batch_rows: int,

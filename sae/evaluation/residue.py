@@ -66,7 +66,7 @@ def token_scores(model: nn.Module, dictionary: nn.Module, hook: HookPoint, conte
     """Score every next-token prediction of ``contexts`` with ``dictionary`` spliced in at ``hook``."""
     device = model_device(model)
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("kl", "err", "ci", "cp", "si", "sp")}
-    rows = []  # ordinary-position activations, for the FVU's denominator
+    count, squares, total = 0, 0.0, 0.0  # ordinary positions' activations: count, sum of |x|^2, sum of x
     for start in range(0, len(contexts), batch_size):
         ids = contexts[start : start + batch_size].to(device)
         keep = token_mask(ids, special_ids)
@@ -76,13 +76,14 @@ def token_scores(model: nn.Module, dictionary: nn.Module, hook: HookPoint, conte
         spliced = spliced_forward(model, ids, {hook: Reconstruct(dictionary)}, special_ids).logits
         parts["kl"].append(NextTokenScorer(clean.logits, ids).kl_per_token(spliced).clamp_min(0).cpu())
         parts["err"].append((x.float() - x_hat.float()).pow(2).sum(-1)[:, :-1].cpu())
-        rows.append(x[keep].float().cpu())
+        rows = x[keep].double()
+        count, squares, total = count + len(rows), squares + rows.pow(2).sum().item(), total + rows.sum(0).cpu()
         for (i, p), logits in ((("ci", "cp"), clean.logits), (("si", "sp"), spliced)):
             top = logits[:, :-1].float().softmax(-1).topk(predictions, dim=-1)
             parts[i].append(top.indices.cpu())
             parts[p].append(top.values.cpu())
-    x = torch.cat(rows).double()
-    variance = (x - x.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12).item()
+    n = max(count, 1)  # the FVU's denominator: the activations' mean squared distance from their mean
+    variance = max(squares / n - (total / n).pow(2).sum().item(), 1e-12)
     cat = {k: torch.cat(v) for k, v in parts.items()}
     return TokenScores(contexts.cpu(), cat["kl"], cat["err"] / variance, cat["ci"], cat["cp"], cat["si"], cat["sp"])
 

@@ -29,6 +29,12 @@ class CollectSettings:
     """Tokens stacked in the activation histogram (the rest is "other")."""
     bins: int = MISSING
     """Bins of the activation histogram."""
+    sample: int = MISSING
+    """Firings kept per feature (a seeded uniform sample) to cut the quantile bins from: exact for a feature that
+    fires at most this often, an estimate beyond."""
+    causal_features: int | None = MISSING
+    """Live features (a seeded sample) whose causal logit effect is measured, two forwards of causal_contexts
+    contexts each; null: every live feature (hours at 32,768 features on a CPU)."""
 
 
 @dataclass

@@ -7,7 +7,6 @@ its activation histogram stacked by token (inline SVG), and its logit tables (di
 from __future__ import annotations
 
 import html
-from pathlib import Path
 
 STYLE = """body{font-family:sans-serif;margin:1.5em;max-width:70em}table{border-collapse:collapse}
 td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}th{cursor:pointer;background:#eee}
@@ -100,8 +99,9 @@ def feature_page(method: str, hook: str, rec: dict, names: dict[int, str],
     quant = "".join(f"<h4>activations {q['range'][0]:.3g} to {q['range'][1]:.3g}</h4>"
                     + "".join(context_html(e, names, high) for e in q["examples"]) for q in rec["quantiles"])
     tokens = ", ".join(f"{_tok(names, t)} ({s:.0%})" for t, s in rec["top_tokens"][:5])
-    causal = rec["causal"]
-    causal_title = f"Causal: next-token logit change when ablated ({causal['contexts']} top contexts)"
+    causal = rec.get("causal")  # measured on a sample of the features (analysis.settings.causal_features)
+    causal_table = "" if causal is None else logit_table(
+        f"Causal: next-token logit change when ablated ({causal['contexts']} top contexts)", causal, names)
     body = (
         f"<p><a href='../index.html'>index</a></p><h1>{html.escape(method)} feature {rec['index']}</h1>"
         f"<p>{html.escape(hook)}; density {rec['density']:.3g} ({rec['count']} tokens); top-token share "
@@ -110,7 +110,7 @@ def feature_page(method: str, hook: str, rec: dict, names: dict[int, str],
         f"<h2>Activations by token</h2>{histogram_svg(rec['histogram'], names)}"
         "<div class='tables'>"
         f"{logit_table('Direct path (atom through the final norm weight and unembedding)', rec['direct'], names)}"
-        f"{logit_table(causal_title, causal, names)}</div>"
+        f"{causal_table}</div>"
         f"<h2>Top activating contexts</h2>{top}<h2>Samples across activation quantiles</h2>{quant}"
     )
     return _page(f"{method} feature {rec['index']}", body)
@@ -150,17 +150,3 @@ def index_page(methods: dict, names: dict[int, str], rows: list[dict]) -> str:
         + f"</tr></thead><tbody>{''.join(lines)}</tbody></table>"
     )
     return _page("Features", body, SORT_JS)
-
-
-def write_dashboard(directory: Path, methods: dict, names: dict[int, str], rows: list[dict],
-                    explanations: dict[str, dict[int, tuple[str, str]]] | None = None) -> None:
-    """``index.html`` and a page per feature that fired, under ``directory``; ``explanations`` (method -> feature
-    index -> (text, who wrote it)), when given, are shown on the feature pages."""
-    explanations = explanations or {}
-    for method, data in methods.items():
-        (directory / method).mkdir(parents=True, exist_ok=True)
-        for rec in data["features"]:
-            if "top" in rec:
-                page = feature_page(method, data["hook"], rec, names, explanations.get(method, {}).get(rec["index"]))
-                (directory / method / f"{rec['index']}.html").write_text(page)
-    (directory / "index.html").write_text(index_page(methods, names, rows))

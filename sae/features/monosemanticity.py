@@ -14,10 +14,19 @@ def token_scores(mass: torch.Tensor) -> dict[str, torch.Tensor]:
     ``token_entropy``: the entropy (nats) of the mass distribution over tokens (0 = one token only).
     Features with no mass get share 0 and entropy NaN.
     """
-    total = mass.sum(0)
-    p = mass / total.clamp_min(1e-12)
-    entropy = (-(p * p.clamp_min(1e-30).log()).sum(0)).clamp_min(0)
-    return {"top_token_share": p.max(0).values, "token_entropy": torch.where(total > 0, entropy, torch.nan)}
+    token, feature = mass.nonzero(as_tuple=True)
+    return pair_scores(feature, mass[token, feature], mass.shape[1])
+
+
+def pair_scores(feature: torch.Tensor, mass: torch.Tensor, n_features: int) -> dict[str, torch.Tensor]:
+    """``token_scores`` from the sparse mass: one entry per (token id, ``feature``) with its summed activation."""
+    mass = mass.double()
+    total = torch.zeros(n_features, dtype=torch.float64).index_add_(0, feature, mass)
+    p = mass / total[feature].clamp_min(1e-12)
+    terms = -(p * p.clamp_min(1e-30).log())
+    entropy = torch.zeros(n_features, dtype=torch.float64).index_add_(0, feature, terms).clamp_min(0)
+    share = torch.zeros(n_features, dtype=torch.float64).scatter_reduce_(0, feature, p, "amax")
+    return {"top_token_share": share.float(), "token_entropy": torch.where(total > 0, entropy, torch.nan).float()}
 
 
 def summarise(scores: dict[str, torch.Tensor], live: torch.Tensor, density: torch.Tensor) -> dict[str, float]:
