@@ -60,12 +60,12 @@ def gemm_gflops(batch: int, d: int, n_features: int, repeats: int) -> float:
 
 
 def train_step(variant: str, d: int, n_features: int, seed: int = 0, bf16: bool = False,
-               compiled: bool = False) -> Callable[[torch.Tensor], None]:
+               compiled: bool = False, hparams: dict | None = None) -> Callable[[torch.Tensor], None]:
     """One training step of a fresh dictionary (loss, backward, Adam) as a function of a batch; ``bf16``: the loss
     under bfloat16 autocast (what ``train.precision=bf16-mixed`` does), ``compiled``: the loss through
-    ``torch.compile``."""
+    ``torch.compile``; ``hparams``: the variant's settings (default ``HPARAMS[variant]``)."""
     torch.manual_seed(seed)
-    dictionary = build(variant, d, n_features, **HPARAMS[variant]).to(DEVICE)
+    dictionary = build(variant, d, n_features, **(HPARAMS[variant] if hparams is None else hparams)).to(DEVICE)
     optimizer = torch.optim.Adam(dictionary.parameters(), lr=1e-4, fused=True)  # as DictionaryModule
     def loss(x: torch.Tensor) -> torch.Tensor:
         return reconstruction_loss(dictionary, x)[0]

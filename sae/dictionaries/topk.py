@@ -24,24 +24,29 @@ def keep_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(pre).scatter_(-1, indices, values)
 
 
-def _pattern(indices: torch.Tensor, weights: torch.Tensor, n: int, csr: bool = True) -> torch.Tensor:
-    """The sparse ``[batch, n]`` matrix with ``weights[b, j]`` at column ``indices[b, j]`` of row ``b``."""
+def _pattern(indices: torch.Tensor, weights: torch.Tensor, n: int) -> torch.Tensor:
+    """The sparse CSR ``[batch, n]`` matrix with ``weights[b, j]`` at column ``indices[b, j]`` of row ``b``."""
     batch, k = indices.shape
-    if csr:
-        crow = torch.arange(0, batch * k + 1, k, device=indices.device)
-        return torch.sparse_csr_tensor(
-            crow, indices.reshape(-1), weights.reshape(-1), (batch, n), check_invariants=False
-        )
-    rows = torch.arange(batch, device=indices.device).repeat_interleave(k)
-    return torch.sparse_coo_tensor(
-        torch.stack([rows, indices.reshape(-1)]), weights.reshape(-1), (batch, n), check_invariants=False
-    )
+    crow = torch.arange(0, batch * k + 1, k, device=indices.device)
+    return torch.sparse_csr_tensor(crow, indices.reshape(-1), weights.reshape(-1), (batch, n), check_invariants=False)
 
 
 def _scatter_rows(indices: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
     """``[n, d]``: row ``i`` is the sum of ``weights[b, j] * rows[b]`` over every ``(b, j)`` with
-    ``indices[b, j] == i``."""
-    return torch.sparse.mm(_pattern(indices, weights, n, csr=False).t(), rows)
+    ``indices[b, j] == i``.
+
+    The product of the transposed pattern, built directly as a CSR matrix ``[n, batch]`` (entries sorted by atom,
+    then by input: a stable sort, so columns are sorted within each row as cuSPARSE requires), with ``rows``: a
+    sparse-dense product of ``batch · k · d`` multiply-adds, without the COO matrix's coalescing sort and copies."""
+    batch, k = indices.shape
+    order = indices.reshape(-1).argsort(stable=True)
+    counts = torch.bincount(indices.reshape(-1), minlength=n)
+    crow = torch.zeros(n + 1, dtype=indices.dtype, device=indices.device)
+    torch.cumsum(counts, 0, out=crow[1:])
+    pattern = torch.sparse_csr_tensor(
+        crow, order // k, weights.reshape(-1)[order], (n, batch), check_invariants=False
+    )
+    return torch.sparse.mm(pattern, rows)
 
 
 def _gather_dots(indices: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -81,7 +86,10 @@ class SparseTopK(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, pre: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int):
-        values, indices = torch.relu(pre).topk(k, dim=-1, sorted=False)
+        # ReLU after the selection: the same kept values (ReLU is monotone) without a pass over ``pre``; only
+        # which zero-valued entries are "kept" may differ, and those decode to nothing and get no gradient
+        values, indices = pre.topk(k, dim=-1, sorted=False)
+        values = values.clamp_min_(0)
         ctx.save_for_backward(x, weight, indices, values)
         ctx.mark_non_differentiable(indices)
         return values, indices
@@ -149,7 +157,7 @@ class TopKDictionary(Dictionary):
     def train_terms(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         bias, atoms = self.encoder_bias(), self.decoder_weight()
         with torch.no_grad():
-            pre = x @ self.W_enc.T + bias
+            pre = torch.addmm(bias, x, self.W_enc.T)  # the bias added inside the product: one pass fewer
         values, indices = sparse_topk(pre, x, self.W_enc, bias, self.k)
         return self._sparse_terms(pre, x, bias, atoms, values, indices, dead)
 

@@ -7,7 +7,7 @@ from conftest import needs_cuda
 
 from sae.dictionaries import build
 from sae.dictionaries import topk as topk_module
-from sae.dictionaries.topk import sparse_decode, sparse_topk
+from sae.dictionaries.topk import densify, sparse_decode, sparse_topk
 
 _CSR = torch.sparse_csr_tensor
 
@@ -77,3 +77,30 @@ def test_topk_train_terms_on_cuda_match_cpu():
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-4)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_unit_rows_gradient_equals_autograd_of_the_formula():
+    """``unit_rows``' own backward gives autograd's gradient of ``w / max(|w|, 1e-8)``, a clamped row included."""
+    from sae.dictionaries.base import unit_rows
+
+    torch.manual_seed(0)
+    w = torch.randn(40, 12, dtype=torch.float64)
+    w[3] *= 1e-10  # below the clamp
+    upstream = torch.randn(40, 12, dtype=torch.float64)
+    mine, plain = w.clone().requires_grad_(), w.clone().requires_grad_()
+    out = unit_rows(mine)
+    (out * upstream).sum().backward()
+    ref = plain / plain.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mine.grad, plain.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_sparse_topk_keeps_nothing_negative_when_fewer_than_k_are_positive():
+    """With fewer than ``k`` positive pre-activations the extra kept entries are 0, as in ReLU-then-TopK."""
+    pre = torch.tensor([[3.0, -1.0, -2.0, 0.5], [-1.0, -2.0, -3.0, -4.0]])
+    x, weight, bias = torch.zeros(2, 3), torch.zeros(4, 3), torch.zeros(4)
+    values, indices = sparse_topk(pre, x, weight, bias, 3)
+    ref_values, ref_indices = torch.relu(pre).topk(3)
+    assert (values >= 0).all()
+    torch.testing.assert_close(densify(indices, values, 4), densify(ref_indices, ref_values, 4))
