@@ -38,6 +38,8 @@ def test_problems_are_balanced_disjoint_and_one_vs_rest():
         assert all(labels[i] == p.positive for i in p.train[p.train_y == 1])
         assert all(labels[i] != p.positive for i in p.train[p.train_y == 0])
     assert [p.positive for p in problems(["x"] * 5 + ["y"] * 5, 0.2, 0)] == ["y"]  # two classes: one problem
+    (larger,) = problems(["x"] * 10 + ["y"] * 30, 0.2, 0)  # the positive class is the larger one: cut to balance
+    assert larger.train_y.sum() * 2 == len(larger.train_y) == 2 * 8 and larger.test_y.sum() * 2 == len(larger.test_y)
     other = problems(labels, 0.2, seed=2)
     assert not np.array_equal(split[0].test, other[0].test)  # another seed, another split
 
