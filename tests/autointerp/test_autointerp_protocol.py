@@ -151,7 +151,9 @@ def test_the_shuffled_control_is_at_chance_for_dense_and_sparse_features(dense, 
         control = rows[f"shuffled_{name}"]
         assert abs(control["mean"] - control["chance"]) <= 0.05, (name, control["mean"], control["chance"])
     for name in ("simulation", "detection_auroc", "fuzzing_auroc"):
-        margin = 0.0 if name == "fuzzing_auroc" and dense else 0.1  # few firing tokens per fragment: a weak signal
+        # a dense feature fires nearly everywhere: the fragments where it does not (detection's negatives) and its
+        # marked tokens (fuzzing) differ little from the rest, so its right explanation need only beat chance
+        margin = 0.0 if name.endswith("_auroc") and dense else 0.1
         assert rows[name]["mean"] > rows[name]["chance"] + margin, (name, "the right explanation must beat chance")
 
 

@@ -77,7 +77,7 @@ BAD = [
     (["sae.ratio=0"], "sae.ratio=0 must be > 0"),
     (["sae.l1_coeff=-1"], "sae.l1_coeff=-1 must be >= 0"),
     (["data.path=/nonexistent/*.jsonl"], "matches no file"),
-    (["data.text_column=body"], "data.text_column 'body' is not in"),
+    (["data.text_column=body"], "no 'body' field"),
     (["model.name_or_path=EleutherAI/no-such-model"], "cannot load model"),
     (["model.name_or_path=/nonexistent/model"], "does not exist"),
     (
