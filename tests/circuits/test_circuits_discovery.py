@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_tokenizer, run_cli, run_in_process, tiny_model
+from conftest import make_tokenizer, run_cli, run_in_process, tiny_meta, tiny_model
 
 from sae.circuits.circuits_study import _token_feature, settings_problems
 from sae.circuits.contexts import HeldOut
@@ -210,20 +210,7 @@ def handbuilt_run(tmp_path_factory, tiny_text):
     handbuilt_model().save_pretrained(root / "lm")
 
     def meta(layer: int) -> dict:
-        return {
-            "model": {"name_or_path": str(root / "lm"), "dtype": "float32"},
-            "hook": {"layer": layer, "site": "resid"},
-            "data": {
-                "source": "files",
-                "path": str(tiny_text),
-                "context_length": 32,
-                "eval_tokens": 512,
-                "text_column": "text",
-                "split": "train",
-                "heldout_fraction": 0.1,
-            },
-            "stream": {"lm_batch_size": 8},
-        }
+        return tiny_meta(root / "lm", tiny_text, layer)
 
     d0, d1 = handbuilt_dictionaries()
     save_dictionary(d0, root / "run" / "l0", meta(0))

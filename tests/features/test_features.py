@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import WORDS, feature_settings, make_tokenizer, run_cli, tiny_model
+from conftest import WORDS, feature_settings, make_tokenizer, run_cli, tiny_meta, tiny_model
 
 from sae.dictionaries import build
 from sae.features.monosemanticity import summarise, token_scores
@@ -51,20 +51,7 @@ def planted_run(tmp_path_factory, tiny_text):
     root = tmp_path_factory.mktemp("planted")
     make_tokenizer(root / "lm")
     planted_model().save_pretrained(root / "lm")
-    meta = {
-        "model": {"name_or_path": str(root / "lm"), "dtype": "float32"},
-        "hook": {"layer": HOOK.layer, "site": HOOK.site},
-        "data": {
-            "source": "files",
-            "path": str(tiny_text),
-            "context_length": 32,
-            "eval_tokens": 512,
-            "text_column": "text",
-            "split": "train",
-            "heldout_fraction": 0.1,
-        },
-        "stream": {"lm_batch_size": 8},
-    }
+    meta = tiny_meta(root / "lm", tiny_text, HOOK.layer)
     save_dictionary(planted_dictionary(), root / "run", meta)
     return root
 
