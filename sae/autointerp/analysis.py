@@ -40,7 +40,7 @@ from sae.evaluation.studies import settings_of
 from sae.features.analysis import EXPLANATIONS  # where the features dashboard reads explanations
 from sae.io.atomic import write_json
 from sae.lm.hooks import HookPoint
-from sae.lm.model import resolve_device
+from sae.lm.model import model_label, resolve_device
 from sae.lm.reader import read_batches, token_mask
 from sae.lm.session import LMSession
 
@@ -342,7 +342,7 @@ def lm_label(groups_: list[Group]) -> dict:
     for group in groups_:
         n = sum(p.numel() for p in group.session.model.parameters())
         out.append({"name": group.session.model_name, "n_params": n, "params": _size(n)})
-    return {"lms": out, "lm_label": "; ".join(f"LM {Path(m['name']).name} ({m['params']} parameters)" for m in out)}
+    return {"lms": out, "lm_label": "; ".join(f"LM {model_label(m['name'])} ({m['params']} parameters)" for m in out)}
 
 
 def _size(n: int) -> str:

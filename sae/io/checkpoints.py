@@ -151,9 +151,8 @@ def dictionary_from_checkpoint(path: str | Path, name: str | None = None):
     if not path.is_file():
         raise ConfigError(f"no checkpoint at '{path}'")
     verify_checkpoint(path)
-    checkpoint = torch.load(
-        path, map_location="cpu", weights_only=True
-    )  # tensors and plain containers only: no pickled code
+    # tensors and plain containers only: no pickled code
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     members = checkpoint["hyper_parameters"]["dictionaries"]
     names = [m["name"] for m in members]
     if name is None and len(members) > 1:
