@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from sae.circuits.discovery import Contexts
-from sae.dictionaries import Dictionary
+from sae.dictionaries import Dictionary, encode_parts
 from sae.errors import ConfigError
 from sae.features.streaming import TokenMass
 from sae.lm.hooks import HookPoint
@@ -49,15 +49,16 @@ def heldout_statistics(model, special_ids: list[int], dictionaries: dict[HookPoi
     maxima = {h: [] for h in dictionaries}
     hooks = list(dictionaries)
     for ids, acts in read_batches(model, hooks, contexts, batch_size, desc="circuits: held-out codes"):
-        keep = token_mask(ids, special_ids).cpu()
-        tokens = ids.cpu()[keep]
+        ids, keep = ids.cpu(), token_mask(ids, special_ids).cpu()
         for hook, d in dictionaries.items():
-            codes = d.encode(acts[hook].to(d.b_dec.dtype)).float().cpu() * keep.unsqueeze(-1)
-            sums[hook] += codes[keep].sum(0)
-            fired = codes[keep].clamp_min(0)
-            row, feature = fired.nonzero(as_tuple=True)
-            mass[hook].add(feature, tokens[row], fired[row, feature])
-            maxima[hook].append(codes.max(dim=1))
+            for first, codes in encode_parts(d, acts[hook].to(d.b_dec.dtype)):
+                part_keep = keep[first: first + len(codes)]
+                codes = codes.float().cpu().mul_(part_keep.unsqueeze(-1))
+                kept = codes[part_keep]
+                sums[hook] += kept.sum(0)
+                row, feature = (kept > 0).nonzero(as_tuple=True)
+                mass[hook].add(feature, ids[first: first + len(codes)][part_keep][row], kept[row, feature])
+                maxima[hook].append(codes.max(dim=1))
     count = max(1, int(mask.sum()))
     return {h: HeldOut(sums[h] / count, vocab, _sparse(mass[h], vocab), torch.cat([m.values for m in maxima[h]]),
                        torch.cat([m.indices for m in maxima[h]])) for h in dictionaries}

@@ -3,9 +3,9 @@
 import inspect
 
 from sae.dictionaries import batchtopk, gated, jumprelu, matryoshka, relu, topk  # noqa: F401  (importing registers the variants)
-from sae.dictionaries.base import VARIANTS, Dictionary, register
+from sae.dictionaries.base import VARIANTS, Dictionary, encode_parts, register
 
-__all__ = ["VARIANTS", "Dictionary", "register", "build"]
+__all__ = ["VARIANTS", "Dictionary", "encode_parts", "register", "build"]
 
 
 def build(variant: str, d_in: int, n_features: int, **hparams) -> Dictionary:

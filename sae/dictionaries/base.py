@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 VARIANTS: dict[str, type[Dictionary]] = {}
+CODE_PART_BYTES = 64 * 2**20  # float32 codes ``encode_parts`` holds at once, whatever the dictionary's width
 
 
 def register(cls: type[Dictionary]) -> type[Dictionary]:
@@ -157,3 +160,16 @@ def unit_rows(w: torch.Tensor) -> torch.Tensor:
 
 def random_atoms(n_features: int, d_in: int) -> torch.Tensor:
     return unit_rows(torch.randn(n_features, d_in))
+
+
+def encode_parts(dictionary: Dictionary, x: torch.Tensor, max_bytes: int = CODE_PART_BYTES
+                 ) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first row, codes)`` over parts of ``x``'s first dimension, each part's float32 codes within ``max_bytes``.
+
+    A study encoding a whole LM batch at once holds ``[batch, seq, n_features]`` codes, and the encoder's
+    intermediates beside them: at 32,768 features 64 contexts of 128 tokens are 1 GiB each, so the peak grows with
+    the width times the batch. Parts keep it at a few times ``max_bytes`` whatever the width."""
+    per_row = 4 * dictionary.n_features * math.prod(x.shape[1:-1])
+    step = max(1, max_bytes // per_row)
+    for start in range(0, len(x), step):
+        yield start, dictionary.encode(x[start: start + step])

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sae.dictionaries import Dictionary
+from sae.dictionaries import Dictionary, encode_parts
 from sae.features.logit_effects import causal_logit_change, direct_logits
 from sae.features.monosemanticity import pair_scores
 from sae.features.streaming import RunningTopK, TokenMass
@@ -100,13 +100,15 @@ class Collector:
 
     # pass 1: counts, maxima, token mass, top-k and sample
     def _batches(self, desc: str) -> Iterator[tuple[int, torch.Tensor]]:
-        """(first context, codes ``[batch, seq, n_features]`` on the CPU: positive part, 0 at special positions)."""
+        """(first context, codes ``[contexts, seq, n_features]`` on the CPU: positive part, 0 at special positions), in
+        parts of bounded size (``encode_parts``)."""
         batches = read_batches(self.session.model, [self.hook], self.contexts, self.s.batch_size, desc=desc)
         start = 0
         with torch.no_grad():
             for ids, acts in batches:
-                codes = self.dictionary.encode(acts[self.hook].float()).clamp_min(0)
-                yield start, (codes * token_mask(ids, self.session.special_ids).unsqueeze(-1)).cpu()
+                keep = token_mask(ids, self.session.special_ids).unsqueeze(-1)
+                for first, codes in encode_parts(self.dictionary, acts[self.hook].float()):
+                    yield start + first, codes.clamp_min_(0).mul_(keep[first: first + len(codes)]).cpu()
                 start += len(ids)
 
     def _fired(self, start: int, codes: torch.Tensor):
