@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from sae.dictionaries import Dictionary, encode_parts
+from sae.features.config import CollectSettings
 from sae.features.logit_effects import causal_logit_change, direct_logits
 from sae.features.monosemanticity import pair_scores
 from sae.features.streaming import RunningTopK, TokenMass
@@ -29,24 +30,15 @@ from sae.lm.reader import read_batches, token_mask
 from sae.lm.session import LMSession
 
 
-@dataclass(frozen=True)
-class Settings:
-    """How much to collect per feature (``analysis.settings.*``; the one default of each:
-    ``conf/analysis/features.yaml``)."""
+@dataclass
+class Settings(CollectSettings):
+    """``analysis.settings.*`` (``CollectSettings``: their meanings and the one default of each,
+    ``conf/analysis/features.yaml``) and what the run adds."""
 
-    top_k: int  # top-activating contexts
-    window: int  # tokens shown either side of the firing token
-    quantiles: int  # activation quantile bins sampled
-    per_quantile: int  # contexts sampled per bin
-    min_count: int  # a feature is live (scored) when it fires on at least this many tokens
-    causal_contexts: int  # top contexts ablated for the causal logit effect
-    logit_tokens: int  # tokens listed per logit table
-    hist_tokens: int  # tokens shown in the stacked activation histogram (the rest is "other")
-    bins: int
-    sample: int  # firings kept per feature (a uniform sample) to cut the quantile bins from
-    causal_features: int | None  # live features (a seeded sample) given the causal logit effect; None: every one
-    seed: int  # the samples' order
-    batch_size: int = 8  # held-out contexts encoded at once
+    seed: int = 0
+    """The samples' order (the run's seed)."""
+    batch_size: int = 8
+    """Held-out contexts read by one LM forward (their codes are encoded in bounded parts: ``encode_parts``)."""
 
 
 def quantile_samples(
