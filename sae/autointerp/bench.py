@@ -86,7 +86,7 @@ class TokenCounter:
 
     def __init__(self, inner):
         self.inner, self.name, self.model, self.endpoint = inner, inner.name, inner.model, inner.endpoint
-        self.batch_size = inner.batch_size
+        self.batch_size, self.folds_branches = inner.batch_size, inner.folds_branches
         self.prefill = self.decode = self.prompts = 0
 
     def chat(self, requests):
@@ -102,7 +102,10 @@ class TokenCounter:
 
     def prompt_logprobs(self, requests):
         self.prompts += len(requests)
-        self.prefill += sum(len(self.inner.tok(r.prompt).input_ids) for r in requests)
+        for r in requests:  # the prompt, and any branch folded into its forward (a few tokens per position)
+            ids, offsets = self.inner._encode_with_offsets(r.prompt)
+            branches = self.inner._branch_tokens(r.prompt, offsets, r.positions, r.branch) if r.branch else []
+            self.prefill += len(ids) + sum(len(b) for _, b in branches)
         return self.inner.prompt_logprobs(requests)
 
     def branch_logprobs(self, requests):
