@@ -2,10 +2,11 @@
 
     python -m sae.autointerp.bench --backends token_lookup,hf_local,openai --n-features 4
 
-Beside each hf_local figure it prints the bound the judge's own speed sets: the prompt tokens (prefill) and generated
-tokens (decode) each feature's requests need, divided by the model's batched prefill and decode throughput measured
-in the same run; the last line is JSON with ``hf_local_efficiency_<scorer>`` = achieved / bound (and the 4096^2 fp32
-GEMM GFLOP/s of the machine, to compare runs as ratios).
+Beside each hf_local figure it prints the bound the judge's own speed sets: the prompt tokens (prefill, with any
+branch tokens folded into a prompt's forward) and generated tokens (decode) each feature's requests need, divided by
+the model's batched prefill and decode throughput measured in the same run; the last line is JSON with
+``hf_local_efficiency_<scorer>`` = achieved / bound (and the 4096^2 fp32 GEMM GFLOP/s of the machine, to compare
+runs as ratios).
 
 Features are planted on real text (the Pythia tokenizer and held-out OpenWebText from ../shared/fixtures when
 present, else random words) with the paper's sizes: 64-token fragments, 5 explained, 5 top + 5 random
