@@ -2,10 +2,11 @@
 
     python -m sae.autointerp.bench --backends token_lookup,hf_local,openai --n-features 4
 
-Beside each hf_local figure it prints the bound the judge's own speed sets: the prompt tokens (prefill) and generated
-tokens (decode) each feature's requests need, divided by the model's batched prefill and decode throughput measured
-in the same run; the last line is JSON with ``hf_local_efficiency_<scorer>`` = achieved / bound (and the 4096^2 fp32
-GEMM GFLOP/s of the machine, to compare runs as ratios).
+Beside each hf_local figure it prints the bound the judge's own speed sets: the prompt tokens (prefill, with any
+branch tokens folded into a prompt's forward) and generated tokens (decode) each feature's requests need, divided by
+the model's batched prefill and decode throughput measured in the same run; the last line is JSON with
+``hf_local_efficiency_<scorer>`` = achieved / bound (and the 4096^2 fp32 GEMM GFLOP/s of the machine, to compare
+runs as ratios).
 
 Features are planted on real text (the Pythia tokenizer and held-out OpenWebText from ../shared/fixtures when
 present, else random words) with the paper's sizes: 64-token fragments, 5 explained, 5 top + 5 random
@@ -86,7 +87,7 @@ class TokenCounter:
 
     def __init__(self, inner):
         self.inner, self.name, self.model, self.endpoint = inner, inner.name, inner.model, inner.endpoint
-        self.batch_size = inner.batch_size
+        self.batch_size, self.folds_branches = inner.batch_size, inner.folds_branches
         self.prefill = self.decode = self.prompts = 0
 
     def chat(self, requests):
@@ -102,7 +103,10 @@ class TokenCounter:
 
     def prompt_logprobs(self, requests):
         self.prompts += len(requests)
-        self.prefill += sum(len(self.inner.tok(r.prompt).input_ids) for r in requests)
+        for r in requests:  # the prompt, and any branch folded into its forward (a few tokens per position)
+            ids, offsets = self.inner._encode_with_offsets(r.prompt)
+            branches = self.inner._branch_tokens(r.prompt, offsets, r.positions, r.branch) if r.branch else []
+            self.prefill += len(ids) + sum(len(b) for _, b in branches)
         return self.inner.prompt_logprobs(requests)
 
     def branch_logprobs(self, requests):

@@ -16,10 +16,11 @@ from sae.autointerp.records import FeatureRecords, Fragment
 from sae.autointerp.scoring import DIGITS, digit_share, expected_value
 
 YES_NO = ("yes", "no")
-TEN_MIN_SHARE = 1e-3  # second step only where P("1") is at least this share of the digit mass (error <= 0.009)
+TEN_MIN_SHARE = 1e-3  # P('0'|'1') used only where P("1") is at least this share of the digit mass (error <= 0.009)
 TEN_ONE_TOKEN = "0-10 scale; '10' is one token of the judge's tokenizer, read in one step"
 TEN_TWO_TOKENS = ("0-10 scale; the judge's tokenizer writes '10' as '1','0': P(10) = P('1')·P('0'|'1'), the second "
-                  f"factor from a second batched step (where P('1') >= {TEN_MIN_SHARE} of the digit mass)")
+                  "factor read in the prompt's own forward (a branch token per position) where the backend folds it, "
+                  f"else from a second batched step (where P('1') >= {TEN_MIN_SHARE} of the digit mass)")
 
 
 @dataclass
@@ -99,35 +100,56 @@ class LLMInterpreter(Interpreter):
         return out
 
     def simulate(self, jobs: Sequence[tuple[Explanation, Fragment]]) -> list[list[float] | None]:
-        """Expected 0-10 value at every token, all tokens of a fragment read from one prompt (all at once); where the
-        judge writes "10" as two tokens, P("0" | "1") at each position comes from a second batched step."""
+        """Expected 0-10 value at every token, all tokens of a fragment read from one prompt (all at once). Where the
+        judge writes "10" as two tokens, P("0" | "1") at each position comes from the same forward (backends that
+        fold a branch into it) or from a second batched step (the others)."""
         todo = [i for i, (e, _) in enumerate(jobs) if e.text is not None]
         built = {i: prompts.simulation_prompt(jobs[i][0].text, jobs[i][1].tokens) for i in todo}
-        reqs = [LogprobRequest(built[i].text, built[i].positions, self.top_logprobs, DIGITS) for i in todo]
-        resps = dict(zip(todo, self.backend.prompt_logprobs(reqs) if reqs else []))
         out: list[list[float] | None] = [None] * len(jobs)
-        if not resps:
+        if not todo:
             return out
-        first = next(iter(resps))
-        split = not _one_token_ten(resps[first], built[first].ten_offset)
-        self.ten_rule = TEN_TWO_TOKENS if split else TEN_ONE_TOKEN
-        zero_after_one = self._zero_after_one(built, resps) if split else {}
+        resps = self._simulation_logprobs(built, todo)
+        split = self.ten_rule == TEN_TWO_TOKENS
+        if split and not self.backend.folds_branches:
+            zero_after_one = self._zero_after_one(built, resps)
+        else:
+            zero_after_one = {(i, p): _zero_prob(table) for i, resp in resps.items() if resp.branch_tables
+                              for p, table in zip(built[i].positions, resp.branch_tables)
+                              if _needs_ten(resp.at(p))}
         for i, resp in resps.items():
             out[i] = [expected_value(resp.at(p), zero_after_one.get((i, p))) for p in built[i].positions]
         return out
 
+    def _simulation_logprobs(self, built: dict, todo: list[int]) -> dict[int, PromptLogprobs]:
+        """The prompts' log-probs; the first call reads one prompt alone first, to learn how the judge's tokenizer
+        writes "10" (the rule kept for meta.json), so that where it splits, the branch is asked for with the rest."""
+        resps: dict[int, PromptLogprobs] = {}
+        if self.ten_rule is None:
+            first = todo[0]
+            (resps[first],) = self.backend.prompt_logprobs([self._sim_request(built[first], "")])
+            split = not _one_token_ten(resps[first], built[first].ten_offset)
+            self.ten_rule = TEN_TWO_TOKENS if split else TEN_ONE_TOKEN
+            if split and self.backend.folds_branches:
+                del resps[first]  # asked again, with its branch
+        branch = "1" if self.ten_rule == TEN_TWO_TOKENS and self.backend.folds_branches else ""
+        rest = [i for i in todo if i not in resps]
+        reqs = [self._sim_request(built[i], branch) for i in rest]
+        resps.update(zip(rest, self.backend.prompt_logprobs(reqs) if reqs else []))
+        return resps
+
+    def _sim_request(self, built: prompts.SimulationPrompt, branch: str) -> LogprobRequest:
+        return LogprobRequest(built.text, built.positions, self.top_logprobs, DIGITS, branch)
+
     def _zero_after_one(self, built: dict, resps: dict[int, PromptLogprobs]) -> dict[tuple[int, int], float]:
         """P("0" | the prompt up to the placeholder, "1") at every position where "1" has some mass: one batched
         call of branch requests (one per fragment, every such position in it)."""
-        wanted = {i: tuple(p for p in built[i].positions if digit_share(resp.at(p), "1") >= TEN_MIN_SHARE)
-                  for i, resp in resps.items()}
+        wanted = {i: tuple(p for p in built[i].positions if _needs_ten(resp.at(p))) for i, resp in resps.items()}
         jobs = [i for i in resps if wanted[i]]
         reqs = [BranchRequest(built[i].text, wanted[i], "1", ("0",), self.top_logprobs) for i in jobs]
         found: dict[tuple[int, int], float] = {}
         for i, resp in zip(jobs, self.backend.branch_logprobs(reqs) if reqs else []):
             for p, table in zip(wanted[i], resp.tables):
-                logprob = (table or {}).get("0")
-                found[(i, p)] = math.exp(logprob) if logprob is not None and math.isfinite(logprob) else 0.0
+                found[(i, p)] = _zero_prob(table)
         return found
 
     def _judge(self, messages: list[prompts.Messages | None]) -> list[Judgement]:
@@ -175,6 +197,17 @@ class LLMInterpreter(Interpreter):
 
     def describe(self) -> dict:
         return {**self.backend.describe(), **({"scale": self.ten_rule} if self.ten_rule else {})}
+
+
+def _needs_ten(table: dict[str, float] | None) -> bool:
+    """Whether "1" holds enough of the digit mass at a position for P("0" | "1") to be read there."""
+    return digit_share(table, "1") >= TEN_MIN_SHARE
+
+
+def _zero_prob(table: dict[str, float] | None) -> float:
+    """P("0") from a branch's table (0 where absent)."""
+    logprob = (table or {}).get("0")
+    return math.exp(logprob) if logprob is not None and math.isfinite(logprob) else 0.0
 
 
 def _one_token_ten(resp: PromptLogprobs, ten_offset: int) -> bool:

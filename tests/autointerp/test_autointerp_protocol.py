@@ -35,8 +35,26 @@ class SplitDigitJudge(LLMBackend):
         return out
 
 
-def test_a_split_ten_is_read_as_ten_and_the_rule_is_recorded():
-    interp = LLMInterpreter(SplitDigitJudge())
+class FoldingSplitDigitJudge(SplitDigitJudge):
+    """The same judge, answering each request's branch ("1" written at each position) in the prompt's own call."""
+
+    folds_branches = True
+
+    def prompt_logprobs(self, requests):
+        out = super().prompt_logprobs(requests)
+        for req, resp in zip(requests, out):
+            if req.branch:
+                resp.branch_tables = [{"0": 0.0} if (req.prompt[:p] + req.branch).endswith("\t1") else None
+                                      for p in req.positions]
+        return out
+
+    def branch_logprobs(self, requests):
+        raise AssertionError("a folding backend needs no second step")
+
+
+@pytest.mark.parametrize("judge", [SplitDigitJudge, FoldingSplitDigitJudge], ids=["two-step", "folded"])
+def test_a_split_ten_is_read_as_ten_and_the_rule_is_recorded(judge):
+    interp = LLMInterpreter(judge())
     frag = Fragment(0, [1, 2, 3], [" a", " b", " c"], [1.0, 2.0, 3.0])
     (sim,) = interp.simulate([(Explanation("letters", "letters"), frag)])
     assert sim == pytest.approx([10.0, 10.0, 10.0]), "P('1')·P('0'|'1') = 1: the judge says 10, not 1"
@@ -51,6 +69,47 @@ def test_hf_local_branches_in_one_forward_match_one_prompt_per_position():
     (slow,) = LLMBackend.branch_logprobs(backend, [req])  # the generic path: prompt[:p] + "1\n", one per position
     for a, b in zip(fast.tables, slow.tables):
         assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-4) for k in a)
+
+
+def _sim_jobs(n: int) -> list[tuple[Explanation, Fragment]]:
+    words = [" the", " cat", " sat", " on", " a", " mat"]
+    return [(Explanation(f"cats {k}", ""), Fragment(k, list(range(4)), words[k % 3: k % 3 + 4], [0.0, 1, 0, 2]))
+            for k in range(n)]
+
+
+def test_hf_local_folds_the_ten_branch_into_the_prompt_forward(monkeypatch):
+    """The byte tokenizer writes "10" as two tokens. A request's branch read in the prompt's own forward equals the
+    branch read from its own prompt ``prompt[:p] + "1"``; the folded simulation equals the two-step one; and once
+    the rule is known, each batch of prompts is one forward (no second read of the prompts)."""
+    from sae.autointerp.backends.base import LogprobRequest
+    from sae.autointerp.backends.hf_local import HFLocalBackend
+    from sae.autointerp.scoring import DIGITS
+
+    backend = byte_backend()
+    built = simulation_prompt("cats", [" the", " cat", " sat"])
+    (folded_req,) = backend.prompt_logprobs([LogprobRequest(built.text, built.positions, 3, DIGITS, branch="1")])
+    (alone,) = LLMBackend.branch_logprobs(backend, [BranchRequest(built.text, built.positions, "1", DIGITS, 3)])
+    for a, b in zip(folded_req.branch_tables, alone.tables, strict=True):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], abs=1e-4) for k in a)
+    (plain,) = backend.prompt_logprobs([LogprobRequest(built.text, built.positions, 3, DIGITS)])
+    for p in built.positions:
+        assert folded_req.at(p) == pytest.approx(plain.at(p), abs=1e-4), "the prompt's own tables are unchanged"
+
+    jobs = _sim_jobs(6)
+    folded_interp = LLMInterpreter(backend)
+    folded = folded_interp.simulate(jobs)
+    assert "'1','0'" in folded_interp.describe()["scale"]
+    calls = []
+    hook = backend.lm.base_model.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        assert folded_interp.simulate(jobs) == folded
+        assert len(calls) == -(-len(jobs) // backend.batch_size), "one forward per batch, no second read"
+    finally:
+        hook.remove()
+    monkeypatch.setattr(HFLocalBackend, "folds_branches", False)
+    two_step = LLMInterpreter(backend).simulate(jobs)
+    for a, b in zip(folded, two_step, strict=True):
+        assert a == pytest.approx(b, abs=1e-6)
 
 
 def test_hf_local_scans_the_vocabulary_once_per_candidate_set(monkeypatch):
@@ -69,7 +128,7 @@ def test_hf_local_scans_the_vocabulary_once_per_candidate_set(monkeypatch):
 
     vocab = Counted(backend._vocab_strings())
     monkeypatch.setattr(backend, "_vocab_strings", lambda: vocab)
-    monkeypatch.setattr(backend, "_candidates", {})
+    monkeypatch.setattr(backend, "_candidates", {}, raising=False)  # absent before the cache existed
     built = simulation_prompt("cats", [" the", " cat", " sat", " on"])
     digits = tuple(str(i) for i in range(11))
     backend.prompt_logprobs([LogprobRequest(built.text, built.positions, 5, digits)] * 3)  # 12 scored positions

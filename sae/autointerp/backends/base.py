@@ -40,15 +40,21 @@ class ChatResponse:
 
 @dataclass(frozen=True)
 class LogprobRequest:
-    """Log-probs of the distribution predicting the prompt's tokens at the given character offsets."""
+    """Log-probs of the distribution predicting the prompt's tokens at the given character offsets; with ``branch``,
+    also at each offset p the next-token distribution after ``prompt[:p] + branch`` (e.g. P("0" | ..., "1") for a
+    two-token "10"), answered only by backends that fold it into the same forward (``LLMBackend.folds_branches``)."""
 
     prompt: str
     positions: tuple[int, ...]
     top_logprobs: int = 20
     candidates: tuple[str, ...] = ()
+    branch: str = ""
 
     def to_json(self) -> dict:
-        return {**asdict(self), "positions": list(self.positions), "candidates": list(self.candidates)}
+        out = {**asdict(self), "positions": list(self.positions), "candidates": list(self.candidates)}
+        if not self.branch:  # requests without a branch keep the keys they had in existing caches
+            del out["branch"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,7 @@ class PromptLogprobs:
     offsets: list[int]
     top: list[dict[str, float] | None] = field(default_factory=list)
     token_logprobs: list[float | None] = field(default_factory=list)  # of each token itself, where computed
+    branch_tables: list[dict[str, float] | None] | None = None  # per requested position, for a request's branch
 
     def at(self, position: int) -> dict[str, float] | None:
         """The distribution of the token covering character `position`."""
@@ -106,6 +113,7 @@ class LLMBackend:
     model = ""
     endpoint: str | None = None
     batch_size = 8
+    folds_branches = False  # True: prompt_logprobs answers a request's branch from the prompt's own forward
 
     def chat(self, requests: Sequence[ChatRequest]) -> list[ChatResponse]:
         raise NotImplementedError
@@ -149,6 +157,7 @@ class CachedBackend(LLMBackend):
             inner.endpoint,
             inner.batch_size,
         )
+        self.folds_branches = inner.folds_branches
 
     def _through(self, kind: str, requests: Sequence, compute, decode) -> list:
         out = self.cache.through(self.inner.cache_tag, self.model, kind, [r.to_json() for r in requests],

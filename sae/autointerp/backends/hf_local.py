@@ -205,12 +205,21 @@ class HFLocalBackend(LLMBackend):
         return ids, offsets
 
     def prompt_logprobs(self, requests: Sequence[LogprobRequest]) -> list[PromptLogprobs]:
+        """One forward per batch of prompts. A request's ``branch`` is folded into the same forward: its tokens are
+        appended to the prompt once per position, each attending to the prompt before its position and to itself
+        only, so P(next | prompt[:p] + branch) costs the branch's tokens, not a second read of the prompt."""
         out: list[PromptLogprobs] = []
         encoded = [self._encode_with_offsets(r.prompt) for r in requests]
         for start in range(0, len(requests), self.batch_size):
             part = list(range(start, min(start + self.batch_size, len(requests))))
-            out += self._score([encoded[i] for i in part], [requests[i] for i in part])
+            enc, reqs = [encoded[i] for i in part], [requests[i] for i in part]
+            folded = self.folds_branches and any(r.branch for r in reqs)
+            out += self._score_folded(enc, reqs) if folded else self._score(enc, reqs)
         return out
+
+    @property
+    def folds_branches(self) -> bool:  # the 4-D mask path reads the head at chosen positions only
+        return self._fast_head
 
     def _score(
         self, encoded: list[tuple[list[int], list[int]]], requests: list[LogprobRequest]
@@ -222,57 +231,87 @@ class HFLocalBackend(LLMBackend):
         with torch.no_grad():
             if self._fast_head:
                 hidden = self.lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+                head = lambda b, rows: self.lm.get_output_embeddings()(hidden[b, rows])  # noqa: E731
             else:
                 logits_all = self.lm(input_ids=ids, attention_mask=mask).logits
-        results = []
-        for b, ((tok_ids, offsets), req) in enumerate(zip(encoded, requests)):
-            result = PromptLogprobs(tokens=[], offsets=offsets, top=[None] * len(tok_ids),
-                                    token_logprobs=[None] * len(tok_ids))
-            result.tokens = self._token_texts(req.prompt, offsets)
-            wanted = sorted({i for i in (self._index(offsets, p) for p in req.positions) if i >= 1})
-            if wanted:
-                prev = torch.tensor([i - 1 for i in wanted], device=self.device)
-                with torch.no_grad():
-                    logits = (
-                        self.lm.get_output_embeddings()(hidden[b, prev]) if self._fast_head else logits_all[b, prev]
-                    )
-                lp = torch.log_softmax(logits.float(), -1)
-                for row, i in enumerate(wanted):
-                    result.top[i] = self._table(lp[row], req.top_logprobs, req.candidates)
-                    result.token_logprobs[i] = float(lp[row, tok_ids[i]])
-            results.append(result)
+                head = lambda b, rows: logits_all[b, rows]  # noqa: E731
+            return [self._prompt_result(tok_ids, offsets, req, lambda rows, b=b: head(b, rows))
+                    for b, ((tok_ids, offsets), req) in enumerate(zip(encoded, requests))]
+
+    def _score_folded(
+        self, encoded: list[tuple[list[int], list[int]]], requests: list[LogprobRequest]
+    ) -> list[PromptLogprobs]:
+        layouts = [(ids, self._branch_tokens(req.prompt, offsets, req.positions, req.branch) if req.branch else [])
+                   for (ids, offsets), req in zip(encoded, requests)]
+        with torch.no_grad():
+            hidden, reads = self._masked_forward(layouts)
+            results = []
+            for b, ((tok_ids, offsets), req) in enumerate(zip(encoded, requests)):
+                result = self._prompt_result(tok_ids, offsets, req,
+                                             lambda rows, b=b: self.lm.get_output_embeddings()(hidden[b, rows]))
+                if req.branch:
+                    result.branch_tables = self._branch_tables(hidden[b, reads[b]], req.top_logprobs, req.candidates)
+                results.append(result)
         return results
 
+    def _prompt_result(self, tok_ids: list[int], offsets: list[int], req: LogprobRequest, head) -> PromptLogprobs:
+        """The tables at the request's positions; ``head(rows)`` gives the logits after the prompt's token rows."""
+        result = PromptLogprobs(tokens=self._token_texts(req.prompt, offsets), offsets=offsets,
+                                top=[None] * len(tok_ids), token_logprobs=[None] * len(tok_ids))
+        wanted = sorted({i for i in (self._index(offsets, p) for p in req.positions) if i >= 1})
+        if wanted:
+            lp = torch.log_softmax(head(torch.tensor([i - 1 for i in wanted], device=self.device)).float(), -1)
+            for row, i in enumerate(wanted):
+                result.top[i] = self._table(lp[row], req.top_logprobs, req.candidates)
+                result.token_logprobs[i] = float(lp[row, tok_ids[i]])
+        return result
+
+    def _branch_tables(self, hidden: torch.Tensor, top: int, candidates: Sequence[str]) -> list[dict[str, float]]:
+        lp = torch.log_softmax(self.lm.get_output_embeddings()(hidden).float(), -1)
+        return [self._table(row, top, candidates) for row in lp]
+
     def branch_logprobs(self, requests: Sequence[BranchRequest]) -> list[BranchLogprobs]:
-        """Every branch of a request in one forward: the prompt, then each position's branch tokens, each branch
-        attending to the prompt's tokens before its position and to itself only (a 4-D attention mask), so the
-        result equals a forward of ``prompt[:p] + text`` per position at the cost of one prompt."""
+        """Every branch of a request in one forward (as ``prompt_logprobs`` folds them), the prompt's own positions
+        not read: the result equals a forward of ``prompt[:p] + text`` per position at the cost of one prompt."""
         if not self._fast_head:
             return super().branch_logprobs(requests)
         out: list[BranchLogprobs] = []
         for start in range(0, len(requests), self.batch_size):
             part = list(requests[start: start + self.batch_size])
-            out += self._branches(part)
+            layouts = [self._branch_layout(r) for r in part]
+            with torch.no_grad():
+                hidden, reads = self._masked_forward(layouts)
+                out += [BranchLogprobs(self._branch_tables(hidden[b, reads[b]], r.top_logprobs, r.candidates))
+                        for b, r in enumerate(part)]
         return out
 
     def _branch_layout(self, req: BranchRequest) -> tuple[list[int], list[tuple[int, list[int]]]]:
         """(prompt ids, per position (prefix length in tokens, the branch's token ids))."""
         ids, offsets = self._encode_with_offsets(req.prompt)
-        branches = []
-        for p in req.positions:
-            i = max(0, self._index(offsets, p))
-            extra = req.prompt[offsets[i]: p] + req.text if i < len(offsets) else req.text
-            branches.append((i, self.tok(extra, add_special_tokens=False).input_ids))
-        return ids, branches
+        return ids, self._branch_tokens(req.prompt, offsets, req.positions, req.text)
 
-    def _branches(self, requests: list[BranchRequest]) -> list[BranchLogprobs]:
-        layouts = [self._branch_layout(r) for r in requests]
+    def _branch_tokens(self, prompt: str, offsets: list[int], positions: Sequence[int],
+                       text: str) -> list[tuple[int, list[int]]]:
+        """Per position p: (the tokens of the prompt before p's token, the ids of ``prompt[token start:p] + text``)."""
+        branches, known = [], {}
+        for p in positions:
+            i = max(0, self._index(offsets, p))
+            extra = prompt[offsets[i]: p] + text if i < len(offsets) else text
+            if extra not in known:
+                known[extra] = self.tok(extra, add_special_tokens=False).input_ids
+            branches.append((i, known[extra]))
+        return branches
+
+    def _masked_forward(
+        self, layouts: list[tuple[list[int], list[tuple[int, list[int]]]]]
+    ) -> tuple[torch.Tensor, list[list[int]]]:
+        """Hidden states of each prompt followed by its branches (a 4-D attention mask: the prompt causal, each
+        branch attending to its prefix and itself), and per prompt the row of each branch's last token."""
         lengths = [len(ids) + sum(len(b) for _, b in br) for ids, br in layouts]
         width, dtype = max(lengths), next(self.lm.parameters()).dtype
-        pad = self.tok.pad_token_id
-        seqs = torch.full((len(requests), width), pad, dtype=torch.long)
-        pos = torch.zeros(len(requests), width, dtype=torch.long)
-        allow = torch.eye(width, dtype=torch.bool).repeat(len(requests), 1, 1)  # padding sees itself only
+        seqs = torch.full((len(layouts), width), self.tok.pad_token_id, dtype=torch.long)
+        pos = torch.zeros(len(layouts), width, dtype=torch.long)
+        allow = torch.eye(width, dtype=torch.bool).repeat(len(layouts), 1, 1)  # padding sees itself only
         reads: list[list[int]] = []
         for b, (ids, branches) in enumerate(layouts):
             n = len(ids)
@@ -289,14 +328,9 @@ class HFLocalBackend(LLMBackend):
                 last.append(at - 1)
             reads.append(last)
         mask = torch.zeros(allow.shape, dtype=dtype).masked_fill(~allow, torch.finfo(dtype).min)[:, None]
-        with torch.no_grad():
-            hidden = self.lm.base_model(input_ids=seqs.to(self.device), attention_mask=mask.to(self.device),
-                                        position_ids=pos.to(self.device)).last_hidden_state
-            results = []
-            for b, (req, last) in enumerate(zip(requests, reads)):
-                lp = torch.log_softmax(self.lm.get_output_embeddings()(hidden[b, last]).float(), -1)
-                results.append(BranchLogprobs([self._table(row, req.top_logprobs, req.candidates) for row in lp]))
-        return results
+        hidden = self.lm.base_model(input_ids=seqs.to(self.device), attention_mask=mask.to(self.device),
+                                    position_ids=pos.to(self.device)).last_hidden_state
+        return hidden, reads
 
     @staticmethod
     def _index(offsets: list[int], position: int) -> int:
