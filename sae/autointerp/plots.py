@@ -29,6 +29,11 @@ def _finite(x) -> bool:
     return x is not None and isinstance(x, (int, float)) and math.isfinite(x)
 
 
+def _chance(rows: Sequence[dict], score: str) -> float:
+    """The panel's chance level, from the summary (intruder's is 1/k), else 0 for correlations and 0.5 otherwise."""
+    return next((float(r["chance"]) for r in rows if _finite(r.get("chance"))), 0.0 if score == "simulation" else 0.5)
+
+
 def plot_by_layer(summary: Sequence[dict], path: Path, title: str) -> None:
     """One panel per scorer x variant that has any finite value; x = layer, y = mean with 95% interval (over all
     scored features: the summary's density terciles are in the CSV)."""
@@ -41,9 +46,10 @@ def plot_by_layer(summary: Sequence[dict], path: Path, title: str) -> None:
     for i, (name, row_label) in enumerate(rows):
         for j, (prefix, col_label) in enumerate(COLUMNS):
             ax = axes[i][j]
-            _panel(ax, [r for r in summary if r["score"] == prefix + name], len(sites) > 1)
+            here = [r for r in summary if r["score"] == prefix + name]
+            _panel(ax, here, len(sites) > 1)
             ax.set_title(f"{row_label}\n{col_label}", fontsize=8)
-            ax.axhline(0.5 if name != "simulation" else 0.0, color="grey", linewidth=0.6, linestyle=":")
+            ax.axhline(_chance(here, name), color="grey", linewidth=0.6, linestyle=":")
             ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # one layer: one tick
             if i == len(rows) - 1:
                 ax.set_xlabel("layer")
