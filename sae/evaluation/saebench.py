@@ -85,7 +85,10 @@ class CoreSums:
         self.fired = torch.zeros(n_features, dtype=torch.float64)
 
     @torch.no_grad()
-    def add(self, x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, x_hat: torch.Tensor, codes: torch.Tensor | None = None) -> None:
+        """One batch (SAEBench averages some terms per batch); its codes here or, in row parts, by ``add_codes``."""
+        if codes is not None:
+            self.add_codes(codes)
         x, x_hat = x.double(), x_hat.double()
         n, resid = len(x), (x - x_hat).pow(2).sum(-1)
         norm_in, norm_out = x.norm(dim=-1), x_hat.norm(dim=-1)
@@ -96,13 +99,19 @@ class CoreSums:
         # 0 where x_hat = 0 (SAEBench's own division gives NaN there)
         self.cossim += F.cosine_similarity(x, x_hat, dim=-1, eps=1e-30).sum().item()
         self.rrb.append((norm_out.pow(2).mean() / (x * x_hat).sum(-1).mean()).item())
-        self.l0 += (codes != 0).sum().item()
-        self.l1 += codes.double().sum().item()
         self.mse_per_batch += (resid / n).sum().item()  # SAEBench divides each token's error by the batch's tokens
         self.ev_legacy += (1 - resid / (x - x.mean(0)).pow(2).sum(-1)).sum().item()
         self.sum_sq += x.pow(2).sum().item()
         self.sum_resid += resid.sum().item()
         self.sq_per_dim = self.sq_per_dim + x.pow(2).sum(0)
+
+    @torch.no_grad()
+    def add_codes(self, codes: torch.Tensor) -> None:
+        """The code terms (L0, L1, firing counts): sums over rows, so a batch's codes may come in row parts. The L1
+        is summed in float64 a slice of rows at a time (a float64 copy of all ``[n, n_features]`` codes is 1 GiB for
+        8,192 positions at 16,384 features)."""
+        self.l0 += (codes != 0).sum().item()
+        self.l1 += sum(part.double().sum().item() for part in codes.split(max(1, 2**20 // codes.shape[-1])))
         self.fired += (codes > 0).sum(0).double().cpu()
 
     def metrics(self) -> dict:
