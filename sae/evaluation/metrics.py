@@ -297,7 +297,7 @@ class Tally:
     def add_reconstruction(self, x: torch.Tensor) -> torch.Tensor:
         """Add ``x`` ``[n, d_in]`` (model units) and its reconstruction to the sums; return the reconstruction."""
         codes = self.dictionary.encode(x)
-        x_hat = self.dictionary.decode(codes)
+        x_hat = self.dictionary.decode_sparse(codes)
         self.moments.add(x, x_hat)
         self.sq_err_norm += ((x - x_hat) / self.dictionary.scale).pow(2).sum().item()
         norms = x.norm(dim=-1)
