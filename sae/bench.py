@@ -152,9 +152,11 @@ def kl_figures(model_dir: Path, text: Path, repeats: int) -> dict:
 def eval_figures(model_dir: Path, text: Path, tokens: int, ratio: int, repeats: int) -> dict:
     """The held-out evaluation (``heldout_metrics_many``) of one TopK dictionary (k 32, ``ratio`` × the model's
     width, at its middle block) on ``tokens`` tokens of contexts of 256, against the bare LM forwards it needs: per
-    batch of 8 contexts, four plain forwards with logits (clean, spliced, zero- and mean-ablated), timed in the same
-    run. Their ratio, ``eval_over_forward_bound``, is what the evaluation costs beyond its forwards (the mean's
-    cut-off read, the dictionary, the losses): 1 would be the forwards alone."""
+    batch of 8 contexts, four plain whole forwards with logits (clean, spliced, zero- and mean-ablated), timed in
+    the same run. Their ratio, ``eval_over_forward_bound``, is what the evaluation costs beyond those forwards (the
+    mean's cut-off read, the dictionary, the losses): 1 would be the four forwards alone. The evaluation itself runs
+    the blocks below the hook once per batch (its spliced and ablated runs start at the hook's block from the clean
+    run's residual stream), so it can come in under 1."""
     from sae.evaluation.heldout import heldout_metrics_many
     from sae.lm.model import load_model, load_tokenizer
     from sae.lm.text import load_documents, pack_contexts, special_ids

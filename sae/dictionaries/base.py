@@ -100,6 +100,12 @@ class Dictionary(nn.Module):
         """Reconstruction ``[..., d_in]`` in the model's units."""
         return self.decode_normalised(codes) * self.scale
 
+    @torch.no_grad()
+    def decode_sparse(self, codes: torch.Tensor) -> torch.Tensor:
+        """``decode(codes)`` (no gradient) as a sparse product: its cost follows the non-zero codes, not every
+        feature (a TopK dictionary's k of its features; the held-out metrics decode this way)."""
+        return (torch.sparse.mm(codes.to_sparse_csr(), self.decoder_weight()) + self.b_dec) * self.scale
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
 

@@ -24,10 +24,13 @@ def spliced_losses(model: nn.Module, ids: torch.Tensor, hook: HookPoint, special
 
     ``edits``: a function of the clean activation ``[batch, seq, width]`` giving the edits (a reconstruction
     computed once from it, spliced as given). ``unembedding``: ``linear_unembedding(model)``: the losses from the
-    final hidden states a chunk of positions at a time (``losses_from_hidden``); ``None``: from the logits."""
+    final hidden states a chunk of positions at a time (``losses_from_hidden``); ``None``: from the logits. The
+    runs share the clean run's blocks below the hook: each starts at the hook's block from the clean residual
+    stream entering it (``Prefix``; where the model allows it)."""
     states = unembedding is not None
-    clean = spliced_forward(model, ids, {}, special_ids, read=[hook], hidden=states)
-    runs = (spliced_forward(model, ids, {hook: e}, special_ids, hidden=states) for e in edits(clean.activations[hook]))
+    clean = spliced_forward(model, ids, {}, special_ids, read=[hook], hidden=states, keep_prefix=hook.layer)
+    runs = (spliced_forward(model, ids, {hook: e}, special_ids, hidden=states, prefix=clean.prefix)
+            for e in edits(clean.activations[hook]))
     if not states:
         return losses_from_logits(clean.logits, (run.logits for run in runs), ids)
     return losses_from_hidden(clean.hidden, [run.hidden for run in runs], ids, *unembedding)

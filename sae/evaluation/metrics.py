@@ -220,26 +220,29 @@ def losses_from_logits(clean: torch.Tensor, others: Iterable[torch.Tensor], inpu
 def losses_from_hidden(clean: torch.Tensor, others: list[torch.Tensor], input_ids: torch.Tensor,
                        weight: torch.Tensor, bias: torch.Tensor | None = None) -> NextTokenLosses:
     """``losses_from_logits`` of the logits ``hidden @ weight.T + bias``, from the final hidden states
-    ``[batch, seq, d]``, a chunk of positions at a time (as ``kl_from_hidden``): each chunk's clean distribution is
-    formed once and every run of ``others`` compared with it; no ``[positions, vocab]`` tensor outlives its
-    chunk."""
-    flat = [h[:, :-1].reshape(-1, h.shape[-1]) for h in (clean, *others)]
-    targets = input_ids[:, 1:].reshape(-1, 1).to(clean.device)
-    ce = torch.zeros(len(flat), dtype=torch.float64, device=clean.device)
+    ``[batch, seq, d]``, a chunk of positions at a time: no ``[positions, vocab]`` tensor outlives its chunk.
+
+    Per chunk, the clean run's and every other run's hidden states at those positions go through one product
+    (the unembedding is read once per chunk for all runs) and one in-place log-softmax; then CE = −log q[target]
+    and KL(clean || q) = Σ p log p − Σ p log q, with p = exp(log p) the clean distribution, each Σ a summed
+    product over the vocabulary (no log-sum-exp or exponential pass per run). A run whose hidden state equals the
+    clean one at a position has exactly the clean CE and a KL of 0 there."""
+    flat = torch.stack([h[:, :-1].reshape(-1, h.shape[-1]) for h in (clean, *others)], 1)  # [positions, runs, d]
+    targets = input_ids[:, 1:].reshape(-1, 1, 1).to(clean.device)
+    ce = torch.zeros(flat.shape[1], dtype=torch.float64, device=clean.device)
     kl = torch.zeros(len(others), dtype=torch.float64, device=clean.device)
-    rows = chunk_rows(weight)
-    for start in range(0, len(targets), rows):
-        part = slice(start, start + rows)
-        target, clean_part = targets[part], flat[0][part]
-        chunk = _CleanChunk(F.linear(clean_part, weight, bias).float())
-        c_target = chunk.c.gather(-1, target).squeeze(-1)
-        ce[0] += (chunk.lse - c_target).double().sum()
-        for i, hidden in enumerate(flat[1:]):
-            delta = F.linear(hidden[part] - clean_part, weight).float()
-            delta_target = delta.gather(-1, target).squeeze(-1)
-            gap, p_delta, _, _ = chunk.compare(delta)
-            ce[i + 1] += (chunk.lse + gap - c_target - delta_target).double().sum()  # lse(z) - z[target]
-            kl[i] += chunk.kl(gap, p_delta).double().sum()
+    rows = max(1, chunk_rows(weight) // flat.shape[1])
+    for start in range(0, len(flat), rows):
+        hidden = flat[start : start + rows]
+        log_q = F.linear(hidden, weight, bias).float()  # [n, runs, vocab]
+        torch.log_softmax(log_q, -1, out=log_q)
+        run_ce = -log_q.gather(-1, targets[start : start + rows].expand(-1, flat.shape[1], 1)).squeeze(-1)
+        p = log_q[:, :1].exp()
+        p_log_q = log_q.mul_(p).sum(-1).double()  # [n, runs]: Σ p log q
+        same = (hidden[:, 1:] == hidden[:, :1]).all(-1)
+        run_ce[:, 1:] = torch.where(same, run_ce[:, :1], run_ce[:, 1:])
+        ce += run_ce.double().sum(0)
+        kl += (p_log_q[:, :1] - p_log_q[:, 1:]).masked_fill_(same, 0.0).sum(0)
     ce, kl = ce.tolist(), kl.tolist()
     return NextTokenLosses(ce[0], ce[1:], kl)
 
@@ -294,7 +297,7 @@ class Tally:
     def add_reconstruction(self, x: torch.Tensor) -> torch.Tensor:
         """Add ``x`` ``[n, d_in]`` (model units) and its reconstruction to the sums; return the reconstruction."""
         codes = self.dictionary.encode(x)
-        x_hat = self.dictionary.decode(codes)
+        x_hat = self.dictionary.decode_sparse(codes)
         self.moments.add(x, x_hat)
         self.sq_err_norm += ((x - x_hat) / self.dictionary.scale).pow(2).sum().item()
         norms = x.norm(dim=-1)

@@ -148,3 +148,50 @@ def intervene(model: nn.Module, hook: HookPoint, fn: Callable[[torch.Tensor], to
         yield
     finally:
         handle.remove()
+
+
+def _blocks_owner(model: nn.Module) -> tuple[nn.Module, str]:
+    """The module holding the list of blocks and the list's attribute name."""
+    owner, _, name = family_of(model).blocks.rpartition(".")
+    return model.get_submodule(owner), name
+
+
+def _hidden_states_arg(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@contextlib.contextmanager
+def read_block_input(model: nn.Module, layer: int, fn: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    """Call ``fn(hidden state)`` with the residual stream entering block ``layer`` during forwards."""
+    check_hook(HookPoint(layer), n_layers(model))
+    handle = model.get_submodule(family_of(model).blocks)[layer].register_forward_pre_hook(
+        lambda _module, args, kwargs: fn(_hidden_states_arg(args, kwargs)), with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def start_at_block(model: nn.Module, layer: int, state: torch.Tensor) -> Iterator[None]:
+    """Forwards run blocks ``layer`` onwards only, on ``state`` (the residual stream entering block ``layer`` of
+    the same input, as ``read_block_input`` gives it): the blocks below are left out of the model's list of
+    blocks while inside, and block ``layer`` sees ``state`` in place of what arrives. Whether a model's forward
+    allows this is ``sae.lm.splice.can_start_at_block``'s check."""
+    check_hook(HookPoint(layer), n_layers(model))
+    owner, name = _blocks_owner(model)
+    blocks = getattr(owner, name)
+
+    def pre_hook(_module, args, kwargs):
+        if args:
+            return (state, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": state}
+
+    handle = blocks[layer].register_forward_pre_hook(pre_hook, with_kwargs=True)
+    setattr(owner, name, nn.ModuleList(list(blocks)[layer:]))
+    try:
+        yield
+    finally:
+        setattr(owner, name, blocks)
+        handle.remove()
+

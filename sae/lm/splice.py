@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sae.dictionaries import Dictionary
-from sae.lm.hooks import HookPoint, intervene
+from sae.lm.hooks import HookPoint, intervene, read_block_input, start_at_block
 from sae.lm.reader import model_device, token_mask
 
 Edit = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (activation [b, s, w], keep [b, s]) -> activation
@@ -124,6 +124,18 @@ class Spliced:
     logits: torch.Tensor | None
     activations: dict[HookPoint, torch.Tensor]
     hidden: torch.Tensor | None = None
+    prefix: Prefix | None = None
+
+
+@dataclass
+class Prefix:
+    """The residual stream ``state`` entering block ``layer`` in a forward on some input: what a later spliced
+    forward on the same input whose edits all sit at block ``layer`` or above starts from, instead of running
+    the embeddings and the blocks below again (the held-out metrics' clean run gives it to their spliced and
+    ablated runs)."""
+
+    layer: int
+    state: torch.Tensor
 
 
 def spliced_forward(
@@ -134,14 +146,22 @@ def spliced_forward(
     read: Sequence[HookPoint] = (),
     at: tuple[torch.Tensor, torch.Tensor] | None = None,
     hidden: bool = False,
+    keep_prefix: int | None = None,
+    prefix: Prefix | None = None,
 ) -> Spliced:
     """Run ``model`` on ``input_ids`` once with each ``edits[hook]`` applied at its hook.
 
     ``read``: hooks whose arriving activation is returned. ``at``: ``(rows, positions)`` to unembed only those
     positions (the final hidden states are gathered first, sparing the vocabulary-wide product elsewhere).
     ``hidden``: return the final hidden states (what the unembedding reads) and no logits, for a caller that
-    unembeds them itself (``sae.evaluation.metrics.kl_from_hidden``, with ``linear_unembedding``)."""
+    unembeds them itself (``sae.evaluation.metrics.kl_from_hidden``, with ``linear_unembedding``).
+    ``keep_prefix``: a block; ``Spliced.prefix`` is then the residual stream entering it (``None`` where the model
+    cannot start a forward there: ``can_start_at_block``). ``prefix``: such a state of an earlier forward on the same
+    ``input_ids`` (under the same edits below its block, usually none): the forward starts at its block; every hook
+    of ``edits`` and ``read`` must sit at that block or above."""
     input_ids = input_ids.to(model_device(model))
+    if prefix is not None and any(hook.layer < prefix.layer for hook in [*edits, *read]):
+        raise ValueError(f"a forward starting at block {prefix.layer} cannot edit or read a hook below it")
     keep = token_mask(input_ids, special_ids)
     seen: dict[HookPoint, torch.Tensor] = {}
 
@@ -153,16 +173,50 @@ def spliced_forward(
 
         return fn
 
+    kept: list[Prefix] = []
+    keep_prefix = keep_prefix if keep_prefix is not None and can_start_at_block(model, keep_prefix) else None
     with contextlib.ExitStack() as stack:
         for hook in dict.fromkeys([*edits, *read]):
             stack.enter_context(intervene(model, hook, at_hook(hook)))
+        if keep_prefix is not None:
+            stack.enter_context(read_block_input(model, keep_prefix, lambda x: kept.append(Prefix(keep_prefix, x))))
+        if prefix is not None:  # after the hooks above: they find their blocks by index in the full list
+            stack.enter_context(start_at_block(model, prefix.layer, prefix.state))
         if at is None and not hidden:
-            return Spliced(model(input_ids=input_ids, use_cache=False).logits, seen)
+            return Spliced(model(input_ids=input_ids, use_cache=False).logits, seen, prefix=_last(kept))
         states = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state
     if hidden:
-        return Spliced(None, seen, states)
+        return Spliced(None, seen, states, _last(kept))
     rows, positions = (t.to(states.device) for t in at)
-    return Spliced(model.get_output_embeddings()(states[rows, positions]), seen)
+    return Spliced(model.get_output_embeddings()(states[rows, positions]), seen, prefix=_last(kept))
+
+
+def _last(kept: list[Prefix]) -> Prefix | None:
+    return kept[-1] if kept else None
+
+
+_STARTS: weakref.WeakKeyDictionary[nn.Module, dict[int, bool]] = weakref.WeakKeyDictionary()
+
+
+def can_start_at_block(model: nn.Module, layer: int) -> bool:
+    """Whether a forward started at block ``layer`` from the residual stream entering it (``start_at_block``)
+    gives the final hidden states of the whole forward (checked once per model and block, on a short input): a
+    model whose forward indexes its blocks by position, or feeds them anything but the residual stream and what
+    it computes from the input's shape, must run whole."""
+    starts = _STARTS.setdefault(model, {})
+    if layer not in starts:
+        ids = torch.arange(8, device=model_device(model))[None] % model.config.vocab_size
+        seen: list[torch.Tensor] = []
+        with torch.no_grad():
+            with read_block_input(model, layer, seen.append):
+                whole = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+            try:
+                with start_at_block(model, layer, seen[0]):
+                    started = model.base_model(input_ids=ids, use_cache=False).last_hidden_state
+                starts[layer] = torch.allclose(started, whole, rtol=1e-5, atol=1e-5)
+            except (TypeError, IndexError, KeyError, RuntimeError):
+                starts[layer] = False
+    return starts[layer]
 
 
 _UNEMBEDDINGS: weakref.WeakKeyDictionary[nn.Module, tuple | None] = weakref.WeakKeyDictionary()

@@ -197,3 +197,21 @@ def test_chunked_losses_equal_the_full_logits(monkeypatch):
         for key in keys:
             assert chunked[name][key] == pytest.approx(full[name][key], rel=1e-5, abs=1e-7), (name, key)
     assert full["topk2"]["kl_spliced"] != pytest.approx(full["topk8"]["kl_spliced"], rel=1e-3)
+
+
+@pytest.mark.parametrize("variant", ["topk", "relu"])
+def test_the_held_out_metrics_sparse_decode_is_decode(variant):
+    """``Tally`` decodes through ``decode_sparse`` (a sparse product over the firing codes): ``decode``'s values."""
+    from conftest import TEST_HPARAMS
+
+    from sae.dictionaries import build
+
+    torch.manual_seed(0)
+    d = build(variant, 32, 256, **{**TEST_HPARAMS[variant], **({"k": 4} if variant == "topk" else {})})
+    x = torch.randn(50, 32)
+    d.init_from_data(x)
+    with torch.no_grad():
+        d.b_enc.add_(0.1 * torch.randn_like(d.b_enc))
+        codes = d.encode(x)
+    assert 0 < (codes != 0).float().mean() < 1
+    torch.testing.assert_close(d.decode_sparse(codes), d.decode(codes), rtol=1e-5, atol=1e-5)

@@ -105,3 +105,32 @@ def test_reads_the_arriving_activation_and_unembeds_chosen_positions():
     assert torch.equal(zeroed.activations[HOOK], clean.activations[HOOK])  # before its own edit
     assert not torch.allclose(zeroed.activations[later], clean.activations[later])  # after the upstream edit
     torch.testing.assert_close(some, full[at], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt_neox", "gpt2", "llama"])
+@pytest.mark.parametrize("site", ["resid", "mlp"])
+def test_a_forward_started_from_the_clean_prefix_equals_the_whole_forward(family, site):
+    """The held-out metrics' spliced and ablated runs start at the hook's block from the clean run's residual
+    stream entering it (``Prefix``): the same final hidden states as the whole spliced forward, and the blocks
+    below do not run."""
+    from sae.lm.splice import Prefix, can_start_at_block
+
+    model = tiny_model(family).requires_grad_(False)
+    hook = HookPoint(1, site)
+    ids = torch.randint(2, 20, (3, 10), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = 0
+    with torch.no_grad():
+        clean = spliced_forward(model, ids, {}, SPECIAL, read=[hook], hidden=True, keep_prefix=hook.layer)
+        edit = {hook: AddDelta(0.5 * torch.ones(clean.activations[hook].shape[-1]))}
+        whole = spliced_forward(model, ids, edit, SPECIAL, hidden=True).hidden
+        calls = []
+        first = model.get_submodule({"gpt_neox": "gpt_neox.layers", "gpt2": "transformer.h",
+                                     "llama": "model.layers"}[family])[0]
+        handle = first.register_forward_hook(lambda *_: calls.append(1))
+        started = spliced_forward(model, ids, edit, SPECIAL, hidden=True, prefix=clean.prefix).hidden
+        handle.remove()
+        with pytest.raises(ValueError, match="below"):
+            spliced_forward(model, ids, {HookPoint(0): edit[hook]}, SPECIAL, prefix=clean.prefix)
+    assert can_start_at_block(model, 1) and isinstance(clean.prefix, Prefix) and clean.prefix.layer == 1
+    assert calls == [] and not torch.allclose(whole, clean.hidden)
+    torch.testing.assert_close(started, whole, rtol=1e-6, atol=1e-6)
