@@ -168,14 +168,15 @@ def random_atoms(n_features: int, d_in: int) -> torch.Tensor:
     return unit_rows(torch.randn(n_features, d_in))
 
 
-def encode_parts(dictionary: Dictionary, x: torch.Tensor, max_bytes: int = CODE_PART_BYTES
+def encode_parts(dictionary: Dictionary, x: torch.Tensor, max_bytes: int | None = None
                  ) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(first row, codes)`` over parts of ``x``'s first dimension, each part's float32 codes within ``max_bytes``.
+    """``(first row, codes)`` over parts of ``x``'s first dimension, each part's float32 codes within ``max_bytes``
+    (default ``CODE_PART_BYTES``).
 
     A study encoding a whole LM batch at once holds ``[batch, seq, n_features]`` codes, and the encoder's
     intermediates beside them: at 32,768 features 64 contexts of 128 tokens are 1 GiB each, so the peak grows with
     the width times the batch. Parts keep it at a few times ``max_bytes`` whatever the width."""
     per_row = 4 * dictionary.n_features * math.prod(x.shape[1:-1])
-    step = max(1, max_bytes // per_row)
+    step = max(1, (max_bytes or CODE_PART_BYTES) // per_row)
     for start in range(0, len(x), step):
         yield start, dictionary.encode(x[start: start + step])

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sae.dictionaries import Dictionary
+from sae.dictionaries import Dictionary, encode_parts
 from sae.evaluation.saebench import CoreSums, preservation
 from sae.io.checkpoints import dictionary_from_checkpoint
 from sae.io.saving import load
@@ -295,9 +295,10 @@ class Tally:
         self.saebench = CoreSums(dictionary.n_features)  # SAEBench's core metrics, by its definitions
 
     def add_reconstruction(self, x: torch.Tensor) -> torch.Tensor:
-        """Add ``x`` ``[n, d_in]`` (model units) and its reconstruction to the sums; return the reconstruction."""
-        codes = self.dictionary.encode(x)
-        x_hat = self.dictionary.decode_sparse(codes)
+        """Add ``x`` ``[n, d_in]`` (model units) and its reconstruction to the sums; return the reconstruction. The
+        codes are encoded in row parts of bounded size (``encode_parts``: a batch's ``[n, n_features]`` codes are
+        1 GiB at 8,192 positions and 32,768 features), their terms summed part by part."""
+        x_hat = torch.cat([self._add_codes(codes) for _, codes in encode_parts(self.dictionary, x)])
         self.moments.add(x, x_hat)
         self.sq_err_norm += ((x - x_hat) / self.dictionary.scale).pow(2).sum().item()
         norms = x.norm(dim=-1)
@@ -305,11 +306,16 @@ class Tally:
         self.nonzero += int(has_direction.sum())
         self.cosine += F.cosine_similarity(x_hat, x, dim=-1)[has_direction].sum().item()
         self.l2_ratio += (x_hat.norm(dim=-1) / norms)[has_direction].sum().item()
+        self.saebench.add(x, x_hat)
+        return x_hat
+
+    def _add_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Add a row part's code terms (L0, firings, SAEBench's); return its reconstruction."""
         active = codes != 0
         self.l0s.append(active.sum(-1).cpu())
         self.fired += active.sum(0)
-        self.saebench.add(x, x_hat, codes)
-        return x_hat
+        self.saebench.add_codes(codes)
+        return self.dictionary.decode_sparse(codes)
 
     def reconstruction_summary(self) -> dict:
         n = self.moments.n

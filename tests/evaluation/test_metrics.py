@@ -215,3 +215,31 @@ def test_the_held_out_metrics_sparse_decode_is_decode(variant):
         codes = d.encode(x)
     assert 0 < (codes != 0).float().mean() < 1
     torch.testing.assert_close(d.decode_sparse(codes), d.decode(codes), rtol=1e-5, atol=1e-5)
+
+
+def test_the_held_out_sums_are_the_same_when_the_codes_come_in_row_parts(monkeypatch):
+    """``Tally`` encodes a batch in parts of at most ``CODE_PART_BYTES`` of codes (bounded memory at any width):
+    every sum it reports, SAEBench's included, equals the one-part result."""
+    from conftest import TEST_HPARAMS
+
+    from sae.dictionaries import base, build
+    from sae.evaluation.metrics import Tally
+
+    torch.manual_seed(0)
+    d = build("topk", 16, 64, **{**TEST_HPARAMS["topk"], "k": 4})
+    d.init_from_data(torch.randn(200, 16))
+    batches = [torch.randn(40, 16), torch.randn(40, 16)]
+
+    def summary() -> dict:
+        tally = Tally(d, torch.device("cpu"))
+        for x in batches:
+            tally.add_reconstruction(x)
+        return {**tally.reconstruction_summary(), **tally.saebench.metrics()["sparsity"]}
+
+    whole = summary()
+    monkeypatch.setattr(base, "CODE_PART_BYTES", 4 * 64 * 7)  # 7 rows a part: 6 parts of a 40-row batch
+    parts = summary()
+    assert parts.keys() == whole.keys()
+    for key, value in whole.items():
+        if isinstance(value, float):
+            assert parts[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
