@@ -104,3 +104,26 @@ def test_sparse_topk_keeps_nothing_negative_when_fewer_than_k_are_positive():
     ref_values, ref_indices = torch.relu(pre).topk(3)
     assert (values >= 0).all()
     torch.testing.assert_close(densify(indices, values, 4), densify(ref_indices, ref_values, 4))
+
+
+def test_topk_sparse_codes_count_firing_as_dense_codes():
+    """The CSR codes of a training step, zero-valued kept entries included (rows with fewer than ``k`` positive
+    pre-activations), give the dense codes' firing counts and L0; the step after a wider one (the reused buffer
+    for the pre-activations) gives what a fresh dictionary does."""
+    from sae.dictionaries.base import firing
+
+    torch.manual_seed(0)
+    d = build("topk", 8, 32, k=5, aux_coeff=0.0, k_aux=None)
+    with torch.no_grad():
+        d.b_enc.fill_(-0.4)
+    x = torch.randn(64, 8)
+    build("topk", 8, 300, k=5, aux_coeff=0.0, k_aux=None).train_terms(torch.randn(100, 8))  # a larger buffer
+    codes = d.train_terms(x)["codes"]
+    assert (codes.values() == 0).any() and (codes.values() > 0).any()
+    dense = d.encode_normalised(x)
+    fired, l0 = firing(codes)
+    want_fired, want_l0 = firing(dense)
+    assert fired.dtype == want_fired.dtype
+    torch.testing.assert_close(fired, want_fired)
+    torch.testing.assert_close(l0, want_l0)
+    torch.testing.assert_close(codes.to_dense(), dense)
