@@ -127,3 +127,20 @@ def test_topk_sparse_codes_count_firing_as_dense_codes():
     torch.testing.assert_close(fired, want_fired)
     torch.testing.assert_close(l0, want_l0)
     torch.testing.assert_close(codes.to_dense(), dense)
+
+
+
+@pytest.mark.parametrize("variant", ["topk", "batchtopk"])
+def test_topk_step_runs_under_autocast(variant):
+    """Under bf16 autocast (``train.precision=bf16-mixed``) a training step runs: the encoder's product goes into
+    the reused fp32 buffer (autocast does not cover calls with ``out=``), so the sparse decoder's weights and codes
+    share a dtype (a bf16 product made ``embedding_bag`` refuse fp32 atoms with bf16 codes)."""
+    from sae.training.objectives import reconstruction_loss
+
+    hparams = {"k": 3, "aux_coeff": 0.1, "k_aux": None, **({"threshold_lr": 0.1} if variant == "batchtopk" else {})}
+    d = build(variant, 8, 32, **hparams)
+    dead = torch.arange(32) < 8
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, terms = reconstruction_loss(d, torch.randn(16, 8), dead)
+    loss.backward()
+    assert terms["codes"].values().dtype == torch.float32 and d.W_enc.grad is not None and d.W_dec.grad is not None
