@@ -112,7 +112,8 @@ class Dictionary(nn.Module):
     def train_terms(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """What training needs of this dictionary on normalised activations ``x`` ``[batch, d_in]``.
 
-        ``x_hat``: the reconstruction (with gradient); ``codes``: the codes (detached, for firing counts);
+        ``x_hat``: the reconstruction (with gradient); ``codes``: the codes (detached, for firing counts: dense, or a
+        sparse CSR matrix for the TopK family; ``firing`` reads both);
         ``sparsity``: the variant's penalty with its coefficient (``l1_coeff`` times the batch mean of the codes' L1
         norm for ReLU variants; the trainer ramps it in); ``aux``: an auxiliary term that may use the mask of
         ``dead`` features (AuxK for TopK, else 0). The objective (``sae.training.objectives``) turns these into the
@@ -128,6 +129,18 @@ class Dictionary(nn.Module):
         mean = x.mean(0)
         self.scale.copy_((x - mean).pow(2).sum(-1).mean().sqrt().clamp_min(1e-8))
         self.b_dec.copy_(mean / self.scale)
+
+
+def firing(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(fired, l0)`` of a batch of codes ``[batch, n_features]``, dense or sparse CSR (``train_terms``' codes): how
+    many inputs each feature is non-zero on (``[n_features]``, integer) and the mean number of non-zero codes per
+    input."""
+    if codes.layout == torch.sparse_csr:
+        on = codes.values() != 0
+        fired = torch.zeros(codes.shape[1], dtype=torch.long, device=codes.device)
+        return fired.index_add_(0, codes.col_indices(), on.long()), on.sum(dtype=torch.float32) / codes.shape[0]
+    active = codes != 0
+    return active.sum(0), active.sum(-1, dtype=torch.float32).mean()
 
 
 def encoder_affine(weight: torch.Tensor, b_enc: torch.Tensor, b_dec: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from sae.dictionaries.base import register
-from sae.dictionaries.topk import TopKDictionary, sparse_topk
+from sae.dictionaries.topk import TopKDictionary, scratch, sparse_topk
 from sae.errors import ConfigError
 
 
@@ -55,7 +55,7 @@ class BatchTopKDictionary(TopKDictionary):
         ``[batch, widest row]`` (rows with fewer kept codes padded with zeros, which get no gradient). Updates θ."""
         bias, atoms = self.encoder_bias(), self.decoder_weight()
         with torch.no_grad():
-            pre = x @ self.W_enc.T + bias
+            pre = torch.addmm(bias, x, self.W_enc.T, out=scratch(len(x), self.n_features, x))
             kept, smallest = batch_topk(pre, self.k)
             width = max(1, int((kept > 0).sum(-1).max()))
             self._update_threshold(smallest)

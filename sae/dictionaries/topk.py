@@ -17,6 +17,27 @@ from sae.dictionaries.base import Dictionary, encoder_affine, random_atoms, regi
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
+_SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def scratch(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised ``[rows, cols]`` tensor of ``like``'s dtype, on the CPU the same memory at every call.
+
+    For the ``[batch, n_features]`` pre-activations of a training step, the largest tensor it makes: on the CPU a
+    fresh one of that size is a new mapping from the system, and writing it first costs a page fault every 4 KiB
+    (at 32,768 features and batch 4,096, 512 MiB: about a sixth of the encoder's product). One buffer per device and
+    dtype serves every dictionary (a set's members take their steps one after the other); it grows to the largest
+    size asked and lives as long as the process. Its contents are valid until the next call: the caller must not
+    keep it. Elsewhere (a GPU's caching allocator already reuses memory) a fresh tensor."""
+    if like.device.type != "cpu":
+        return like.new_empty(rows, cols)
+    key = (like.device, like.dtype)
+    buffer = _SCRATCH.get(key)
+    if buffer is None or buffer.numel() < rows * cols:
+        _SCRATCH.pop(key, None)  # free the smaller one first
+        buffer = _SCRATCH[key] = like.new_empty(rows * cols)
+    return buffer[: rows * cols].view(rows, cols)
+
 
 def keep_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
     """Zero all but the ``k`` largest entries of each row (after ReLU)."""
@@ -89,7 +110,8 @@ class SparseTopK(torch.autograd.Function):
         # ReLU after the selection: the same kept values (ReLU is monotone) without a pass over ``pre``; only
         # which zero-valued entries are "kept" may differ, and those decode to nothing and get no gradient
         values, indices = pre.topk(k, dim=-1, sorted=False)
-        values = values.clamp_min_(0)
+        indices, order = indices.sort(dim=-1)  # columns in order: the codes are a valid CSR matrix (``codes``)
+        values = values.gather(-1, order).clamp_min_(0)
         ctx.save_for_backward(x, weight, indices, values)
         ctx.mark_non_differentiable(indices)
         return values, indices
@@ -107,7 +129,8 @@ class SparseTopK(torch.autograd.Function):
 
 
 def sparse_topk(pre: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, k: int):
-    """``(values, indices)`` of the top ``k`` of ``ReLU(pre)``, ``pre = x @ weight.T + bias`` given detached."""
+    """``(values, indices)`` of the top ``k`` of ``ReLU(pre)``, ``pre = x @ weight.T + bias`` given detached; the
+    indices ascending within each row."""
     return SparseTopK.apply(pre.detach(), x, weight, bias, k)
 
 
@@ -118,6 +141,12 @@ def sparse_decode(indices: torch.Tensor, values: torch.Tensor, weight: torch.Ten
 
 def densify(indices: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
     return values.new_zeros(len(values), n).scatter_(-1, indices, values)
+
+
+def sparse_codes(indices: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
+    """The detached codes as a sparse CSR ``[batch, n]`` matrix (``indices`` ascending within each row), what
+    ``densify`` gives without a pass over ``[batch, n]``."""
+    return _pattern(indices, values.detach(), n)
 
 
 @register
@@ -156,30 +185,32 @@ class TopKDictionary(Dictionary):
 
     def train_terms(self, x: torch.Tensor, dead: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         bias, atoms = self.encoder_bias(), self.decoder_weight()
-        with torch.no_grad():
-            pre = torch.addmm(bias, x, self.W_enc.T)  # the bias added inside the product: one pass fewer
+        with torch.no_grad():  # the bias added inside the product: one pass fewer
+            pre = torch.addmm(bias, x, self.W_enc.T, out=scratch(len(x), self.n_features, x))
         values, indices = sparse_topk(pre, x, self.W_enc, bias, self.k)
         return self._sparse_terms(pre, x, bias, atoms, values, indices, dead)
 
     def _sparse_terms(self, pre: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, atoms: torch.Tensor,
                       values: torch.Tensor, indices: torch.Tensor,
                       dead: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """``train_terms`` of the TopK family from its selection (``values`` at ``indices`` per row): the sparse
-        reconstruction, AuxK on its residual, the dense detached codes, no sparsity penalty."""
+        """``train_terms`` of the TopK family from its selection (``values`` at ``indices`` per row, ascending): the
+        sparse reconstruction, AuxK on its residual (which overwrites ``pre``), the detached codes as a sparse CSR
+        matrix (``sae.dictionaries.base.firing``), no sparsity penalty."""
         x_hat = sparse_decode(indices, values, atoms) + self.b_dec
         aux = self._aux_loss(pre, x, bias, atoms, x - x_hat.detach(), dead)
-        codes = densify(indices, values.detach(), self.n_features)
+        codes = sparse_codes(indices, values, self.n_features)
         return {"x_hat": x_hat, "codes": codes, "sparsity": x.new_zeros(()), "aux": aux}
 
     def _aux_loss(self, pre: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, atoms: torch.Tensor,
                   residual: torch.Tensor, dead: torch.Tensor | None) -> torch.Tensor:
         """AuxK with a fixed ``k_aux`` whatever the number of dead latents, so that no step asks the device how many
         there are (a host synchronisation): the live latents' pre-activations are masked to -inf, so a selected
-        live (or non-positive) latent has code 0 and no gradient, and with no dead latent the term is 0."""
-        if dead is None or self.aux_coeff == 0:
+        live (or non-positive) latent has code 0 and no gradient, and with no dead latent the term is 0 (on the CPU,
+        where asking costs nothing, it is then not computed). The live latents are masked in ``pre`` itself."""
+        if dead is None or self.aux_coeff == 0 or (dead.device.type == "cpu" and not dead.any()):
             return pre.new_zeros(())
         k_aux = min(self.k_aux, self.n_features)
-        values, indices = sparse_topk(pre.masked_fill(~dead, float("-inf")), x, self.W_enc, bias, k_aux)
+        values, indices = sparse_topk(pre.masked_fill_(~dead, float("-inf")), x, self.W_enc, bias, k_aux)
         residual_hat = sparse_decode(indices, values, atoms)
         variance = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)
         aux = self.aux_coeff * (residual_hat - residual).pow(2).sum() / variance

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from sae.dictionaries import Dictionary, build
+from sae.dictionaries.base import firing
 from sae.distributed import (
     broadcast_from_lead,
     broadcast_tensors_,
@@ -106,15 +107,15 @@ class TrainedDictionary(nn.Module):
         x = self.normalised_input(batch)
         self.remember(x)
         loss, out = reconstruction_loss(self.dictionary, x, self.dead_mask(), sparsity_weight)
-        active = out["codes"].detach() != 0
-        self.track_firing(active)
+        fired, l0 = firing(out["codes"].detach())
+        self.track_firing(fired, len(x))
         metrics = {
             "loss": loss.detach(),
             "mse": out["mse"].detach(),
             "sparsity": out["sparsity"].detach(),
             "aux": out["aux"].detach(),
             "fvu": fvu(x, out["x_hat"].detach()),
-            "l0": active.sum(-1, dtype=torch.float32).mean(),
+            "l0": l0,
             "dead_frac": self.dead_mask().float().mean(),
         }
         return loss, {f"{self.prefix}/{k}": v for k, v in metrics.items()}
@@ -128,11 +129,11 @@ class TrainedDictionary(nn.Module):
         self.remember(x)
         terms = self.dictionary.train_terms(x, dead=self.dead_mask())
         loss, out = objective_loss(objective, terms, x, spliced.kl, spliced.downstream, sparsity_weight)
-        active = out["codes"] != 0
-        self.track_firing(active)
+        fired, l0 = firing(out["codes"])
+        self.track_firing(fired, len(x))
         metrics = {key: out[key].detach() for key in ("kl", "mse", "sparsity", "aux", "downstream")}
         metrics.update(loss=loss.detach(), fvu=fvu(x, out["x_hat"].detach()),
-                       l0=active.sum(-1, dtype=torch.float32).mean(), dead_frac=self.dead_mask().float().mean())
+                       l0=l0, dead_frac=self.dead_mask().float().mean())
         return loss, {f"{self.prefix}/{k}": v for k, v in metrics.items()}
 
     def make_pool(self, rows: int) -> None:
@@ -171,10 +172,10 @@ class TrainedDictionary(nn.Module):
         seen = min(self.recent_seen, len(self.recent_inputs))
         return self.recent_inputs[:seen] if seen else self.normalised_input(batch)
 
-    def track_firing(self, active: torch.Tensor) -> None:
-        """Count firing from the ``[batch, n_features]`` mask of non-zero codes."""
-        fired = sum_across_ranks(active.sum(0))
-        self.tokens_since_fired += len(active) * world_size()  # every process's batch has the same size
+    def track_firing(self, fired: torch.Tensor, batch: int) -> None:
+        """Count firing from how many of this process's ``batch`` inputs each feature fired on (``firing``)."""
+        fired = sum_across_ranks(fired)
+        self.tokens_since_fired += batch * world_size()  # every process's batch has the same size
         self.tokens_since_fired.masked_fill_(fired > 0, 0)  # a mask, not an index: no host synchronisation
         self.fired_since_histogram += fired
 

@@ -104,3 +104,43 @@ def test_sparse_topk_keeps_nothing_negative_when_fewer_than_k_are_positive():
     ref_values, ref_indices = torch.relu(pre).topk(3)
     assert (values >= 0).all()
     torch.testing.assert_close(densify(indices, values, 4), densify(ref_indices, ref_values, 4))
+
+
+def test_topk_sparse_codes_count_firing_as_dense_codes():
+    """The CSR codes of a training step, zero-valued kept entries included (rows with fewer than ``k`` positive
+    pre-activations), give the dense codes' firing counts and L0; the step after a wider one (the reused buffer
+    for the pre-activations) gives what a fresh dictionary does."""
+    from sae.dictionaries.base import firing
+
+    torch.manual_seed(0)
+    d = build("topk", 8, 32, k=5, aux_coeff=0.0, k_aux=None)
+    with torch.no_grad():
+        d.b_enc.fill_(-0.4)
+    x = torch.randn(64, 8)
+    build("topk", 8, 300, k=5, aux_coeff=0.0, k_aux=None).train_terms(torch.randn(100, 8))  # a larger buffer
+    codes = d.train_terms(x)["codes"]
+    assert (codes.values() == 0).any() and (codes.values() > 0).any()
+    dense = d.encode_normalised(x)
+    fired, l0 = firing(codes)
+    want_fired, want_l0 = firing(dense)
+    assert fired.dtype == want_fired.dtype
+    torch.testing.assert_close(fired, want_fired)
+    torch.testing.assert_close(l0, want_l0)
+    torch.testing.assert_close(codes.to_dense(), dense)
+
+
+
+@pytest.mark.parametrize("variant", ["topk", "batchtopk"])
+def test_topk_step_runs_under_autocast(variant):
+    """Under bf16 autocast (``train.precision=bf16-mixed``) a training step runs: the encoder's product goes into
+    the reused fp32 buffer (autocast does not cover calls with ``out=``), so the sparse decoder's weights and codes
+    share a dtype (a bf16 product made ``embedding_bag`` refuse fp32 atoms with bf16 codes)."""
+    from sae.training.objectives import reconstruction_loss
+
+    hparams = {"k": 3, "aux_coeff": 0.1, "k_aux": None, **({"threshold_lr": 0.1} if variant == "batchtopk" else {})}
+    d = build(variant, 8, 32, **hparams)
+    dead = torch.arange(32) < 8
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, terms = reconstruction_loss(d, torch.randn(16, 8), dead)
+    loss.backward()
+    assert terms["codes"].values().dtype == torch.float32 and d.W_enc.grad is not None and d.W_dec.grad is not None

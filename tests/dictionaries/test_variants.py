@@ -157,7 +157,7 @@ def test_batch_topk_keeps_k_per_input_on_average():
     d = sae.build("batchtopk", 16, 64, **defaults("batchtopk", k=2.5))
     d.init_from_data(torch.randn(512, 16))
     x = torch.randn(64, 16) / d.scale
-    codes = loss_terms(d, x)["codes"]
+    codes = loss_terms(d, x)["codes"].to_dense()
     per_input = (codes != 0).sum(-1)
     assert per_input.sum() == 160 and per_input.float().mean() == 2.5 and per_input.min() < per_input.max()
     pre = torch.relu(d.pre_activations(x)).detach()
@@ -183,7 +183,7 @@ def _train_on_toy(variant: str, steps: int, **hparams) -> tuple[sae.Dictionary, 
 
 def test_batch_topk_inference_threshold_gives_l0_near_k_on_heldout():
     d, toy = _train_on_toy("batchtopk", 300, k=4, threshold_lr=0.05)
-    train_l0 = (loss_terms(d, toy.sample(256) / d.scale)["codes"] != 0).sum(-1).float().mean().item()
+    train_l0 = (loss_terms(d, toy.sample(256) / d.scale)["codes"].to_dense() != 0).sum(-1).float().mean().item()
     with torch.no_grad():
         heldout_l0 = (d.encode(toy.sample(8192)) != 0).sum(-1).float().mean().item()
     assert train_l0 == 4 and heldout_l0 == pytest.approx(4, rel=0.15)
