@@ -10,10 +10,11 @@ simulation-only study) is refused before any LM forward.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import socket
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from sae.autointerp.records import (
     RecordConfig,
     collect_feature_activations,
     decoder_from_tokenizer,
+    extend_rare,
     fire_counts,
     sample_features,
     skew_signs,
@@ -62,6 +64,8 @@ def settings_problems(analysis: DictConfig | AutointerpSettings) -> list[str]:
                  if getattr(settings, k) < 1]
     if settings.tokens is not None and settings.tokens < 1:
         problems.append(f"analysis.tokens={settings.tokens} must be an integer >= 1")
+    if settings.max_extra_tokens < 0:
+        problems.append(f"analysis.max_extra_tokens={settings.max_extra_tokens} must be an integer >= 0")
     try:
         record_config(settings)
     except ConfigError as err:
@@ -249,9 +253,12 @@ def counts_and_l0(method: Method, acts: torch.Tensor, keep: torch.Tensor, device
 
 
 def method_activations(method: Method, acts: torch.Tensor, contexts: torch.Tensor, keep: torch.Tensor,
-                       settings: AutointerpSettings, device: torch.device) -> Iterator[FeatureActivations]:
+                       settings: AutointerpSettings, device: torch.device,
+                       more: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]] | None = None,
+                       ) -> Iterator[FeatureActivations]:
     """The method's features at its hook sampled uniformly among the live ones (firing in at least one fragment,
-    whatever their density), as the study's feature source."""
+    whatever their density), as the study's feature source; a sampled feature active in fewer than the minimum of
+    fragments gets the codes of ``more()`` (further held-out text, read only as far as needed)."""
     entry = method.entry
     counts, mean_l0 = counts_and_l0(method, acts, keep, device, settings.fragment_len)
     live = counts > 0
@@ -263,8 +270,43 @@ def method_activations(method: Method, acts: torch.Tensor, contexts: torch.Tenso
                        oriented=None if method.sign is None else int((method.sign < 0).sum()))
     step = _contexts_per_batch(acts, entry)
     batches = zip(code_batches(entry, acts, keep, device, method.sign), contexts.split(step))
-    yield from collect_feature_activations(method.name, entry.hook.name, entry.hook.layer, batches, features,
-                                           settings.fragment_len)
+    found = list(collect_feature_activations(method.name, entry.hook.name, entry.hook.layer, batches, features,
+                                             settings.fragment_len))
+    rare = sum(int(counts[f]) < required for f in features)
+    method.info.update(n_sampled_below_minimum=rare)
+    if rare and more is not None:
+        read = [0]
+        found = extend_rare(found, required, _counted(more(), read), settings.fragment_len)
+        method.info.update(extra_tokens_read=read[0], n_sampled_below_minimum_after_extra=sum(
+            int((fa.acts > 0).any(1).sum()) < required for fa in found))
+    yield from found
+
+
+def _counted(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], read: list[int]) -> Iterator:
+    """The batches, adding the tokens of each to ``read[0]``."""
+    for codes, ids in batches:
+        read[0] += ids.numel()
+        yield codes, ids
+
+
+def extra_batches(group: Group, hook: HookPoint, method: Method, settings: AutointerpSettings,
+                  device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The method's codes and the token ids over the held-out text after the study's own contexts, up to
+    ``max_extra_tokens`` tokens, read a chunk of contexts at a time (activations within ``memory_mb``)."""
+    n_base, seq = group.contexts.shape
+    n_more = math.ceil(settings.max_extra_tokens / seq)
+    if n_more <= 0:
+        return
+    session = group.session
+    extra = session.eval_contexts((n_base + n_more) * seq)[n_base:]
+    width = method.entry.dictionary.d_in
+    chunk = max(1, settings.memory_mb * 2**20 // (seq * width * 4))
+    for start in range(0, len(extra), chunk):
+        ctx = extra[start: start + chunk]
+        acts = read_contexts(session, [hook], ctx)[hook]
+        keep = token_mask(ctx, session.special_ids)
+        yield from zip(code_batches(method.entry, acts, keep, device, method.sign),
+                       ctx.split(_contexts_per_batch(acts, method.entry)))
 
 
 def _contexts_per_batch(acts: torch.Tensor, entry: Entry) -> int:
@@ -332,7 +374,8 @@ def feature_source(groups_: list[Group], cfg: DictConfig, device: torch.device, 
                 for method in methods_at(group, hook, samples.get(hook.name), settings, cfg.seed):
                     methods.append(method)
                     meta_methods.append(method.info)
-                    yield from method_activations(method, acts[hook], contexts, keep, settings, device)
+                    more = functools.partial(extra_batches, group, hook, method, settings, device)
+                    yield from method_activations(method, acts[hook], contexts, keep, settings, device, more)
             del acts, samples
 
 

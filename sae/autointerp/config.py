@@ -51,8 +51,13 @@ class AutointerpSettings:
     per_quantile: int = MISSING
     """... this many from each, and as many fragments where the feature does not fire (one judge call each)."""
     min_fragments: int | None = MISSING
-    """Active fragments a sampled feature needs to be scored (null: n_explain + n_score_top); those with fewer are
-    counted as unscorable in the summary."""
+    """Active fragments a sampled feature needs to be scored (null: n_explain + n_score_top); those with fewer after
+    reading up to max_extra_tokens more text are counted as unscorable in the summary."""
+    max_extra_tokens: int = MISSING
+    """Held-out tokens read beyond `tokens` for the sampled features active in fewer than min_fragments fragments
+    (rare ones), until each has enough or this cap is reached (0: none). Cost, per method with rare features: one LM
+    pass at its hook and one encoding over the extra text read (chunks within memory_mb); memory: those features'
+    activations over the extra text (extra tokens x rare features floats)."""
     scorers: list[str] = field(default_factory=list)
     """Any of simulation, detection, fuzzing, embedding (needs the autointerp-embed extra), intruder."""
     embedding_model: str = MISSING

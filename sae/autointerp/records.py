@@ -232,6 +232,42 @@ def collect_feature_activations(method: str, hook: str, layer: int,
         yield FeatureActivations(method, hook, layer, int(feature), acts[:, :, j], ids)
 
 
+def extend_rare(found: Sequence[FeatureActivations], required: int,
+                more: Iterable[tuple[torch.Tensor, torch.Tensor]], fragment_len: int = 64) -> list[FeatureActivations]:
+    """The features of ``found`` active in fewer than ``required`` fragments, their text extended with the fragments
+    cut from ``more`` (batches of (codes [b, seq, n_features], token ids [b, seq]) over further text), read only
+    until every such feature has enough or ``more`` runs out: a rare feature gets the text it needs to be scored.
+
+    Returns ``found`` with those features replaced (the others untouched). Memory: the extra fragments of the rare
+    features only (extra tokens x rare features floats, and the extra token ids once)."""
+    def active(acts: torch.Tensor) -> int:
+        return int((acts > 0).any(1).sum())
+
+    rare = [j for j, fa in enumerate(found) if active(fa.acts) < required]
+    if not rare:
+        return list(found)
+    features = [found[j].feature for j in rare]
+    have = {j: active(found[j].acts) for j in rare}
+    acts_parts, id_parts = [], []
+    for codes, ids in more:
+        acts, frag_ids = cut_fragments(codes, ids, features, fragment_len)
+        acts_parts.append(acts)
+        id_parts.append(frag_ids)
+        for k, j in enumerate(rare):
+            have[j] += active(acts[:, :, k])
+        if all(n >= required for n in have.values()):
+            break
+    if not acts_parts:
+        return list(found)
+    extra, extra_ids = torch.cat(acts_parts), torch.cat(id_parts)
+    out = list(found)
+    for k, j in enumerate(rare):
+        fa = found[j]
+        out[j] = FeatureActivations(fa.method, fa.hook, fa.layer, fa.feature, torch.cat([fa.acts, extra[:, :, k]]),
+                                    torch.cat([fa.token_ids, extra_ids]))
+    return out
+
+
 def _fragment(i: int, acts: torch.Tensor, ids: torch.Tensor, decode: Decode) -> Fragment:
     token_ids = ids[i].tolist()
     return Fragment(index=i, token_ids=token_ids, tokens=decode(token_ids), acts=acts[i].tolist())

@@ -427,7 +427,8 @@ def _collect(source: Iterable[FeatureActivations], config: StudyConfig, decode: 
         n = sum(skipped.values())
         raise ConfigError(f"autointerp: none of the {n} features sampled is active in at least "
                           f"{config.records.required} fragments of {config.records.fragment_len} tokens: use more "
-                          f"text (analysis.tokens, data.*) or lower analysis.min_fragments" if n else
+                          f"text (analysis.tokens, analysis.max_extra_tokens, data.*) or lower "
+                          f"analysis.min_fragments" if n else
                           "autointerp: the feature source yielded no features (no live features?)")
     return records, skipped, groups
 

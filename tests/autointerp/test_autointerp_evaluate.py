@@ -63,6 +63,25 @@ def test_token_lookup_end_to_end_puts_explanations_on_the_dashboard(tiny_run, tm
     assert (out / "plots" / "autointerp_by_layer.png").is_file()
 
 
+def test_rare_features_read_more_held_out_text(tiny_run, tmp_path):
+    """With a short study text most sampled features fire in too few fragments; reading more held-out text (up to
+    analysis.max_extra_tokens) scores more of them, and meta.json says how much was read."""
+    args = ["analysis=autointerp", "explainer=token_lookup", "analysis.n_features=8", "analysis.baselines=[]",
+            "analysis.tokens=64", "eval_tokens=64", "analysis.min_fragments=3", "analysis.scorers=[detection]", *SMALL]
+    unscorable = {}
+    for extra in (0, 4096):
+        out = tmp_path / f"extra{extra}"
+        proc = run_in_process("evaluate.py", f"run={tiny_run}", f"out={out}", f"analysis.max_extra_tokens={extra}",
+                              *args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        meta = json.loads((out / "autointerp" / "meta.json").read_text())
+        (info,) = meta["methods"]
+        assert info["n_sampled_below_minimum"] > 0
+        unscorable[extra] = meta["n_features_unscorable"]
+    assert info["extra_tokens_read"] > 0 and info["n_sampled_below_minimum_after_extra"] == unscorable[4096]
+    assert unscorable[4096] < unscorable[0]
+
+
 def _byte_llama_dir(directory):
     """A randomly initialised 2-block Llama over bytes, saved as a model directory (no chat template: plain text)."""
     from autointerp_helpers import byte_backend

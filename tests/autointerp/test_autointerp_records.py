@@ -138,3 +138,39 @@ def test_batched_collection_matches_the_whole_tensor_and_liveness_ors_over_batch
         collect_feature_activations("m", "h", 0, [(codes[:10], ids[:10]), (codes[10:], ids[10:])], feats, 16)
     )
     assert all(torch.equal(a.acts, b.acts) and torch.equal(a.token_ids, b.token_ids) for a, b in zip(whole, batched))
+
+
+def test_a_rare_feature_becomes_scorable_with_more_text_read_only_as_far_as_needed():
+    """A planted rare feature fires once in the study's text and once every 4 contexts after it: its fragments are
+    extended from the further text until it has the minimum, and no further batch is read; a frequent feature is
+    left as it was."""
+    from sae.autointerp import collect_feature_activations
+    from sae.autointerp.records import extend_rare
+
+    gen = torch.Generator().manual_seed(0)
+    n_ctx, seq = 80, 16
+    ids = torch.randint(0, 10, (n_ctx, seq), generator=gen)
+    codes = torch.zeros(n_ctx, seq, 2)
+    codes[..., 0] = (ids == 3).float()  # frequent: fires in most contexts
+    codes[0, 5, 1] = 1.0  # rare: once in the study's 8 contexts ...
+    codes[8::4, 2, 1] = 2.0  # ... and once every 4 contexts of the text after them
+    cfg = RecordConfig(fragment_len=8, n_explain=2, n_score_top=2, n_score_random=2, n_score_random_active=0,
+                       n_quantiles=1, per_quantile=1)
+    base = list(collect_feature_activations("m", "h", 0, [(codes[:8], ids[:8])], [0, 1], 8))
+    assert build_records(base[0], cfg, word_decode, seed=0) and build_records(base[1], cfg, word_decode, 0) is None
+    read = []
+
+    def more():
+        for start in range(8, n_ctx, 8):  # 8 contexts a batch, 2 active fragments of the rare feature in each
+            read.append(start)
+            yield codes[start: start + 8], ids[start: start + 8]
+
+    found = extend_rare(base, cfg.required, more(), fragment_len=8)
+    assert found[0] is base[0]
+    rec = build_records(found[1], cfg, word_decode, seed=0)
+    assert rec is not None and found[1].acts.shape == (16 + 2 * 16, 8), "two more batches: 1 + 2 + 2 >= 4 active"
+    assert len(read) == 2, "the text is read only as far as the rare feature needs"
+    assert torch.equal(found[1].acts[16:], codes[8:24, :, 1].reshape(-1, 8))
+    assert torch.equal(found[1].token_ids[16:], ids[8:24].reshape(-1, 8))
+    short = extend_rare(base, cfg.required, iter([(codes[8:12], ids[8:12])]), fragment_len=8)
+    assert build_records(short[1], cfg, word_decode, seed=0) is None, "a cap too small leaves it unscorable"
