@@ -159,12 +159,19 @@ def preservation(hook: dict, ce_spliced: float, kl_spliced: float) -> dict:
     }
 
 
-def max_other_cosine(rows: torch.Tensor) -> torch.Tensor:
-    """Each row's largest cosine similarity with any other row."""
+def max_other_cosine(rows: torch.Tensor, block_bytes: int = 64 * 2**20) -> torch.Tensor:
+    """Each row's largest cosine similarity with any other row, a block of rows at a time: the whole float64
+    ``[n, n]`` matrix is 8.6 GB at 32,768 features, a block at most ``block_bytes``."""
     unit = F.normalize(rows.double(), dim=-1)
-    cos = unit @ unit.T
-    cos.fill_diagonal_(-math.inf)
-    return cos.max(-1).values
+    n = len(unit)
+    step = max(1, block_bytes // (8 * n))
+    best = []
+    for start in range(0, n, step):
+        cos = unit[start: start + step] @ unit.T
+        own = torch.arange(start, start + len(cos))
+        cos[own - start, own] = -math.inf
+        best.append(cos.max(-1).values)
+    return torch.cat(best)
 
 
 def weight_metrics(dictionary) -> dict:

@@ -153,3 +153,18 @@ def test_preservation_scores_through_the_heldout_pass_exact_and_zero_dictionarie
         assert output["eval_result_metrics"]["sparsity"]["l0"] == pytest.approx(metrics[name]["l0"])
     zero_out = core_output("zero", meta, zero, metrics["zero"])
     assert zero_out["eval_result_metrics"]["shrinkage"]["relative_reconstruction_bias"] is None  # 0/0, not NaN
+
+
+def test_max_other_cosine_in_blocks_equals_the_whole_matrix():
+    """The decoder/encoder similarity is computed a block of rows at a time (the whole matrix is 8.6 GB at 32,768
+    features): the same maxima, each row's own cosine (1) left out."""
+    from sae.evaluation.saebench import max_other_cosine
+
+    torch.manual_seed(0)
+    rows = torch.randn(50, 6)
+    rows[7] = 3 * rows[3]  # a parallel pair: both maxima are 1
+    unit = torch.nn.functional.normalize(rows.double(), dim=-1)
+    whole = (unit @ unit.T).fill_diagonal_(-float("inf")).max(-1).values
+    blocked = max_other_cosine(rows, block_bytes=8 * 50 * 4)  # 4 rows a block
+    torch.testing.assert_close(blocked, whole)
+    assert blocked[3].item() == pytest.approx(1.0) and blocked[7].item() == pytest.approx(1.0)
