@@ -105,6 +105,7 @@ def plot(figures: dict, path: Path, label: str) -> None:
     ax.axhline(BOUND_GB, color="k", linestyle="--", linewidth=1, label=f"{BOUND_GB:g} GB bound")
     ax.set(xlabel="dictionary features", ylabel="peak RSS (GB)", xscale="log", ylim=(0, None))
     ax.set_xticks(widths, [f"{w:,}" for w in widths])
+    ax.minorticks_off()  # a log axis' own labels (4 x 10^3, ...) would overprint the widths
     ax.legend(fontsize=8)
     save_figure(fig, path, label)
 
