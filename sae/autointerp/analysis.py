@@ -36,6 +36,7 @@ from sae.autointerp.records import (
     skew_signs,
 )
 from sae.autointerp.study import RECORD_KEYS, SCORERS, StudyResult, output_paths, run_from_config
+from sae.dictionaries.base import CODE_PART_BYTES, encode_parts
 from sae.errors import ConfigError
 from sae.evaluation.entries import Entry, baseline_problems, fit_baselines, groups, session_for, sparsified
 from sae.evaluation.studies import settings_of
@@ -46,7 +47,6 @@ from sae.lm.model import model_label, resolve_device
 from sae.lm.reader import read_batches, token_mask
 from sae.lm.session import LMSession
 
-CODE_BATCH_BYTES = 64 * 2**20  # codes encoded at once, per method
 POSITIVE_INTS = ("n_features", "n_bootstrap", "chunk", "memory_mb", "intruder_trials")
 
 
@@ -236,8 +236,7 @@ def code_batches(entry: Entry, acts: torch.Tensor, keep: torch.Tensor, device: t
 def orientation(entry: Entry, sample: torch.Tensor, device: torch.device) -> torch.Tensor:
     """+-1 per feature making the entry's codes positively skewed on its fitting sample ``[n, d_in]``."""
     dictionary = entry.dictionary.to(device)
-    rows = max(1, CODE_BATCH_BYTES // (4 * entry.dictionary.n_features))
-    return skew_signs(dictionary.encode(part.to(device)).cpu() for part in sample.split(rows))
+    return skew_signs(codes.cpu() for _, codes in encode_parts(dictionary, sample.to(device)))
 
 
 def counts_and_l0(method: Method, acts: torch.Tensor, keep: torch.Tensor, device: torch.device,
@@ -310,8 +309,10 @@ def extra_batches(group: Group, hook: HookPoint, method: Method, settings: Autoi
 
 
 def _contexts_per_batch(acts: torch.Tensor, entry: Entry) -> int:
-    """Contexts encoded at once, so a batch of codes stays within CODE_BATCH_BYTES."""
-    return max(1, CODE_BATCH_BYTES // (acts.shape[1] * entry.dictionary.n_features * 4))
+    """Contexts encoded at once, so a batch of codes stays within ``CODE_PART_BYTES`` (the bound of
+    ``encode_parts``, which this study cannot use as is: its batches also cut the token ids and the special-token
+    mask)."""
+    return max(1, CODE_PART_BYTES // (acts.shape[1] * entry.dictionary.n_features * 4))
 
 
 # -- the study -----------------------------------------------------------------------------------------------------
