@@ -64,6 +64,14 @@ def fastest(step: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
+def bias_shift(pre, l0: int):
+    """``[features]``: what to subtract from the encoder bias so that each feature fires on ``l0 / features`` of
+    the batch's rows (the mean L0 then ``l0``), given the pre-activations ``pre`` ``[batch, features]``: a trained
+    ReLU/L1 dictionary's density instead of the half-dense codes of a fresh one."""
+    rows = max(1, round(len(pre) * l0 / pre.shape[1]))
+    return pre.kthvalue(len(pre) - rows, dim=0).values
+
+
 def load_batch(path: Path):
     import numpy as np
     import torch
@@ -72,9 +80,10 @@ def load_batch(path: Path):
 
 
 # --- each peer's step (run under that peer's Python) ------------------------------------------------------------
-def saelens_step(variant: str, x, n_features: int) -> Callable[[], object]:
-    """SAELens' own training step (``SAETrainer._train_step``) on batch ``x``."""
+def saelens_step(variant: str, x, n_features: int, relu_l0: int | None = None) -> Callable[[], object]:
+    """SAELens' own training step (``SAETrainer._train_step``) on batch ``x`` (ReLU: at mean L0 ``relu_l0``)."""
     import sae_lens as sl
+    import torch
     from sae_lens.config import SAETrainerConfig
 
     common = {"d_in": x.shape[1], "d_sae": n_features, "device": "cpu"}
@@ -86,10 +95,13 @@ def saelens_step(variant: str, x, n_features: int) -> Callable[[], object]:
                            device="cpu",
                            logger=sl.LoggingConfig(log_to_wandb=False))
     trainer = sl.SAETrainer(cfg=cfg, sae=sae, data_provider=iter(()))
+    if relu_l0 is not None and variant == "relu":
+        with torch.no_grad():
+            sae.b_enc -= bias_shift(sae.encode_with_hidden_pre(x)[1], relu_l0)
     return lambda: trainer._train_step(sae, x)
 
 
-def sparsify_step(variant: str, x, n_features: int) -> Callable[[], object]:
+def sparsify_step(variant: str, x, n_features: int, relu_l0: int | None = None) -> Callable[[], object]:
     """sparsify's per-batch training work (its ``Trainer`` at ``loss_fn=fvu``, ``optimizer=adam``) on batch ``x``."""
     import torch
     from sparsify import SparseCoder, SparseCoderConfig
@@ -120,16 +132,18 @@ def peer_main(args: argparse.Namespace) -> None:
 
     x = load_batch(args.acts)
     make = {"saelens": saelens_step, "sparsify": sparsify_step}[args.library]
-    seconds = fastest(make(args.variant, x, args.features), args.repeats)
+    seconds = fastest(make(args.variant, x, args.features, args.relu_l0), args.repeats)
     package = {"saelens": "sae-lens", "sparsify": "eai-sparsify"}[args.library]
     print(json.dumps({"seconds": seconds, "version": importlib.metadata.version(package),
                       "torch": torch.__version__, "threads": torch.get_num_threads()}))
 
 
 # --- the driver (our environment) -------------------------------------------------------------------------------
-def run_peer(python: str, library: str, variant: str, acts: Path, n_features: int, repeats: int) -> dict:
+def run_peer(python: str, library: str, variant: str, acts: Path, n_features: int, repeats: int,
+             relu_l0: int | None = None) -> dict:
     command = [python, str(Path(__file__).resolve()), "step", "--library", library, "--variant", variant,
                "--acts", str(acts), "--features", str(n_features), "--repeats", str(repeats)]
+    command += [] if relu_l0 is None else ["--relu-l0", str(relu_l0)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"{library} {variant} step failed (its Python: {python}):\n{done.stderr[-3000:]}")
@@ -144,17 +158,42 @@ def encoder_seconds(x, n_features: int, repeats: int) -> float:
     return fastest(lambda: x @ w.T, repeats)
 
 
-def ours(x, n_features: int, repeats: int) -> dict:
-    """Our steps' seconds by variant (``sae.bench.train_step``)."""
+def ours(x, n_features: int, repeats: int, variants=OURS, relu_l0: int | None = None) -> dict:
+    """Our steps' seconds by variant (``sae.bench.train_step``; ReLU at mean L0 ``relu_l0`` if given)."""
     sys.path.insert(0, str(ROOT))
+    import torch
+
     from sae.bench import HPARAMS, train_step
+    from sae.dictionaries.base import encoder_affine
 
     seconds = {}
-    for variant in OURS:
+    for variant in variants:
         hparams = {"l1_coeff": L1[variant]} if variant.startswith("relu") else HPARAMS[variant]
         step = train_step(variant, x.shape[1], n_features, hparams=hparams)
+        if relu_l0 is not None and variant.startswith("relu"):
+            d = step.dictionary
+            with torch.no_grad():
+                weight = d.encoder_weight()
+                d.b_enc -= bias_shift(x / d.scale @ weight.T + encoder_affine(weight, d.b_enc, d.b_dec), relu_l0)
         seconds[variant] = fastest(lambda step=step: step(x), repeats)
     return seconds
+
+
+def relu_at_l0(args: argparse.Namespace, acts: Path, x, n_features: int, peak: float) -> dict:
+    """The ReLU steps, ours and SAELens', at each mean L0 of ``--relu-l0`` (a trained dictionary's density)."""
+    batch, d = x.shape
+    figures = {}
+    for l0 in args.relu_l0:
+        rates = {f"ours_{variant}": batch / seconds
+                 for variant, seconds in ours(x, n_features, args.repeats, ("relu_tied", "relu"), l0).items()}
+        rates["saelens_relu"] = batch / run_peer(args.saelens, "saelens", "relu", acts, n_features, args.repeats,
+                                                 l0)["seconds"]
+        for name, rate in rates.items():
+            figures[f"{name}_l0_{l0}_acts_per_s"] = rate
+        for variant in ("relu_tied", "relu"):
+            figures[f"ours_{variant}_over_saelens_l0_{l0}"] = rates[f"ours_{variant}"] / rates["saelens_relu"]
+        figures[f"ours_relu_tied_l0_{l0}_frac_of_peak"] = rates["ours_relu_tied"] * 10 * d * n_features / (peak * 1e9)
+    return figures
 
 
 def width_figures(args: argparse.Namespace, acts: Path, x, n_features: int) -> dict:
@@ -181,7 +220,7 @@ def width_figures(args: argparse.Namespace, acts: Path, x, n_features: int) -> d
     figures["ours_topk_over_sparsify"] = figures["ours_topk_acts_per_s"] / figures["sparsify_topk_acts_per_s"]
     figures["ours_topk_over_saelens"] = figures["ours_topk_acts_per_s"] / figures["saelens_topk_acts_per_s"]
     figures["topk_step_over_encoder"] = batch / figures["ours_topk_acts_per_s"] / figures["encoder_forward_s"]
-    return figures
+    return {**figures, **relu_at_l0(args, acts, x, n_features, peak)}
 
 
 def print_table(results: dict, batch: int, d: int) -> None:
@@ -199,6 +238,12 @@ def print_table(results: dict, batch: int, d: int) -> None:
               f"{f['ours_relu_tied_over_saelens']:.2f}x SAELens (untied {f['ours_relu_over_saelens']:.2f}x); "
               f"TopK {f['ours_topk_over_sparsify']:.2f}x sparsify, {f['ours_topk_over_saelens']:.2f}x SAELens; "
               f"TopK step / encoder forward product {f['topk_step_over_encoder']:.2f}")
+        for l0 in sorted({int(key.split("_")[-1]) for key in f if key.startswith("ours_relu_tied_over_saelens_l0_")}):
+            print(f"{n} features, ReLU at mean L0 {l0}: ours (tied) {f[f'ours_relu_tied_l0_{l0}_acts_per_s']:,.0f}, "
+                  f"untied {f[f'ours_relu_l0_{l0}_acts_per_s']:,.0f}, "
+                  f"SAELens {f[f'saelens_relu_l0_{l0}_acts_per_s']:,.0f} "
+                  f"activations/s: {f[f'ours_relu_tied_over_saelens_l0_{l0}']:.2f}x SAELens "
+                  f"(untied {f[f'ours_relu_over_saelens_l0_{l0}']:.2f}x)")
 
 
 def driver_main(args: argparse.Namespace) -> None:
@@ -233,6 +278,7 @@ def main() -> None:
     p.add_argument("--acts", type=Path, required=True)
     p.add_argument("--features", type=int, required=True)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--relu-l0", type=int, help="the ReLU step at this mean L0")
     parser.add_argument("--out", type=Path, help="where the batch is written")
     parser.add_argument("--saelens", default="", help="the SAELens environment's python")
     parser.add_argument("--sparsify", default="", help="the sparsify (eai-sparsify) environment's python")
@@ -241,6 +287,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per figure; the fastest counts")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--relu-l0", type=int, nargs="*", default=[],
+                        help="also time the ReLU steps (ours, SAELens') with the encoder bias set for these mean L0s, "
+                             "as a trained dictionary's (a fresh one's codes are half dense)")
     args = parser.parse_args()
     if args.command == "step":
         peer_main(args)

@@ -80,6 +80,7 @@ def train_step(variant: str, d: int, n_features: int, seed: int = 0, bf16: bool 
         optimizer.zero_grad(set_to_none=True)
         dictionary.normalise_atoms_()
 
+    step.dictionary = dictionary  # for a caller that sets a trained state first (the peer benchmark's ReLU density)
     return step
 
 

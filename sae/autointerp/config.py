@@ -50,6 +50,10 @@ class AutointerpSettings:
     """Detection, fuzzing, intruder: activating fragments are drawn from this many quantiles of their max ..."""
     per_quantile: int = MISSING
     """... this many from each, and as many fragments where the feature does not fire (one judge call each)."""
+    min_silent_fraction: float = MISSING
+    """Detection's negatives are the fragments where a feature does not fire when at least this fraction of the text's
+    fragments are such; a dense direction has fewer, odd text any explanation tells apart, and its negatives are the
+    weaker half of its active fragments instead (``sae.autointerp.records.NEGATIVE_RULE``; 0: always silent ones)."""
     min_fragments: int | None = MISSING
     """Active fragments a sampled feature needs to be scored (null: n_explain + n_score_top); those with fewer after
     reading up to max_extra_tokens more text are counted as unscorable in the summary."""

@@ -15,6 +15,9 @@ import torch
 from sae.errors import ConfigError
 
 NORMALISATION_RULE = "floor(10 * relu(a) / max), max = the feature's largest activation over its records"
+NEGATIVE_RULE = ("negatives: fragments where the feature does not fire (every activation <= 0); for a feature silent "
+                 "in fewer than min_silent_fraction of the fragments (a dense direction), the weaker half of its "
+                 "active fragments by peak activation; positives never come from them")
 
 Decode = Callable[[Sequence[int]], list[str]]
 
@@ -28,6 +31,14 @@ class RecordConfig:
     the explained ones; scoring adds ``n_score_random`` fragments drawn uniformly from the whole text (active or not).
     ``n_score_random_active`` fragments drawn from the other active ones give the separately named
     ``simulation_random_active`` score.
+
+    Detection, fuzzing, embedding and intruder contrast fragments where the feature fires with fragments where it
+    does not (``NEGATIVE_RULE``). A sparse feature is silent in most fragments, a fair sample of the text. A dense
+    direction (a PCA, ICA or random direction, a busy neuron) fires somewhere in almost every 64-token fragment:
+    its few silent fragments are odd text (code, numbers, lists), which any explanation naming common words tells
+    apart, so even another feature's explanation scores above chance. When fewer than ``min_silent_fraction`` of the
+    fragments are silent, its negatives are therefore drawn from the weaker half of its active fragments by peak:
+    ordinary text where it is weak, against positives from the stronger half.
     """
 
     fragment_len: int = 64
@@ -36,7 +47,8 @@ class RecordConfig:
     n_score_random: int = 5  # fragments drawn uniformly from the text (the paper's "random")
     n_score_random_active: int = 5  # fragments drawn from the other active ones (simulation_random_active); 0: none
     n_quantiles: int = 3  # detection/fuzzing: activating fragments from each activation quantile ...
-    per_quantile: int = 2  # ... this many from each, and as many fragments where the feature does not fire
+    per_quantile: int = 2  # ... this many from each, and as many negatives (``NEGATIVE_RULE``)
+    min_silent_fraction: float = 0.1  # fewer silent fragments than this: a dense direction's negatives (below)
     min_fragments: int | None = None  # active fragments a feature needs; None: n_explain + n_score_top
 
     def __post_init__(self) -> None:
@@ -47,6 +59,8 @@ class RecordConfig:
                               "top fragment to score)")
         if min(self.n_score_random, self.n_score_random_active, self.n_quantiles, self.per_quantile) < 0:
             raise ConfigError("autointerp: fragment counts must be >= 0")
+        if not 0 <= self.min_silent_fraction <= 1:
+            raise ConfigError(f"autointerp.min_silent_fraction={self.min_silent_fraction}: must be in [0, 1]")
         if self.min_fragments is not None and self.min_fragments < 1:
             raise ConfigError(f"autointerp.min_fragments={self.min_fragments}: must be >= 1 (or null)")
 
@@ -106,7 +120,7 @@ class FeatureRecords:
     score_top: list[Fragment]
     score_random: list[Fragment]  # drawn uniformly from the text's fragments (active or not), not explain/top
     positives: list[Fragment]  # fragments where the feature fires, across activation quantiles (detection, fuzzing)
-    negatives: list[Fragment]  # fragments where it does not fire at all (every activation <= 0)
+    negatives: list[Fragment]  # fragments where it does not fire at all, or its weakest (``NEGATIVE_RULE``)
     score_random_active: list[Fragment] = field(default_factory=list)  # drawn from the other active fragments
     n_fragments: int = 0  # fragments of text the feature was read on
 
@@ -304,6 +318,19 @@ def _draw(pool: Sequence[int], n: int, gen: torch.Generator) -> list[int]:
     return [pool[k] for k in torch.randperm(len(pool), generator=gen)[:n].tolist()]
 
 
+def negative_pool(maxes: torch.Tensor, min_silent_fraction: float) -> list[int]:
+    """The fragments negatives are drawn from, given each fragment's peak activation ``maxes``: those where the
+    feature is silent (peak <= 0) when they are at least ``min_silent_fraction`` of all; else (a dense direction,
+    whose few silent fragments are odd text) the weaker half of its active fragments by peak (ties to the earlier
+    fragment)."""
+    silent = torch.nonzero(maxes <= 0).flatten()
+    if len(silent) >= min_silent_fraction * len(maxes):
+        return silent.tolist()
+    active = torch.nonzero(maxes > 0).flatten()
+    weaker = torch.argsort(maxes[active], stable=True)[: len(active) // 2]
+    return active[weaker].tolist()
+
+
 def build_records(fa: FeatureActivations, config: RecordConfig, decode: Decode, seed: int) -> FeatureRecords | None:
     """One feature's explain / score / detection sets; None when it fires in fewer than `config.required` fragments.
 
@@ -323,10 +350,10 @@ def build_records(fa: FeatureActivations, config: RecordConfig, decode: Decode, 
     rest_active = [i for i in by_max if i not in taken]
     score_random_active = _draw(rest_active, config.n_score_random_active, gen)
     # detection/fuzzing: activating fragments (not shown to the explainer) across quantiles of their max, against
-    # fragments where the feature does not fire at all
-    explained = set(explain)
-    positives = _quantile_draw([i for i in by_max if i not in explained], config.n_quantiles, config.per_quantile, gen)
-    silent = torch.nonzero(maxes <= 0).flatten().tolist()
+    # fragments where the feature does not fire at all, or for a dense direction its weakest (``NEGATIVE_RULE``)
+    silent = negative_pool(maxes, config.min_silent_fraction)
+    excluded = set(explain) | set(silent)
+    positives = _quantile_draw([i for i in by_max if i not in excluded], config.n_quantiles, config.per_quantile, gen)
     negatives = _draw(silent, len(positives), gen)
     max_act = float(maxes[by_max[0]])
     make = lambda idx: [_fragment(i, acts, ids, decode) for i in idx]  # noqa: E731

@@ -30,6 +30,7 @@ from sae.autointerp.cache import ResponseCache
 from sae.autointerp.interpret import Explanation, Interpreter, Judgement
 from sae.autointerp.prompts import passage_text
 from sae.autointerp.records import (
+    NEGATIVE_RULE,
     NORMALISATION_RULE,
     Decode,
     FeatureActivations,
@@ -445,7 +446,7 @@ def _meta(interp, config, scorers, notes, cache, rows, skipped, wall_s, extra) -
                  "n_score_random fragments drawn uniformly from the text (simulation, simulation_random) and "
                  "n_score_random_active drawn from the other active fragments (simulation_random_active)",
         "detection": "positives: fragments where the feature fires (max > 0), by quantile of their max, none shown "
-                     "to the explainer; negatives: as many fragments where it does not fire (every activation <= 0)",
+                     "to the explainer, none a negative; " + NEGATIVE_RULE,
         "fuzzing": "each positive twice, n tokens marked both times: its n strongest firing tokens (yes) and n "
                    "tokens where it does not fire (no), n = min(firing, not firing)",
         **dict(extra or {})})

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from sae.dictionaries.base import register
-from sae.dictionaries.topk import TopKDictionary, scratch, sparse_topk
+from sae.dictionaries.sparse import scratch
+from sae.dictionaries.topk import TopKDictionary, sparse_topk
 from sae.errors import ConfigError
 
 

@@ -7,36 +7,13 @@ dense product of a step is the encoder's forward.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sae.dictionaries import sparse
 from sae.dictionaries.base import Dictionary, encoder_affine, random_atoms, register, unit_rows
-
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-
-_SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-
-
-def scratch(rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised ``[rows, cols]`` tensor of ``like``'s dtype, on the CPU the same memory at every call.
-
-    For the ``[batch, n_features]`` pre-activations of a training step, the largest tensor it makes: on the CPU a
-    fresh one of that size is a new mapping from the system, and writing it first costs a page fault every 4 KiB
-    (at 32,768 features and batch 4,096, 512 MiB: about a sixth of the encoder's product). One buffer per device and
-    dtype serves every dictionary (a set's members take their steps one after the other); it grows to the largest
-    size asked and lives as long as the process. Its contents are valid until the next call: the caller must not
-    keep it. Elsewhere (a GPU's caching allocator already reuses memory) a fresh tensor."""
-    if like.device.type != "cpu":
-        return like.new_empty(rows, cols)
-    key = (like.device, like.dtype)
-    buffer = _SCRATCH.get(key)
-    if buffer is None or buffer.numel() < rows * cols:
-        _SCRATCH.pop(key, None)  # free the smaller one first
-        buffer = _SCRATCH[key] = like.new_empty(rows * cols)
-    return buffer[: rows * cols].view(rows, cols)
+from sae.dictionaries.sparse import scratch
 
 
 def keep_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
@@ -45,42 +22,31 @@ def keep_topk(pre: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(pre).scatter_(-1, indices, values)
 
 
+def _rows_of(indices: torch.Tensor) -> torch.Tensor:
+    """The ``crow`` of a CSR matrix with ``indices.shape[1]`` entries in each of its ``indices.shape[0]`` rows."""
+    batch, k = indices.shape
+    return torch.arange(0, batch * k + 1, k, device=indices.device)
+
+
 def _pattern(indices: torch.Tensor, weights: torch.Tensor, n: int) -> torch.Tensor:
     """The sparse CSR ``[batch, n]`` matrix with ``weights[b, j]`` at column ``indices[b, j]`` of row ``b``."""
-    batch, k = indices.shape
-    crow = torch.arange(0, batch * k + 1, k, device=indices.device)
-    return torch.sparse_csr_tensor(crow, indices.reshape(-1), weights.reshape(-1), (batch, n), check_invariants=False)
+    return sparse.csr(_rows_of(indices), indices.reshape(-1), weights.reshape(-1), n)
 
 
 def _scatter_rows(indices: torch.Tensor, weights: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
     """``[n, d]``: row ``i`` is the sum of ``weights[b, j] * rows[b]`` over every ``(b, j)`` with
-    ``indices[b, j] == i``.
-
-    The product of the transposed pattern, built directly as a CSR matrix ``[n, batch]`` (entries sorted by atom,
-    then by input: a stable sort, so columns are sorted within each row as cuSPARSE requires), with ``rows``: a
-    sparse-dense product of ``batch · k · d`` multiply-adds, without the COO matrix's coalescing sort and copies."""
-    batch, k = indices.shape
-    order = indices.reshape(-1).argsort(stable=True)
-    counts = torch.bincount(indices.reshape(-1), minlength=n)
-    crow = torch.zeros(n + 1, dtype=indices.dtype, device=indices.device)
-    torch.cumsum(counts, 0, out=crow[1:])
-    pattern = torch.sparse_csr_tensor(
-        crow, order // k, weights.reshape(-1)[order], (n, batch), check_invariants=False
-    )
-    return torch.sparse.mm(pattern, rows)
+    ``indices[b, j] == i`` (``sae.dictionaries.sparse.transpose_product``: ``batch · k · d`` multiply-adds)."""
+    return sparse.transpose_product(_rows_of(indices), indices.reshape(-1), weights.reshape(-1), rows, n)
 
 
 def _gather_dots(indices: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``[batch, k]``: ``rows[b] · weight[indices[b, j]]``.
 
     A sampled product over the sparsity pattern of ``indices``. A CSR matrix must have its column indices sorted
-    within each row (cuSPARSE assumes it; ``topk(sorted=False)`` gives them in any order), so the indices are
-    sorted for the product and the dots put back in the caller's order."""
+    within each row (``topk(sorted=False)`` gives them in any order), so the indices are sorted for the product and
+    the dots put back in the caller's order."""
     ordered, order = indices.sort(dim=-1)
-    zeros = rows.new_zeros(indices.shape)
-    dots = (
-        torch.sparse.sampled_addmm(_pattern(ordered, zeros, len(weight)), rows, weight.T).values().view(indices.shape)
-    )
+    dots = sparse.sampled_dots(_rows_of(ordered), ordered.reshape(-1), rows, weight).view(indices.shape)
     return torch.empty_like(dots).scatter_(-1, order, dots)
 
 

@@ -123,7 +123,7 @@ class _NextTokenKL(torch.autograd.Function):
         return dz, None
 
 
-ROWS_PER_CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 28}  # logits per chunk of the hidden-state paths
+ROWS_PER_CHUNK_ELEMENTS = {"cpu": 1 << 23, "cuda": 1 << 28}  # logits per chunk of the hidden-state paths
 
 
 def chunk_rows(weight: torch.Tensor) -> int:

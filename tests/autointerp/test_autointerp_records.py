@@ -174,3 +174,22 @@ def test_a_rare_feature_becomes_scorable_with_more_text_read_only_as_far_as_need
     assert torch.equal(found[1].token_ids[16:], ids[8:24].reshape(-1, 8))
     short = extend_rare(base, cfg.required, iter([(codes[8:12], ids[8:12])]), fragment_len=8)
     assert build_records(short[1], cfg, word_decode, seed=0) is None, "a cap too small leaves it unscorable"
+
+
+def test_a_dense_feature_is_contrasted_strong_against_weak_and_a_sparse_one_against_silence():
+    """Silent in under ``min_silent_fraction`` of the fragments (here 1 in 30): negatives are the weaker half of the
+    active fragments, every one weaker than every positive; silent in more: negatives are silent fragments."""
+    torch.manual_seed(0)
+    acts = torch.rand(60, 8) + 0.01
+    acts[::30] = -1.0  # two silent fragments of 60
+    fa = FeatureActivations("pca", "h", 0, 1, acts, torch.randint(0, 20, (60, 8)))
+    cfg = RecordConfig(fragment_len=8, n_quantiles=3, per_quantile=3)
+    rec = build_records(fa, cfg, word_decode, seed=0)
+    assert len(rec.negatives) == len(rec.positives) == 9
+    assert min(f.max_act for f in rec.negatives) > 0
+    assert max(f.max_act for f in rec.negatives) <= min(f.max_act for f in rec.positives)
+    peaks = sorted(acts.amax(1)[acts.amax(1) > 0].tolist())
+    assert max(f.max_act for f in rec.negatives) <= peaks[len(peaks) // 2 - 1]  # from the weaker half
+    sparse = build_records(fa, RecordConfig(fragment_len=8, n_quantiles=3, per_quantile=1, min_silent_fraction=0.02),
+                           word_decode, seed=0)
+    assert [max(f.acts) for f in sparse.negatives] == [-1.0, -1.0]

@@ -45,8 +45,9 @@ class Oracle(Interpreter):
         return [[self.constant if self.constant is not None else max(a, 0) for a in f.acts] for _, f in jobs]
 
 
-def _record():
-    acts = torch.rand(80, 16) * (torch.rand(80, 16) < 0.3)
+def _record(density: float = 0.3):
+    """A feature firing on ``density`` of the tokens (0.3: on nearly every 16-token fragment, a dense one)."""
+    acts = torch.rand(80, 16) * (torch.rand(80, 16) < density)
     fa = FeatureActivations("dictionary", "h", 0, 3, acts, torch.randint(0, 20, (80, 16)))
     return build_records(fa, RecordConfig(fragment_len=16), word_decode, seed=0)
 
@@ -85,8 +86,11 @@ class Perfect(Interpreter):
 
 
 def test_detection_and_fuzzing_cases_are_balanced_and_a_perfect_judge_scores_one():
+    """On a sparse feature (silent in most fragments, so detection's negatives are silent ones), a judge that knows
+    where it fires scores 1."""
     torch.manual_seed(1)
-    rec = _record()
+    rec = _record(density=0.04)
+    assert all(f.max_act <= 0 for f in rec.negatives)
     cases = fuzz_cases(rec, seed=0)
     assert sum(lab for *_, lab in cases) == sum(not lab for *_, lab in cases) > 0
     for frag, marks, label in cases:

@@ -144,3 +144,52 @@ def test_topk_step_runs_under_autocast(variant):
         loss, terms = reconstruction_loss(d, torch.randn(16, 8), dead)
     loss.backward()
     assert terms["codes"].values().dtype == torch.float32 and d.W_enc.grad is not None and d.W_dec.grad is not None
+
+
+def _relu_step(dictionary, x, train_terms):
+    """A ReLU/L1 step's loss, gradients and firing counts through ``train_terms``; between its forward and backward
+    passes, another dictionary's step overwrites the CPU's shared pre-activations buffer."""
+    from sae.dictionaries.base import firing
+    from sae.dictionaries.sparse import scratch
+
+    dictionary.zero_grad()
+    terms = train_terms(x)
+    scratch(len(x), dictionary.n_features, x).fill_(7.0)
+    loss = (terms["x_hat"] - x).pow(2).sum(-1).mean() + terms["sparsity"]
+    loss.backward()
+    return terms, loss.detach(), {n: p.grad.clone() for n, p in dictionary.named_parameters()}, firing(terms["codes"])
+
+
+@pytest.mark.parametrize("variant", ["relu", "relu_tied"])
+@pytest.mark.parametrize("b_enc, layout", [(0.0, torch.strided), (-2.5, torch.sparse_csr)])
+def test_relu_step_equals_autograd_whether_its_codes_are_dense_or_sparse(monkeypatch, variant, b_enc, layout):
+    """Half-dense codes (an untrained dictionary) take the dense step, codes under 1/32 dense (a trained one) the
+    sparse step; either gives autograd's loss, gradients and firing counts, every CSR valid as cuSPARSE reads it."""
+    from sae.dictionaries.base import Dictionary
+
+    monkeypatch.setattr(torch, "sparse_csr_tensor", _strict_csr, raising=True)
+    torch.manual_seed(0)
+    dictionary = build(variant, 16, 256, l1_coeff=0.1)
+    with torch.no_grad():
+        dictionary.b_enc.fill_(b_enc)
+        dictionary.b_dec.normal_(0, 0.1)
+    x = torch.randn(64, 16)
+    terms, loss, grads, fired = _relu_step(dictionary, x, dictionary.train_terms)
+    assert terms["codes"].layout == layout
+    want_terms, want_loss, want_grads, want_fired = _relu_step(dictionary, x, lambda x: Dictionary.train_terms(
+        dictionary, x))
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fired[0], want_fired[0])
+    torch.testing.assert_close(fired[1], want_fired[1])
+    assert grads.keys() == want_grads.keys()
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    # a dense step after a sparse one (which leaves the shared buffer in use): its saved codes must be its own
+    with torch.no_grad():
+        dictionary.b_enc.fill_(0.0)
+    terms, loss, grads, _ = _relu_step(dictionary, x, dictionary.train_terms)
+    _, want_loss, want_grads, _ = _relu_step(dictionary, x, lambda x: Dictionary.train_terms(dictionary, x))
+    assert terms["codes"].layout == torch.strided
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
