@@ -20,10 +20,6 @@ NEGATIVE_RULE = ("negatives: fragments where the feature does not fire (every ac
                  "active fragments by peak activation; positives never come from them")
 
 Decode = Callable[[Sequence[int]], list[str]]
-PROBE_FRAGMENTS, PROBE_STRIDE = 1024, 16
-"""A feature's probe: its activations at every ``PROBE_STRIDE``-th token of the text's first ``PROBE_FRAGMENTS``
-fragments, the same positions for every feature of a method (the text they are read on starts the same), so that
-the shuffled control can pair a feature with the explanation of one it does not correlate with."""
 
 
 @dataclass(frozen=True)
@@ -127,7 +123,6 @@ class FeatureRecords:
     negatives: list[Fragment]  # fragments where it does not fire at all, or its weakest (``NEGATIVE_RULE``)
     score_random_active: list[Fragment] = field(default_factory=list)  # drawn from the other active fragments
     n_fragments: int = 0  # fragments of text the feature was read on
-    probe: torch.Tensor | None = None  # its activations at the probe positions (``PROBE_FRAGMENTS``); not written
 
     @property
     def density(self) -> float:
@@ -364,8 +359,7 @@ def build_records(fa: FeatureActivations, config: RecordConfig, decode: Decode, 
     make = lambda idx: [_fragment(i, acts, ids, decode) for i in idx]  # noqa: E731
     rec = FeatureRecords(fa.method, fa.hook, fa.layer, fa.feature, max_act, int(active.numel()), make(explain),
                          make(score_top), make(score_random), make(positives), make(negatives),
-                         make(score_random_active), n_fragments=len(maxes),
-                         probe=acts[:PROBE_FRAGMENTS, ::PROBE_STRIDE].flatten().clone())
+                         make(score_random_active), n_fragments=len(maxes))
     for frag in all_fragments(rec):
         frag.norm = normalise(frag.acts, max_act)
     return rec

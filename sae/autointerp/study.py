@@ -222,44 +222,15 @@ def score_variant(interp: Interpreter, recs: Sequence[FeatureRecords], expls: Se
     return results
 
 
-UNRELATED_BELOW = 0.1
-"""The shuffled control's explanation comes from a feature whose activations correlate with the scored one's by
-less than this (absolute Pearson correlation on the records' probe positions)."""
-
-
-def probe_correlations(probes: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``[n, n]`` Pearson correlations of the features' probes over their common positions (the shortest probe's
-    length: every probe starts at the same positions); 0 for a constant probe."""
-    length = min(len(p) for p in probes)
-    z = torch.stack([p[:length].double() for p in probes])
-    z = z - z.mean(1, keepdim=True)
-    norm = z.norm(dim=1, keepdim=True)
-    z = torch.where(norm > 0, z / norm.clamp_min(1e-300), 0.0)
-    return z @ z.T
-
-
-def shuffled(expls: Sequence[Explanation], seed: int,
-             probes: Sequence[torch.Tensor] | None = None) -> list[Explanation] | None:
-    """Each feature's explanation replaced by another feature's of the same method (None for a single feature):
-    drawn (seeded) among the features whose probes correlate with its own by less than ``UNRELATED_BELOW``, or the
-    least correlated one when none does; any other feature without ``probes``.
-
-    An explanation "unrelated to the feature", as the control means it. A plain derangement is not: where every
-    feature of a method shares one component (random directions in an MLP's space all follow its overall level of
-    activity) another feature's explanation is partly right, and the control scores above chance."""
-    n = len(expls)
-    if n < 2:
+def shuffled(expls: Sequence[Explanation], seed: int) -> list[Explanation] | None:
+    """Explanations moved to other features (a random cyclic derangement); None for a single feature."""
+    if len(expls) < 2:
         return None
-    rho = probe_correlations(probes).abs() if probes is not None else torch.zeros(n, n, dtype=torch.float64)
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        others = torch.tensor([j for j in range(n) if j != i])
-        pool = others[rho[i, others] < UNRELATED_BELOW]
-        if not len(pool):
-            pool = others[rho[i, others].argmin()].reshape(1)
-        out.append(expls[int(pool[torch.randint(len(pool), (1,), generator=gen)])])
-    return out
+    order = torch.randperm(len(expls), generator=torch.Generator().manual_seed(seed)).tolist()
+    out: list[Explanation | None] = [None] * len(expls)
+    for i, j in enumerate(order):
+        out[j] = expls[order[(i + 1) % len(order)]]
+    return out  # type: ignore[return-value]
 
 
 def _chunks(items: Sequence, size: int) -> Iterable[Sequence]:
@@ -289,8 +260,7 @@ def study_group(interp: Interpreter, recs: list[FeatureRecords], scorers: Sequen
     variants: dict[str, tuple[list[Explanation] | None, list[dict] | None]] = {
         "": (expls, _scored(interp, recs, expls, scorers, cfg, what, embedder))}
     if cfg.controls:
-        probes = None if any(r.probe is None for r in recs) else [r.probe for r in recs]
-        mixed = shuffled(expls, group_seed, probes)
+        mixed = shuffled(expls, group_seed)
         variants["shuffled_"] = (mixed, None if mixed is None else
                                  _scored(interp, recs, mixed, scorers, cfg, f"{what}, shuffled explanations",
                                          embedder))
@@ -477,9 +447,6 @@ def _meta(interp, config, scorers, notes, cache, rows, skipped, wall_s, extra) -
                  "n_score_random_active drawn from the other active fragments (simulation_random_active)",
         "detection": "positives: fragments where the feature fires (max > 0), by quantile of their max, none shown "
                      "to the explainer, none a negative; " + NEGATIVE_RULE,
-        "shuffled": "each feature scored with the explanation of another feature of its method whose activations "
-                    f"correlate with its own by |r| < {UNRELATED_BELOW} (the least correlated when none does), drawn "
-                    "at random",
         "fuzzing": "each positive twice, n tokens marked both times: its n strongest firing tokens (yes) and n "
                    "tokens where it does not fire (no), n = min(firing, not firing)",
         **dict(extra or {})})
