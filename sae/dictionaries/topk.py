@@ -39,33 +39,6 @@ def _scatter_rows(indices: torch.Tensor, weights: torch.Tensor, rows: torch.Tens
     return sparse.transpose_product(_rows_of(indices), indices.reshape(-1), weights.reshape(-1), rows, n)
 
 
-def _gather_dots(indices: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``[batch, k]``: ``rows[b] · weight[indices[b, j]]``.
-
-    A sampled product over the sparsity pattern of ``indices``. A CSR matrix must have its column indices sorted
-    within each row (``topk(sorted=False)`` gives them in any order), so the indices are sorted for the product and
-    the dots put back in the caller's order."""
-    ordered, order = indices.sort(dim=-1)
-    dots = sparse.sampled_dots(_rows_of(ordered), ordered.reshape(-1), rows, weight).view(indices.shape)
-    return torch.empty_like(dots).scatter_(-1, order, dots)
-
-
-class SparseDecode(torch.autograd.Function):
-    """``out[b] = Σ_j values[b, j] · weight[indices[b, j]]``, forward and backward in O(batch · k · d)."""
-
-    @staticmethod
-    def forward(ctx, indices: torch.Tensor, values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(indices, values, weight)
-        return F.embedding_bag(indices, weight, per_sample_weights=values, mode="sum")
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        indices, values, weight = ctx.saved_tensors
-        grad_values = _gather_dots(indices, grad, weight) if ctx.needs_input_grad[1] else None
-        grad_weight = _scatter_rows(indices, values, grad, len(weight)) if ctx.needs_input_grad[2] else None
-        return None, grad_values, grad_weight
-
-
 class SparseTopK(torch.autograd.Function):
     """The ``k`` largest of ``ReLU(pre)`` per row as ``(values, indices)``, where ``pre = x @ weight.T + bias``
     was computed by the caller (without gradient); the backward reaches ``x``, ``weight`` and ``bias`` through
@@ -101,8 +74,11 @@ def sparse_topk(pre: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: 
 
 
 def sparse_decode(indices: torch.Tensor, values: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``Σ_j values[:, j] · weight[indices[:, j]]``: ``densify(indices, values) @ weight`` without the dense codes."""
-    return SparseDecode.apply(indices, values, weight)
+    """``Σ_j values[:, j] · weight[indices[:, j]]``: ``densify(indices, values) @ weight`` without the dense codes,
+    forward and backward in O(batch · k · d) (``sae.dictionaries.sparse.decode``). The indices may come in any order
+    within a row; a CSR matrix needs them ascending, so they are sorted here (``sparse_topk``'s already are)."""
+    ordered, order = indices.sort(dim=-1)
+    return sparse.decode(_rows_of(ordered), ordered.reshape(-1), values.gather(-1, order).reshape(-1), weight)
 
 
 def densify(indices: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
