@@ -168,7 +168,7 @@ class Method:
     name: str
     entry: Entry
     info: dict = field(default_factory=dict)  # filled while its codes are read: width, live, sampled, L0
-    sign: torch.Tensor | None = None  # +-1 per feature: a baseline's codes oriented to positive skew (None: as is)
+    sign: torch.Tensor | None = None  # +-1 per scored feature (None: the codes as they are); see ``baseline_signs``
 
     def __post_init__(self) -> None:
         self.info["method"] = self.name
@@ -219,24 +219,36 @@ def read_contexts(session: LMSession, hooks: list[HookPoint], contexts: torch.Te
 @torch.no_grad()
 def code_batches(entry: Entry, acts: torch.Tensor, keep: torch.Tensor, device: torch.device,
                  sign: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
-    """The entry's codes ``[b, seq, n_features]`` over batches of contexts, zero at special tokens (BOS, EOS), each
-    feature multiplied by ``sign`` when given (a baseline's orientation)."""
+    """The entry's codes ``[b, seq, n_scored]`` over batches of contexts, zero at special tokens (BOS, EOS). With
+    ``sign`` (``baseline_signs``), the codes are repeated to its length and multiplied by it: a baseline's
+    directions, each on both of its sides."""
     dictionary = entry.dictionary.to(device)
     n_ctx, seq, width = acts.shape
-    step = _contexts_per_batch(acts, entry)
+    step = _contexts_per_batch(acts, entry, sign)
     for start in range(0, n_ctx, step):
         x = acts[start: start + step].to(device)
         codes = dictionary.encode(x.reshape(-1, width)).reshape(len(x), seq, -1)
         if sign is not None:
-            codes = codes * sign.to(device)
+            codes = codes.repeat(1, 1, len(sign) // codes.shape[-1]) * sign.to(device)
         yield (codes * keep[start: start + step, :, None].to(device)).cpu()
 
 
 @torch.no_grad()
-def orientation(entry: Entry, sample: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """+-1 per feature making the entry's codes positively skewed on its fitting sample ``[n, d_in]``."""
+def baseline_signs(entry: Entry, sample: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The signs a baseline's codes are scored with: ``[s, -s]``, where ``s`` (+-1 per direction) makes the codes
+    positively skewed on the fitting sample ``[n, d_in]``. Feature ``i`` is direction ``i``'s heavy-tail side,
+    feature ``d + i`` its other side.
+
+    Why both sides: the sign a fit returns is arbitrary, and keeping only each direction's heavy-tail side puts the
+    shared tail of directions that share their strongest text (random directions in an MLP space all lean on its few
+    outlying tokens) on the positive side of every one of them, so another direction's explanation describes it and
+    the shuffled control leaves chance (0.09 for random directions at the stand-in's MLP block 1). Scoring both
+    sides privileges neither; naming the heavy-tail side ``i`` keeps a flipped direction's scores the same. The
+    neuron basis (raw coordinates, not centred) keeps its heavy-tail side only: a coordinate's sign is the model's,
+    and an MLP neuron's other side is its activation function's small dip below zero."""
     dictionary = entry.dictionary.to(device)
-    return skew_signs(codes.cpu() for _, codes in encode_parts(dictionary, sample.to(device)))
+    s = skew_signs(codes.cpu() for _, codes in encode_parts(dictionary, sample.to(device)))
+    return torch.cat([s, -s]) if getattr(dictionary, "centred", False) else s
 
 
 def counts_and_l0(method: Method, acts: torch.Tensor, keep: torch.Tensor, device: torch.device,
@@ -247,7 +259,7 @@ def counts_and_l0(method: Method, acts: torch.Tensor, keep: torch.Tensor, device
     for codes in code_batches(method.entry, acts, keep, device, method.sign):
         fired = fire_counts(codes, fragment_len)
         counts = fired if counts is None else counts + fired
-        nonzero += float((codes != 0).sum())
+        nonzero += float((codes > 0).sum()) if method.sign is not None else float((codes != 0).sum())
     return counts, nonzero / max(1, int(keep.sum()))
 
 
@@ -263,11 +275,12 @@ def method_activations(method: Method, acts: torch.Tensor, contexts: torch.Tenso
     live = counts > 0
     features = sample_features(live, settings.n_features, settings.seed, f"{method.name} at {entry.hook.name}")
     required = record_config(settings).required
-    method.info.update(entry=entry.name, hook=entry.hook.name, n_features=entry.dictionary.n_features,
+    width = entry.dictionary.n_features
+    method.info.update(entry=entry.name, hook=entry.hook.name, n_features=len(counts), n_directions=width,
                        n_live=int(live.sum()), n_live_below_minimum=int(((counts > 0) & (counts < required)).sum()),
                        n_sampled=len(features), l0=round(mean_l0, 3),
-                       oriented=None if method.sign is None else int((method.sign < 0).sum()))
-    step = _contexts_per_batch(acts, entry)
+                       oriented=None if method.sign is None else int((method.sign[:width] < 0).sum()))
+    step = _contexts_per_batch(acts, entry, method.sign)
     batches = zip(code_batches(entry, acts, keep, device, method.sign), contexts.split(step))
     found = list(collect_feature_activations(method.name, entry.hook.name, entry.hook.layer, batches, features,
                                              settings.fragment_len))
@@ -305,14 +318,15 @@ def extra_batches(group: Group, hook: HookPoint, method: Method, settings: Autoi
         acts = read_contexts(session, [hook], ctx)[hook]
         keep = token_mask(ctx, session.special_ids)
         yield from zip(code_batches(method.entry, acts, keep, device, method.sign),
-                       ctx.split(_contexts_per_batch(acts, method.entry)))
+                       ctx.split(_contexts_per_batch(acts, method.entry, method.sign)))
 
 
-def _contexts_per_batch(acts: torch.Tensor, entry: Entry) -> int:
+def _contexts_per_batch(acts: torch.Tensor, entry: Entry, sign: torch.Tensor | None = None) -> int:
     """Contexts encoded at once, so a batch of codes stays within ``CODE_PART_BYTES`` (the bound of
     ``encode_parts``, which this study cannot use as is: its batches also cut the token ids and the special-token
     mask)."""
-    return max(1, CODE_PART_BYTES // (acts.shape[1] * entry.dictionary.n_features * 4))
+    width = entry.dictionary.n_features if sign is None else len(sign)
+    return max(1, CODE_PART_BYTES // (acts.shape[1] * width * 4))
 
 
 # -- the study -----------------------------------------------------------------------------------------------------
@@ -354,8 +368,8 @@ def methods_at(group: Group, hook: HookPoint, sample: torch.Tensor | None, setti
         return
     dense = fit_baselines(sample, list(settings.baselines), hook, dictionaries[0].entry.meta, seed)
     sparse = sparsified(dense, [m.info["l0"] for m in dictionaries]) if settings.topk_baselines else []
-    for entry in dense + sparse:  # each direction oriented to positive skew on the sample it was fitted on
-        yield Method(_baseline_name(entry, group.prefix), entry, sign=orientation(entry, sample, sample.device))
+    for entry in dense + sparse:  # each direction scored on both sides, its heavy tail (on the fitting sample) first
+        yield Method(_baseline_name(entry, group.prefix), entry, sign=baseline_signs(entry, sample, sample.device))
 
 
 def feature_source(groups_: list[Group], cfg: DictConfig, device: torch.device, methods: list[Method],

@@ -115,8 +115,8 @@ def test_hf_local_on_two_features(tiny_run, tmp_path):
 
 
 def test_a_flipped_baseline_scores_the_same(tiny_run, tmp_path, monkeypatch):
-    """A baseline direction's sign is arbitrary (eigh, FastICA, QR): orientation to positive skew on the fitting
-    sample makes -d score exactly as d."""
+    """A baseline direction's sign is arbitrary (eigh, FastICA, QR): both sides are scored, the one positively
+    skewed on the fitting sample named ``i`` and the other ``d + i``, so -d scores exactly as d."""
     import sae.autointerp.analysis as analysis
 
     real = analysis.fit_baselines
@@ -141,6 +141,9 @@ def test_a_flipped_baseline_scores_the_same(tiny_run, tmp_path, monkeypatch):
 
     a, b = pca_rows(tmp_path / "a"), pca_rows(tmp_path / "b")
     assert a and a == b
+    (pca,) = [m for m in json.loads((tmp_path / "a" / "autointerp" / "meta.json").read_text())["methods"]
+              if m["method"] == "pca"]
+    assert pca["n_features"] == 2 * pca["n_directions"]  # each direction on both of its sides
 
 
 def _dead_copy(run, tmp_path):
