@@ -243,12 +243,12 @@ def baseline_signs(entry: Entry, sample: torch.Tensor, device: torch.device) -> 
     shared tail of directions that share their strongest text (random directions in an MLP space all lean on its few
     outlying tokens) on the positive side of every one of them, so another direction's explanation describes it and
     the shuffled control leaves chance (0.09 for random directions at the stand-in's MLP block 1). Scoring both
-    sides privileges neither; naming the heavy-tail side ``i`` keeps a flipped direction's scores the same. The
-    neuron basis (raw coordinates, not centred) keeps its heavy-tail side only: a coordinate's sign is the model's,
-    and an MLP neuron's other side is its activation function's small dip below zero."""
+    sides privileges neither; naming the heavy-tail side ``i`` keeps a flipped direction's scores the same. Only
+    the MLP's own neurons (``neurons`` at ``hook.site=mlp``) keep one side, ``s`` alone: their sign is the
+    activation function's, whose other side is a small dip below zero."""
     dictionary = entry.dictionary.to(device)
     s = skew_signs(codes.cpu() for _, codes in encode_parts(dictionary, sample.to(device)))
-    return torch.cat([s, -s]) if getattr(dictionary, "centred", False) else s
+    return s if entry.kind.startswith("neurons") and entry.hook.site == "mlp" else torch.cat([s, -s])
 
 
 def counts_and_l0(method: Method, acts: torch.Tensor, keep: torch.Tensor, device: torch.device,

@@ -273,6 +273,23 @@ def test_the_shuffled_control_is_at_chance_for_directions_that_share_a_tail(both
     assert rows["simulation"]["mean"] > 0.5  # the right explanations still describe the directions
 
 
+@pytest.mark.parametrize("kind, site, sides", [("neurons", "mlp", 1), ("neurons", "resid", 2), ("pca", "mlp", 2),
+                                                ("random", "resid", 2)])
+def test_only_the_mlps_own_neurons_are_scored_on_one_side(kind, site, sides):
+    """A direction the fit chose the sign of, or a coordinate of the residual stream, is two features (both sides);
+    an MLP neuron keeps the side its activation function gives it."""
+    from sae.autointerp.analysis import baseline_signs
+    from sae.baselines import BASELINES
+    from sae.evaluation.entries import Entry
+
+    sample = torch.randn(500, 8, generator=torch.Generator().manual_seed(0)) ** 3  # skewed, either way per column
+    entry = Entry(kind, kind, BASELINES[kind].fit(sample, seed=0), {"hook": {"layer": 1, "site": site}})
+    sign = baseline_signs(entry, sample, torch.device("cpu"))
+    assert len(sign) == sides * 8 and set(sign.tolist()) <= {-1.0, 1.0}
+    if sides == 2:
+        assert torch.equal(sign[8:], -sign[:8])
+
+
 # -- the two delphi scorers on hand cases -------------------------------------------------------------------------
 def _frag(i: int, words: list[str], acts: list[float]) -> Fragment:
     return Fragment(i, list(range(len(words))), words, acts, [min(10, int(10 * max(a, 0))) for a in acts])
