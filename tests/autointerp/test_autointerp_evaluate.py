@@ -144,6 +144,12 @@ def test_a_flipped_baseline_scores_the_same(tiny_run, tmp_path, monkeypatch):
     (pca,) = [m for m in json.loads((tmp_path / "a" / "autointerp" / "meta.json").read_text())["methods"]
               if m["method"] == "pca"]
     assert pca["n_features"] == 2 * pca["n_directions"]  # each direction on both of its sides
+    sides = run_cli("experiments/autointerp_sides.py", str(tmp_path / "a"), "--scores", "simulation")
+    assert sides.returncode == 0, sides.stderr[-2000:]
+    rows = [line.split(" | ") for line in sides.stdout.splitlines()[2:]]
+    assert rows and {r[1] for r in rows} == {"pca"} and {r[2] for r in rows} <= {"heavy tail", "other side"}
+    scored = [r for r in a if r["simulation"] not in ("", "nan")]
+    assert sum(int(r[3].rsplit("(", 1)[1].rstrip(") |")) for r in rows) == len(scored)  # each on one side
 
 
 def _dead_copy(run, tmp_path):
