@@ -253,8 +253,9 @@ def baseline_signs(entry: Entry, sample: torch.Tensor, device: torch.device) -> 
 
 def counts_and_l0(method: Method, acts: torch.Tensor, keep: torch.Tensor, device: torch.device,
                   fragment_len: int) -> tuple[torch.Tensor, float]:
-    """Fragments of the text where each feature fires (a positive code), and the mean number of non-zero codes per
-    ordinary token: counts, never a tokens x features tensor."""
+    """Fragments of the text where each feature fires (a positive code), and the mean number of codes per ordinary
+    token that are non-zero (a dictionary's) or positive (a baseline's scored sides, so a two-sided direction counts
+    once): counts, never a tokens x features tensor."""
     counts, nonzero = None, 0.0
     for codes in code_batches(method.entry, acts, keep, device, method.sign):
         fired = fire_counts(codes, fragment_len)
