@@ -13,24 +13,16 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
-import random
 from collections import defaultdict
 from pathlib import Path
 
-
-def interval(values: list[float], n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap 95% interval of the mean."""
-    rng = random.Random(seed)
-    means = sorted(sum(rng.choices(values, k=len(values))) / len(values) for _ in range(n_boot))
-    return means[int(0.025 * n_boot)], means[int(0.975 * n_boot) - 1]
+from sae.autointerp.scoring import bootstrap_ci
 
 
 def cell(values: list[float]) -> str:
-    if not values:
-        return "–"
-    low, high = interval(values)
-    return f"{sum(values) / len(values):.2f} [{low:.2f}, {high:.2f}] ({len(values)})"
+    """``mean [low, high] (n)``, the interval as the study's summary computes it (``bootstrap_ci``)."""
+    ci = bootstrap_ci(values)
+    return "–" if not ci["n"] else f"{ci['mean']:.2f} [{ci['ci_low']:.2f}, {ci['ci_high']:.2f}] ({ci['n']})"
 
 
 def sides_table(out: Path, scores: list[str]) -> str:
@@ -48,9 +40,7 @@ def sides_table(out: Path, scores: list[str]) -> str:
                 continue
             side = "heavy tail" if int(row["feature"]) < d else "other side"
             for s in scores:
-                value = float(row[s]) if row.get(s) not in (None, "") else math.nan
-                if math.isfinite(value):
-                    cells[(int(row["layer"]), row["method"], side)][s].append(value)
+                cells[(int(row["layer"]), row["method"], side)][s].append(float(row.get(s) or "nan"))
     head = ["layer", "method", "side", *scores]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (layer, method, side), got in sorted(cells.items()):

@@ -253,14 +253,14 @@ def baseline_signs(entry: Entry, sample: torch.Tensor, device: torch.device) -> 
 
 def counts_and_l0(method: Method, acts: torch.Tensor, keep: torch.Tensor, device: torch.device,
                   fragment_len: int) -> tuple[torch.Tensor, float]:
-    """Fragments of the text where each feature fires (a positive code), and the mean number of codes per ordinary
-    token that are non-zero (a dictionary's) or positive (a baseline's scored sides, so a two-sided direction counts
-    once): counts, never a tokens x features tensor."""
+    """Fragments of the text where each feature fires (a positive code), and the mean number of firing codes per
+    ordinary token (a dictionary's non-zero ones; a two-sided baseline direction counts once): counts, never a
+    tokens x features tensor."""
     counts, nonzero = None, 0.0
     for codes in code_batches(method.entry, acts, keep, device, method.sign):
         fired = fire_counts(codes, fragment_len)
         counts = fired if counts is None else counts + fired
-        nonzero += float((codes > 0).sum()) if method.sign is not None else float((codes != 0).sum())
+        nonzero += float((codes > 0).sum())
     return counts, nonzero / max(1, int(keep.sum()))
 
 
